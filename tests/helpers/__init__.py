@@ -1,0 +1,20 @@
+"""Shared test helpers: tiny models, tiny data, a quiet fast Trainer, and 2-process DDP on CPU."""
+
+from tests.helpers.data import DictDataset, make_classification, make_images, make_loader
+from tests.helpers.ddp import ddp_fork_trainer, run_in_2_processes, scrubbed_ddp_env
+from tests.helpers.models import TinyCNN, TinyMLP, UserClassifier
+from tests.helpers.trainer import fast_trainer
+
+__all__ = [
+    "DictDataset",
+    "TinyCNN",
+    "TinyMLP",
+    "UserClassifier",
+    "ddp_fork_trainer",
+    "fast_trainer",
+    "make_classification",
+    "make_images",
+    "make_loader",
+    "run_in_2_processes",
+    "scrubbed_ddp_env",
+]

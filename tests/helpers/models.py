@@ -1,0 +1,112 @@
+"""Tiny models, with and without BatchNorm and Dropout, and a plain user LightningModule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class TinyMLP(nn.Module):
+    """Linear -> [BatchNorm1d] -> ReLU -> [Dropout] -> Linear."""
+
+    def __init__(
+        self,
+        in_features: int = 8,
+        num_classes: int = 3,
+        hidden: int = 16,
+        *,
+        batch_norm: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(in_features, hidden),
+            nn.BatchNorm1d(hidden) if batch_norm else nn.Identity(),
+            nn.ReLU(),
+        )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.dropout(self.body(x)))
+
+
+class TinyCNN(nn.Module):
+    """Conv -> [BatchNorm2d] -> ReLU -> global pool -> [Dropout] -> Linear, for ``(N, C, 8, 8)`` inputs."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 3,
+        width: int = 8,
+        *,
+        batch_norm: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.BatchNorm2d(width) if batch_norm else nn.Identity(),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.dropout(self.body(x)))
+
+
+class UserClassifier(L.LightningModule):
+    """What a user writes: a network, plain ``F.cross_entropy`` (index or soft targets), SGD.
+
+    ``seen_targets`` records, per stage, the targets of the batches that reached the step, so tests can
+    check what callbacks did to them.
+    """
+
+    def __init__(self, net: nn.Module | None = None, num_classes: int = 3, lr: float = 0.1) -> None:
+        super().__init__()
+        self.net = net if net is not None else TinyMLP(num_classes=num_classes)
+        self.num_classes = num_classes
+        self.lr = lr
+        self.seen_targets: dict[str, list[Tensor]] = {"train": [], "val": [], "test": [], "predict": []}
+        self.train_losses: list[float] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    @staticmethod
+    def _unpack(batch: Any) -> tuple[Tensor, Tensor]:
+        if isinstance(batch, dict):
+            return batch["inputs"], batch["targets"]
+        return batch[0], batch[1]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = self._unpack(batch)
+        self.seen_targets["train"].append(y.detach().clone())
+        loss = F.cross_entropy(self(x), y)
+        self.train_losses.append(float(loss.detach()))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = self._unpack(batch)
+        self.seen_targets["val"].append(y.detach().clone())
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = self._unpack(batch)
+        self.seen_targets["test"].append(y.detach().clone())
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        x, y = self._unpack(batch)
+        self.seen_targets["predict"].append(y.detach().clone())
+        return self(x).softmax(-1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
