@@ -1,3 +1,6 @@
 """Pure tensor functions: the numerical core of every regularizer. No Lightning import, no global state."""
 
-__all__: list[str] = []
+from lightning_reg.functional.locked_dropout import locked_dropout
+from lightning_reg.functional.weight_drop import weight_drop
+
+__all__: list[str] = ["locked_dropout", "weight_drop"]

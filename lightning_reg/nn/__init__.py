@@ -1,3 +1,10 @@
-"""Regularization layers that torch lacks, each a function + module pair."""
+"""Regularization layers that torch lacks, each a function + module pair.
 
-__all__: list[str] = []
+The functions live in :mod:`lightning_reg.functional` (``locked_dropout``, ``weight_drop``); drop path is timm's
+``timm.layers.DropPath``.
+"""
+
+from lightning_reg.nn.locked_dropout import LockedDropout
+from lightning_reg.nn.weight_drop import WeightDrop
+
+__all__ = ["LockedDropout", "WeightDrop"]

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from lightning_reg.functional import locked_dropout
+from lightning_reg.nn import LockedDropout
+
+
+def test_locked_dropout_mask_is_constant_over_time_batch_first():
+    y = locked_dropout(torch.ones(4, 7, 5), 0.5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(y, y[:, :1].expand_as(y))
+    assert set(y.unique().tolist()) <= {0.0, 2.0}
+
+
+def test_locked_dropout_mask_is_constant_over_time_time_first():
+    y = locked_dropout(torch.ones(7, 4, 5), 0.5, batch_first=False, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(y, y[:1].expand_as(y))
+
+
+def test_locked_dropout_keeps_the_expectation():
+    y = locked_dropout(torch.ones(2000, 3, 50), 0.3, generator=torch.Generator().manual_seed(0))
+    assert y.mean().item() == pytest.approx(1.0, abs=0.02)
+
+
+def test_locked_dropout_is_identity_outside_training_and_at_zero():
+    x = torch.randn(2, 3, 4)
+    assert locked_dropout(x, 0.5, training=False) is x
+    assert locked_dropout(x, 0.0) is x
+
+
+def test_locked_dropout_is_reproducible_with_a_generator():
+    x = torch.randn(3, 5, 6)
+    a = locked_dropout(x, 0.4, generator=torch.Generator().manual_seed(3))
+    b = locked_dropout(x, 0.4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_locked_dropout_module_follows_its_training_flag():
+    drop = LockedDropout(0.5)
+    x = torch.ones(3, 6, 4)
+    y = drop(x)
+    assert torch.equal(y, y[:, :1].expand_as(y))
+    assert torch.equal(drop.eval()(x), x)
+    assert isinstance(drop, torch.nn.modules.dropout._DropoutNd)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0])
+def test_locked_dropout_rejects_bad_p(p):
+    with pytest.raises(ValueError, match=r"Expected `p` in \[0, 1\)"):
+        locked_dropout(torch.ones(1, 2, 3), p)
+    with pytest.raises(ValueError, match=r"Expected `p` in \[0, 1\)"):
+        LockedDropout(p)
+
+
+def test_locked_dropout_rejects_inputs_without_a_time_dimension():
+    with pytest.raises(ValueError, match="at least 3 dimensions"):
+        locked_dropout(torch.ones(4, 5), 0.5)
