@@ -1,73 +1,58 @@
-"""The ``lightning-reg`` command: a ``LightningCLI`` over the zoo, plus ``lightning-reg demo``."""
+"""The ``lightning-reg`` command: a ``LightningCLI`` over the zoo and our callbacks, plus ``lightning-reg demo``.
+
+``lightning-reg fit|validate|test|predict`` take any zoo model (``--model``), DataModule (``--data``) and
+callbacks (``--trainer.callbacks+=...``) by class name or in a YAML config
+(``lightning-reg fit --config examples/configs/cnn_digits.yaml``); ``--print_config`` prints the full
+configuration. ``lightning-reg demo`` is the main job on the bundled digits (see
+:mod:`lightning_reg.demo`).
+"""
 
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 
 import lightning as L
+from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["demo", "main"]
+__all__ = ["cli", "main"]
 
 
-def demo(epochs: int = 10, seed: int = 0, accelerator: str = "cpu", devices: int = 1) -> dict[str, float]:
-    """Train the zoo CNN on the bundled digits and report its test accuracy.
+def cli(args: Sequence[str] | None = None, *, run: bool = True) -> LightningCLI:
+    """Build (and by default run) the ``LightningCLI`` over ``zoo.ClassifierModule`` subclasses.
 
     Args:
-        epochs: training epochs.
-        seed: seed of ``lightning.seed_everything``.
-        accelerator: Lightning accelerator (``"cpu"``, ``"gpu"``, ``"auto"``).
-        devices: number of devices.
+        args: command-line arguments; ``sys.argv[1:]`` when None.
+        run: run the subcommand (``fit``, ``test``, ...); with ``run=False`` the arguments are parsed
+            into ``cli.model``/``cli.datamodule``/``cli.trainer`` without a subcommand.
 
     Returns:
-        The test metrics, e.g. ``{"test_acc": 0.98, "test_loss": 0.07}``.
+        The ``LightningCLI`` instance, whose ``trainer`` holds the logged metrics.
     """
+    import lightning_reg.callbacks  # noqa: F401  (makes our callbacks resolvable by short name)
     import zoo
 
-    L.seed_everything(seed, verbose=False)
-    datamodule = zoo.data.DigitsDataModule()
-    model = zoo.create("cnn_small", num_classes=datamodule.num_classes)
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator=accelerator,
-        devices=devices,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        deterministic=True,
+    return LightningCLI(
+        zoo.ClassifierModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=list(args) if args is not None else None,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "lightning-reg: train zoo models with one-line regularizers."},
     )
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
-    (metrics,) = trainer.test(model, datamodule=datamodule, verbose=False)
-    metrics = {k: float(v) for k, v in metrics.items()}
-    if trainer.is_global_zero:
-        print(
-            f"cnn_small on digits: test accuracy {metrics['test_acc']:.4f}, test loss {metrics['test_loss']:.4f} "
-            f"({epochs} epochs, {time.perf_counter() - start:.1f} s)"
-        )
-    return metrics
 
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-reg`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["demo"]:
-        from jsonargparse import auto_cli
+        from lightning_reg.demo import demo_cli
 
-        auto_cli(demo, args=argv[1:])
+        demo_cli(argv[1:])
         return
-    from lightning.pytorch.cli import LightningCLI
-
-    import zoo
-
-    LightningCLI(
-        zoo.ClassifierModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=argv,
-    )
+    cli(argv)
 
 
 if __name__ == "__main__":
