@@ -101,7 +101,8 @@ def main() -> None:
     lines = [
         "# Data-parallel scaling (zoo CNN on digits, MixUp + LabelSmoothing + BNRecalibration)",
         "",
-        f"{args.steps} steps, per-process batch {args.batch_size}, strategy ddp; speed-up against 1 process of the same kind.",
+        f"{args.steps} steps, per-process batch {args.batch_size}, strategy ddp; "
+        "speed-up against 1 process of the same kind.",
         f"Machine: {os.cpu_count()} CPU cores, {torch.cuda.device_count()} GPUs.",
         "",
         "| accelerator | processes | samples/s | speed-up |",
