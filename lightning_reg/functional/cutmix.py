@@ -1,0 +1,198 @@
+"""CutMix (Yun et al., 2019, https://arxiv.org/abs/1905.04899): paste a box from the partner sample.
+
+The box covers the last two dims of images ``(N, C, H, W)``, the last three of volumes
+``(N, C, D, H, W)`` and the time axis (dim 1) of sequences ``(N, T)`` / ``(N, T, D)``; ``dims`` chooses
+others. :func:`sample_box` draws the box (timm's ``rand_bbox``: side ``L * (1 - lam) ** (1 / d)``, a
+uniform centre, clipped at the borders) from a ``torch.Generator``; :func:`cutmix` applies it and returns
+the fraction actually kept, with which the targets are mixed. With a ``(N,)`` tensor ``lam`` every
+sample gets its own box, applied with one broadcast mask (no Python loop over samples).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_reg.functional.mixup import check_mix_args, mix_targets
+
+__all__ = ["Box", "box_lam", "cutmix", "default_dims", "sample_box"]
+
+
+class Box(NamedTuple):
+    """Half-open boxes ``[lo, hi)`` along the mixed dims.
+
+    Attributes:
+        lo: int64 ``(B, d)``: the first index of the box along each of the ``d`` dims; ``B`` is 1 (one box
+            for the batch) or ``N`` (one per sample).
+        hi: int64 ``(B, d)``: one past the last index.
+    """
+
+    lo: Tensor
+    hi: Tensor
+
+
+def default_dims(ndim: int) -> tuple[int, ...]:
+    """The dims CutMix cuts along for an input of ``ndim`` dims (batch dim included).
+
+    Example:
+        >>> default_dims(4), default_dims(5), default_dims(2), default_dims(3)
+        ((2, 3), (2, 3, 4), (1,), (1,))
+    """
+    table = {2: (1,), 3: (1,), 4: (2, 3), 5: (2, 3, 4)}
+    if ndim not in table:
+        raise ValueError(
+            f"CutMix has no default dims for inputs with {ndim} dims; expected sequences (N, T) or (N, T, D), "
+            "images (N, C, H, W) or volumes (N, C, D, H, W). Pass `dims=` naming the axes to cut along."
+        )
+    return table[ndim]
+
+
+def _resolve_dims(inputs: Tensor, dims: Sequence[int] | int | None) -> tuple[int, ...]:
+    if dims is None:
+        return default_dims(inputs.ndim)
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    resolved = tuple(d % inputs.ndim if -inputs.ndim <= d < inputs.ndim else -1 for d in dims)
+    if len(resolved) == 0 or any(d < 1 for d in resolved) or len(set(resolved)) != len(resolved):
+        raise ValueError(
+            f"Expected `dims` to be distinct non-batch axes of an input with {inputs.ndim} dims, but got {dims!r}."
+        )
+    return tuple(sorted(resolved))
+
+
+def sample_box(lam: float | Tensor, sizes: Sequence[int], *, generator: torch.Generator | None = None) -> Box:
+    """Draw a CutMix box of volume about ``(1 - lam)`` of ``sizes``, clipped at the borders.
+
+    Args:
+        lam: a float (one box for the batch) or a ``(N,)`` tensor (one box per sample).
+        sizes: the lengths of the dims to cut along, e.g. ``(H, W)``.
+        generator: the source of randomness; the global RNG when ``None``.
+
+    Returns:
+        A :class:`Box` on the generator's device.
+
+    Example:
+        >>> box = sample_box(0.75, (8, 8), generator=torch.Generator().manual_seed(0))
+        >>> box.lo.shape, bool(((box.hi - box.lo) <= 4).all())
+        (torch.Size([1, 2]), True)
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    d = len(sizes)
+    if d == 0 or any(s < 1 for s in sizes):
+        raise ValueError(f"Expected `sizes` to be positive lengths, but got {tuple(sizes)!r}.")
+    lam_t = (
+        lam.detach().to(device, torch.float64)
+        if isinstance(lam, Tensor)
+        else torch.tensor([float(lam)], device=device, dtype=torch.float64)
+    )
+    length = torch.tensor(list(sizes), device=device, dtype=torch.float64)  # (d,)
+    ratio = (1.0 - lam_t).clamp(0.0, 1.0).pow(1.0 / d)  # (B,)
+    cut = (length * ratio[:, None]).floor().long()  # (B, d), truncated as timm does
+    # A uniform centre in [0, L) per dim: floor(u * L) is exact for the small L of images.
+    centre = (torch.rand(cut.shape, generator=generator, device=device, dtype=torch.float64) * length).long()
+    upper = length.long()
+    lo = (centre - cut // 2).clamp(min=0)
+    hi = torch.minimum(centre + (cut + 1) // 2, upper)
+    return Box(lo, hi)
+
+
+def box_lam(box: Box, sizes: Sequence[int]) -> Tensor:
+    """The fraction of each sample kept outside its box: ``1 - volume(box) / volume(sample)``, ``(B,)``.
+
+    Example:
+        >>> box_lam(Box(torch.tensor([[0, 0]]), torch.tensor([[2, 4]])), (4, 4))
+        tensor([0.5000], dtype=torch.float64)
+    """
+    volume = (box.hi - box.lo).clamp(min=0).prod(dim=1).to(torch.float64)
+    return 1.0 - volume / math.prod(sizes)
+
+
+def _shape_along(n: int, ndim: int, dim: int, length: int) -> list[int]:
+    shape = [n] + [1] * (ndim - 1)
+    shape[dim] = length
+    return shape
+
+
+def cutmix(
+    inputs: Tensor,
+    targets: Tensor,
+    lam: float | Tensor,
+    index: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    box: Box | None = None,
+    dims: Sequence[int] | int | None = None,
+    inplace: bool = False,
+) -> tuple[Tensor, Tensor, float | Tensor]:
+    """CutMix of a batch: paste the box of ``inputs[index]`` into ``inputs``; mix targets by the area kept.
+
+    Args:
+        inputs: ``(N, C, H, W)``, ``(N, C, D, H, W)``, ``(N, T)`` or ``(N, T, D)``, any dtype (no arithmetic
+            touches the inputs, so integer images are exact).
+        targets: probabilities ``(N, K)``.
+        lam: the target share of the original sample: a float (one box for the batch) or ``(N,)`` (a box per
+            sample).
+        index: the partner of each sample ``(N,)``.
+        generator: draws the box when ``box`` is not given.
+        box: a box from :func:`sample_box`, to apply a fixed box.
+        dims: the axes to cut along; see :func:`default_dims`.
+        inplace: paste into ``inputs`` itself instead of a copy.
+
+    Returns:
+        ``(mixed_inputs, mixed_targets, lam)`` where ``lam`` is the fraction actually kept after clipping
+        (a float, or a float32 ``(N,)`` tensor for per-sample boxes).
+
+    Example:
+        >>> x = torch.zeros(2, 1, 4, 4)
+        >>> x[1] = 1.0
+        >>> box = Box(torch.tensor([[0, 0]]), torch.tensor([[2, 4]]))
+        >>> out, y, kept = cutmix(x, torch.eye(2), 0.5, torch.tensor([1, 0]), box=box)
+        >>> kept, out[0, 0, :, 0].tolist(), y[0].tolist()
+        (0.5, [1.0, 1.0, 0.0, 0.0], [0.5, 0.5])
+    """
+    check_mix_args(inputs, targets, lam, index)
+    axes = _resolve_dims(inputs, dims)
+    sizes = [inputs.shape[d] for d in axes]
+    n = inputs.shape[0]
+    if box is None:
+        box = sample_box(lam, sizes, generator=generator)
+    if (
+        box.lo.ndim != 2
+        or box.lo.shape != box.hi.shape
+        or box.lo.shape[1] != len(axes)
+        or box.lo.shape[0] not in (1, n)
+    ):
+        raise ValueError(
+            f"Expected a box with `lo`/`hi` of shape (1, {len(axes)}) or ({n}, {len(axes)}), but got "
+            f"{tuple(box.lo.shape)} and {tuple(box.hi.shape)}. Draw it with `sample_box(lam, sizes)`."
+        )
+    index = index.to(inputs.device)
+    kept = box_lam(box, sizes)  # (B,) float64
+    if box.lo.shape[0] == 1:
+        out = inputs if inplace else inputs.clone()
+        # One box for the batch: gather only the box region of the partners, then paste it.
+        region: list[slice] = [slice(None)] * inputs.ndim
+        for d, low, high in zip(axes, box.lo[0].tolist(), box.hi[0].tolist(), strict=True):
+            region[d] = slice(low, high)
+        out[tuple(region)] = inputs[tuple(region)][index]
+        kept_lam: float | Tensor = float(kept[0])
+    else:
+        # A box per sample: one boolean mask (N, 1.., L_d, ..) from broadcast aranges, no loop over samples.
+        lo, hi = box.lo.to(inputs.device), box.hi.to(inputs.device)
+        mask: Tensor | None = None
+        for j, (d, length) in enumerate(zip(axes, sizes, strict=True)):
+            pos = torch.arange(length, device=inputs.device)
+            inside = (pos >= lo[:, j : j + 1]) & (pos < hi[:, j : j + 1])  # (N, L_d)
+            inside = inside.view(_shape_along(n, inputs.ndim, d, length))
+            mask = inside if mask is None else mask & inside
+        assert mask is not None  # at least one dim, checked by _resolve_dims
+        out = (
+            torch.where(mask, inputs[index], inputs, out=inputs)
+            if inplace
+            else torch.where(mask, inputs[index], inputs)
+        )
+        kept_lam = kept.to(torch.float32)
+    return out, mix_targets(targets, kept_lam, index), kept_lam

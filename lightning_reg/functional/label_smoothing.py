@@ -1,0 +1,115 @@
+"""Label smoothing (Szegedy et al., 2016, https://arxiv.org/abs/1512.00567) and one-hot targets.
+
+The convention is PyTorch's (``F.cross_entropy(..., label_smoothing=s)``): a target distribution ``p``
+becomes ``(1 - s) * p + s / K``, so the true class keeps ``1 - s + s / K`` and every class gets ``s / K``.
+Smoothing is linear, so it commutes with mixing: smoothing then mixing equals mixing then smoothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["check_targets", "one_hot", "smooth"]
+
+
+def check_targets(targets: object, name: str = "targets") -> Tensor:
+    """Return ``targets`` if they are class indices ``(N,)`` (integer) or probabilities ``(N, K)`` (float).
+
+    Raises:
+        TypeError: if ``targets`` is not a tensor.
+        ValueError: for any other shape or dtype, saying how to fix it.
+
+    Example:
+        >>> check_targets(torch.tensor([0, 2])).shape
+        torch.Size([2])
+    """
+    if not isinstance(targets, Tensor):
+        raise TypeError(
+            f"Expected `{name}` to be a tensor of class indices (N,) or probabilities (N, K), "
+            f"but got {type(targets).__name__}. Make the dataset return tensor targets."
+        )
+    integer = not torch.is_floating_point(targets) and not torch.is_complex(targets) and targets.dtype != torch.bool
+    if (targets.ndim == 1 and integer) or (targets.ndim == 2 and torch.is_floating_point(targets)):
+        return targets
+    raise ValueError(
+        f"Expected `{name}` as class indices of shape (N,) with an integer dtype or probabilities of shape (N, K) "
+        f"with a float dtype, but got shape {tuple(targets.shape)} and dtype {targets.dtype}. "
+        "Squeeze (N, 1) targets to (N,), cast float indices with `.long()`, or pass one-hot rows as float."
+    )
+
+
+def _check_smoothing(smoothing: float) -> None:
+    if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"Expected `smoothing` to be a float in [0, 1), but got {smoothing!r}.")
+
+
+def smooth(probs: Tensor, smoothing: float) -> Tensor:
+    """Label smoothing of probability targets: ``(1 - smoothing) * probs + smoothing / K``.
+
+    Args:
+        probs: probabilities ``(N, K)``.
+        smoothing: the mass spread uniformly over the ``K`` classes, in ``[0, 1)``.
+
+    Returns:
+        A new tensor ``(N, K)``; ``probs`` itself when ``smoothing`` is 0.
+
+    Example:
+        >>> smooth(torch.tensor([[1.0, 0.0]]), 0.2)
+        tensor([[0.9000, 0.1000]])
+    """
+    _check_smoothing(smoothing)
+    if smoothing == 0:
+        return probs
+    return probs * (1.0 - smoothing) + smoothing / probs.shape[-1]
+
+
+def one_hot(targets: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
+    """Class indices ``(N,)`` to probabilities ``(N, K)``, optionally label-smoothed.
+
+    Probability targets ``(N, K)`` pass through (smoothed if asked), so callers need not know which
+    kind they hold. The result is ``float32`` for indices and keeps the dtype of probability targets.
+
+    Args:
+        targets: class indices ``(N,)`` (integer dtype) or probabilities ``(N, K)`` (float dtype).
+        num_classes: the number of classes ``K``.
+        smoothing: label smoothing in ``[0, 1)``, PyTorch's convention ``(1 - s) * p + s / K``.
+
+    Returns:
+        Probabilities ``(N, K)`` whose rows sum to 1.
+
+    Raises:
+        ValueError: for indices outside ``[0, num_classes)``, probabilities with a number of columns other
+            than ``num_classes``, other shapes, or an invalid ``num_classes``/``smoothing``.
+
+    Example:
+        >>> one_hot(torch.tensor([2, 0]), 3)
+        tensor([[0., 0., 1.],
+                [1., 0., 0.]])
+        >>> one_hot(torch.tensor([1]), 2, smoothing=0.1)
+        tensor([[0.0500, 0.9500]])
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"Expected `num_classes` to be a positive int, but got {num_classes!r}.")
+    _check_smoothing(smoothing)
+    targets = check_targets(targets)
+    if targets.ndim == 2:
+        if targets.shape[1] != num_classes:
+            raise ValueError(
+                f"Expected probability targets with num_classes={num_classes} columns, but got shape "
+                f"{tuple(targets.shape)}. Pass the matching `num_classes`."
+            )
+        return smooth(targets, smoothing)
+    if targets.numel() > 0:
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"Expected class indices in [0, {num_classes}), but got values in [{low}, {high}]. "
+                "Pass the right `num_classes`, or remap the labels to 0..num_classes-1."
+            )
+    probs = F.one_hot(targets.long(), num_classes).to(torch.float32)
+    if smoothing > 0:
+        # One fused pass: on-value 1 - s + s/K, off-value s/K (timm's `mixup_target` convention).
+        probs.mul_(1.0 - smoothing).add_(smoothing / num_classes)
+    return probs
