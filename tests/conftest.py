@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -71,6 +72,17 @@ def no_leaked_threads() -> Iterator[None]:
         if thread.is_alive():
             leaked.append(thread)
     assert not leaked, f"test left thread(s) running: {leaked}"
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers() -> Iterator[None]:
+    """Preemption tests install SIGTERM/SIGUSR1 handlers; the next test starts with the old ones."""
+    signums = [signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    handlers = {signum: signal.getsignal(signum) for signum in signums}
+    yield
+    for signum, handler in handlers.items():
+        if handler is not None:
+            signal.signal(signum, handler)
 
 
 @pytest.fixture(autouse=True)

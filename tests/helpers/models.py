@@ -110,3 +110,18 @@ class UserClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class ReseedEachEpoch(L.Callback):
+    """Seeds the global RNG from the epoch number at each training epoch start.
+
+    Lightning saves neither the global RNG nor the data order, so a model's own dropout draws differ
+    between an uninterrupted run and a resumed one (shared/testing.md). With the global stream a
+    function of the epoch, a crash-and-resume test isolates what the callbacks under test restore.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.manual_seed(self.seed + trainer.current_epoch)
