@@ -3,6 +3,19 @@
 from zoo import data
 from zoo.classifier import ClassifierModule
 from zoo.cnn import CNNClassifier
+from zoo.image_classifier import ImageClassifier
 from zoo.registry import MODELS, create, list_models
+from zoo.rnn import RNNClassifier
+from zoo.transformer import TransformerClassifier
 
-__all__ = ["MODELS", "ClassifierModule", "CNNClassifier", "create", "data", "list_models"]
+__all__ = [
+    "MODELS",
+    "ClassifierModule",
+    "CNNClassifier",
+    "ImageClassifier",
+    "RNNClassifier",
+    "TransformerClassifier",
+    "create",
+    "data",
+    "list_models",
+]

@@ -1,4 +1,4 @@
-"""The zoo's registry: an explicit dict from model name to constructor."""
+"""The zoo's registry: an explicit dict from model name to constructor, plus every timm model name."""
 
 from __future__ import annotations
 
@@ -7,23 +7,47 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import timm
+
 from zoo.classifier import ClassifierModule
 from zoo.cnn import CNNClassifier
+from zoo.image_classifier import ImageClassifier
+from zoo.rnn import RNNClassifier
+from zoo.transformer import TransformerClassifier
 
 __all__ = ["MODELS", "create", "list_models"]
 
 MODELS: dict[str, Callable[..., ClassifierModule]] = {
+    # Conv-BN-ReLU CNNs; the defaults fit 8x8 digits (in_channels=1), any size works (global pooling).
     "cnn_small": partial(CNNClassifier, widths=(32, 64), depth=1),
     "cnn": partial(CNNClassifier, widths=(32, 64, 128), depth=2),
+    # A timm backbone for fine-tuning; any other timm name also works in `create`.
+    "resnet18": partial(ImageClassifier, backbone="resnet18"),
+    # Recurrent and attention models for sequences of vectors (digits rows by default) or token ids.
+    "lstm": partial(RNNClassifier, cell="lstm"),
+    "gru": partial(RNNClassifier, cell="gru"),
+    "transformer": TransformerClassifier,
+    # ViT-Tiny's widths (192 wide, 12 blocks, 3 heads) on 32x32 RGB images in 4x4 patches.
+    "vit_tiny": partial(
+        TransformerClassifier,
+        image_size=32,
+        patch_size=4,
+        in_channels=3,
+        dim=192,
+        depth=12,
+        num_heads=3,
+        mlp_ratio=4.0,
+        drop_path=0.1,
+    ),
 }
 
 
 def list_models() -> list[str]:
-    """Names accepted by :func:`create`, sorted.
+    """Names of the zoo's own models, sorted (``create`` also takes any ``timm.list_models()`` name).
 
     Example:
-        >>> "cnn_small" in list_models()
-        True
+        >>> list_models()
+        ['cnn', 'cnn_small', 'gru', 'lstm', 'resnet18', 'transformer', 'vit_tiny']
     """
     return sorted(MODELS)
 
@@ -31,16 +55,24 @@ def list_models() -> list[str]:
 def create(name: str, **kwargs: Any) -> ClassifierModule:
     """Build the zoo model ``name``; ``kwargs`` override its defaults (e.g. ``num_classes``).
 
+    A name that is not in :data:`MODELS` but is a timm model builds ``ImageClassifier(backbone=name, **kwargs)``.
+
     Raises:
-        ValueError: for an unknown name, listing the closest known names.
+        ValueError: for a name that is neither, listing the closest known names.
 
     Example:
         >>> model = create("cnn_small", num_classes=3)
         >>> model.num_classes
         3
+        >>> create("resnet10t", num_classes=3).hparams.backbone
+        'resnet10t'
     """
-    if name not in MODELS:
-        close = difflib.get_close_matches(name, MODELS, n=3, cutoff=0.4)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"Unknown zoo model {name!r}.{hint} Known models: {', '.join(list_models())}.")
-    return MODELS[name](**kwargs)
+    if name in MODELS:
+        return MODELS[name](**kwargs)
+    if timm.is_model(name):
+        return ImageClassifier(backbone=name, **kwargs)
+    close = difflib.get_close_matches(name, MODELS, n=3, cutoff=0.4)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValueError(
+        f"Unknown zoo model {name!r}.{hint} Known models: {', '.join(list_models())}, or any `timm.list_models()` name."
+    )
