@@ -1,0 +1,209 @@
+"""Shared machinery of the mixing and smoothing callbacks: generator, state, num_classes, batch access.
+
+Every callback owns a CPU ``torch.Generator`` seeded from (Lightning's seed, global rank, a salt from its
+``state_key``): reproducible under ``seed_everything`` and different on every DDP rank. Its state is saved in
+``state_dict()`` as a uint8 tensor and ints, so a checkpoint loads with ``torch.load(weights_only=True)`` and a
+resumed run draws what an uninterrupted run would.
+
+Smoothing once: label smoothing is linear, so it commutes with mixing. ``LabelSmoothing`` smooths whatever
+targets reach it (indices or probabilities) exactly once, before or after a mixing callback. Two sources of
+smoothing (a ``LabelSmoothing`` callback and a mixing callback's ``label_smoothing``, or the module's own
+``label_smoothing``) would smooth twice: :func:`check_single_smoothing` rejects that at fit start.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_reg._batch import BatchKey, get_entry, set_entry, validate_key
+from lightning_reg._random import base_seed, rank_generator
+from lightning_reg.functional.label_smoothing import check_targets, one_hot
+from lightning_reg.mixins import MixedTargets
+
+__all__ = ["MixingCallback", "check_single_smoothing", "resolve_num_classes"]
+
+
+def resolve_num_classes(num_classes: int | None, pl_module: L.LightningModule, owner: str) -> int:
+    """``num_classes`` if given, else the module's ``num_classes`` attribute or hyperparameter."""
+    if num_classes is None:
+        num_classes = getattr(pl_module, "num_classes", None)
+    if num_classes is None:
+        num_classes = getattr(pl_module, "hparams", {}).get("num_classes")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(
+            f"{owner} needs the number of classes to one-hot encode the targets, but got {num_classes!r} "
+            f"(from the argument, then `{type(pl_module).__name__}.num_classes`, then its hparams). "
+            f"Pass `{owner}(num_classes=K)` or set `self.num_classes = K` in your LightningModule."
+        )
+    return num_classes
+
+
+def check_single_smoothing(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """Raise ``ValueError`` when more than one thing would smooth the labels."""
+    from lightning_reg.callbacks.label_smoothing import LabelSmoothing
+
+    sources = []
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, LabelSmoothing) and cb.smoothing > 0:
+            sources.append(f"LabelSmoothing({cb.smoothing})")
+        elif isinstance(cb, MixingCallback) and cb.label_smoothing > 0:
+            sources.append(f"{type(cb).__name__}(label_smoothing={cb.label_smoothing})")
+    module_smoothing = getattr(pl_module, "label_smoothing", 0.0)
+    if isinstance(module_smoothing, int | float) and module_smoothing > 0 and sources:
+        sources.append(f"{type(pl_module).__name__}.label_smoothing={module_smoothing}")
+    if len(sources) > 1:
+        raise ValueError(
+            f"Labels would be smoothed more than once, by {', '.join(sources)}. Keep exactly one: a "
+            "`LabelSmoothing` callback (it composes with mixing in either order), or `label_smoothing=` of the "
+            "mixing callback, or the module's own `label_smoothing`."
+        )
+
+
+class MixingCallback(L.Callback):
+    """Base of the batch-transforming callbacks: generator, state, keys, checks. Not for direct use."""
+
+    def __init__(
+        self,
+        *,
+        num_classes: int | None,
+        prob: float,
+        label_smoothing: float,
+        input_key: BatchKey,
+        target_key: BatchKey,
+        last_epoch: int | None,
+    ) -> None:
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
+            raise ValueError(f"Expected `num_classes` to be an int >= 2 or None, but got {num_classes!r}.")
+        if isinstance(prob, bool) or not isinstance(prob, int | float) or not 0.0 <= prob <= 1.0:
+            raise ValueError(f"Expected `prob` to be a float in [0, 1], but got {prob!r}.")
+        if (
+            isinstance(label_smoothing, bool)
+            or not isinstance(label_smoothing, int | float)
+            or not 0 <= label_smoothing < 1
+        ):
+            raise ValueError(f"Expected `label_smoothing` to be a float in [0, 1), but got {label_smoothing!r}.")
+        validate_key(input_key, "input_key")
+        validate_key(target_key, "target_key")
+        if last_epoch is not None and (
+            isinstance(last_epoch, bool) or not isinstance(last_epoch, int) or last_epoch < 0
+        ):
+            raise ValueError(f"Expected `last_epoch` to be an int >= 0 or None, but got {last_epoch!r}.")
+        self.num_classes = num_classes
+        self.prob = float(prob)
+        self.label_smoothing = float(label_smoothing)
+        self.input_key = input_key
+        self.target_key = target_key
+        self.last_epoch = last_epoch
+        self._num_classes: int | None = num_classes
+        self._generator: torch.Generator | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._warned_small_batch = False
+
+    # --- identity and state ------------------------------------------------------------------------
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"prob": self.prob, "input_key": self.input_key, "target_key": self.target_key}
+
+    @property
+    def state_key(self) -> str:
+        """Distinct per configuration, so that two instances of one class keep separate states."""
+        return self._generate_state_key(**self._state_key_fields())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator state (a uint8 tensor) and the seed: loads with ``torch.load(weights_only=True)``."""
+        if self._generator is None:
+            return {}
+        return {"generator_state": self._generator.get_state(), "seed": self._seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the generator, now or at ``setup`` when it does not exist yet."""
+        if "generator_state" not in state_dict:
+            return
+        if self._generator is None:
+            self._pending_state = dict(state_dict)
+        else:
+            self._generator.set_state(state_dict["generator_state"])
+
+    # --- setup -------------------------------------------------------------------------------------
+    def _setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, *, needs_classes: bool) -> None:
+        if stage != "fit":
+            return
+        if needs_classes:
+            self._num_classes = resolve_num_classes(self.num_classes, pl_module, type(self).__name__)
+        check_single_smoothing(trainer, pl_module)
+        self._seed = base_seed()
+        salt = zlib.crc32(self.state_key.encode())
+        self._generator = rank_generator(self._seed, trainer.global_rank, stream=salt)
+        if self._pending_state is not None:
+            self._generator.set_state(self._pending_state["generator_state"])
+            self._pending_state = None
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The callback's generator; exists from ``setup`` (fit) on."""
+        if self._generator is None:
+            raise RuntimeError(f"{type(self).__name__} is used before `setup`: let the Trainer run `fit`.")
+        return self._generator
+
+    # --- per batch ---------------------------------------------------------------------------------
+    def _active(self, trainer: L.Trainer) -> bool:
+        return self.last_epoch is None or trainer.current_epoch < self.last_epoch
+
+    def _read_targets(self, batch: Any) -> Tensor:
+        return check_targets(get_entry(batch, self.target_key, "target_key"), f"batch[{self.target_key!r}] (targets)")
+
+    def _read_inputs(self, batch: Any, n: int) -> Tensor:
+        inputs = get_entry(batch, self.input_key, "input_key")
+        if not isinstance(inputs, Tensor) or inputs.ndim < 1:
+            raise TypeError(
+                f"Expected batch[{self.input_key!r}] (inputs) to be a tensor of shape (N, ...), but got "
+                f"{type(inputs).__name__}. Point `input_key` at the input tensor of the batch."
+            )
+        if inputs.shape[0] != n:
+            raise ValueError(
+                f"Expected inputs and targets with the same batch size, but got {inputs.shape[0]} inputs "
+                f"(batch[{self.input_key!r}]) and {n} targets (batch[{self.target_key!r}]). Check `input_key` "
+                "and `target_key`."
+            )
+        return inputs
+
+    def _batch_too_small(self, n: int) -> bool:
+        if n >= 2:
+            return False
+        if not self._warned_small_batch:
+            rank_zero_warn(f"{type(self).__name__} skips batches of size {n}: there is no partner to mix with.")
+            self._warned_small_batch = True
+        return True
+
+    def _draw_apply(self) -> bool:
+        """One draw per batch decides whether this batch is mixed (no draw when ``prob`` is 1)."""
+        if self.prob >= 1.0:
+            return True
+        return bool(torch.rand((), generator=self.generator) < self.prob)
+
+    def _dense_or_sparse(self, pl_module: L.LightningModule, targets: Tensor) -> Tensor | MixedTargets:
+        """Unmixed targets in the form the module wants: dense probabilities, or sparse with the mixin."""
+        assert self._num_classes is not None  # set in setup
+        if getattr(pl_module, "sparse_mixed_targets", False) and targets.ndim == 1:
+            return MixedTargets.unmixed(targets, self._num_classes, self.label_smoothing)
+        return one_hot(targets, self._num_classes, self.label_smoothing)
+
+    @staticmethod
+    def _mix_any(targets: Tensor | MixedTargets, lam: float | Tensor, index: Tensor) -> Tensor | MixedTargets:
+        from lightning_reg.functional.mixup import mix_targets
+
+        if isinstance(targets, MixedTargets):
+            lam_t = lam.to(targets.lam) if isinstance(lam, Tensor) else torch.full_like(targets.lam, lam)
+            index = index.to(targets.targets_a.device)
+            return targets._replace(targets_b=targets.targets_a[index], lam=lam_t)
+        return mix_targets(targets, lam, index)
+
+    def _write(self, batch: Any, key: BatchKey, value: Any, name: str) -> None:
+        set_entry(batch, key, value, name)

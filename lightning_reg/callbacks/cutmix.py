@@ -1,0 +1,118 @@
+"""The CutMix callback (Yun et al., 2019, https://arxiv.org/abs/1905.04899)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_reg._batch import BatchKey, get_entry
+from lightning_reg.callbacks._mixing import MixingCallback
+from lightning_reg.functional.cutmix import cutmix
+from lightning_reg.functional.mixup import _check_alpha, sample_mixup
+from lightning_reg.mixins import MixedTargets
+
+__all__ = ["CutMix"]
+
+
+class CutMix(MixingCallback):
+    """CutMix: paste a random box of the partner sample; targets are mixed by the area actually kept.
+
+    The box covers the last two dims of images ``(N, C, H, W)``, the last three of volumes
+    ``(N, C, D, H, W)``, or a span of the time axis (dim 1) of sequences ``(N, T)`` / ``(N, T, D)``;
+    ``dims`` picks other axes. Only training batches are changed. With ``per_sample=True`` every sample gets
+    its own lambda and box (vectorized).
+
+    Args:
+        alpha: concentration of ``Beta(alpha, alpha)`` for the kept fraction; 1.0 is the paper's uniform.
+        num_classes: ``K``; defaults to the module's ``num_classes`` attribute or hyperparameter.
+        prob: fraction of training batches that are mixed.
+        per_sample: a lambda and a box per sample instead of one per batch.
+        label_smoothing: smoothing folded into the one-hot targets (or use ``LabelSmoothing``).
+        input_key: where the inputs are in the batch (list position or dict key).
+        target_key: where the targets are.
+        last_epoch: from this epoch (0-based) on, no mixing and targets are left as they come.
+        dims: the axes to cut along; the default depends on the number of input dims (see above).
+        inplace: paste into the batch's input tensor instead of a copy (see :class:`MixUp`).
+
+    Example:
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[CutMix(alpha=1.0, num_classes=10)], logger=False)
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        *,
+        num_classes: int | None = None,
+        prob: float = 1.0,
+        per_sample: bool = False,
+        label_smoothing: float = 0.0,
+        input_key: BatchKey = 0,
+        target_key: BatchKey = 1,
+        last_epoch: int | None = None,
+        dims: Sequence[int] | None = None,
+        inplace: bool = False,
+    ) -> None:
+        super().__init__(
+            num_classes=num_classes,
+            prob=prob,
+            label_smoothing=label_smoothing,
+            input_key=input_key,
+            target_key=target_key,
+            last_epoch=last_epoch,
+        )
+        self.alpha = _check_alpha(alpha)
+        self.per_sample = bool(per_sample)
+        self.dims = tuple(dims) if dims is not None else None
+        self.inplace = bool(inplace)
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "per_sample": self.per_sample, "dims": self.dims, **super()._state_key_fields()}
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._setup(trainer, pl_module, stage, needs_classes=True)
+
+    def _prepare(self, pl_module: L.LightningModule, batch: Any) -> tuple[Tensor, Tensor | MixedTargets] | None:
+        """Read and check the batch; ``None`` when it is too small to mix."""
+        raw = get_entry(batch, self.target_key, "target_key")
+        targets = raw if isinstance(raw, MixedTargets) else self._read_targets(batch)
+        n = len(targets.targets_a) if isinstance(targets, MixedTargets) else targets.shape[0]
+        inputs = self._read_inputs(batch, n)
+        if self._batch_too_small(n):
+            return None
+        if not isinstance(targets, MixedTargets):
+            targets = self._dense_or_sparse(pl_module, targets)
+        return inputs, targets
+
+    def _cut(
+        self, batch: Any, inputs: Tensor, targets: Tensor | MixedTargets, alpha: float, dims: Sequence[int] | None
+    ) -> None:
+        params = sample_mixup(inputs.shape[0], alpha, per_sample=self.per_sample, generator=self.generator)
+        dummy = torch.zeros(inputs.shape[0], 1, device=inputs.device)  # targets are mixed below, by the kept area
+        inplace = self.inplace and not inputs.requires_grad
+        out, _, kept = cutmix(
+            inputs, dummy, params.lam, params.index, generator=self.generator, dims=dims, inplace=inplace
+        )
+        self._write(batch, self.input_key, out, "input_key")
+        self._write(batch, self.target_key, self._mix_any(targets, kept, params.index), "target_key")
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active(trainer):
+            return
+        prepared = self._prepare(pl_module, batch)
+        if prepared is None:
+            return
+        inputs, targets = prepared
+        if not self._draw_apply():
+            self._write(batch, self.target_key, targets, "target_key")
+            return
+        self._cut(batch, inputs, targets, self.alpha, self.dims)

@@ -1,0 +1,165 @@
+"""The MixUp callback (Zhang et al., 2018, https://arxiv.org/abs/1710.09412), with manifold mixing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_reg._batch import BatchKey, get_entry
+from lightning_reg.callbacks._mixing import MixingCallback
+from lightning_reg.functional.mixup import _check_alpha, broadcast_lam, mixup, sample_mixup
+from lightning_reg.mixins import MixedTargets
+
+__all__ = ["MixUp"]
+
+
+class MixUp(MixingCallback):
+    """MixUp: train on convex combinations of sample pairs and of their targets.
+
+    In ``on_train_batch_start`` the callback draws lambda from ``Beta(alpha, alpha)`` and a random pairing from
+    its own generator, then replaces the batch's inputs by ``lam * x + (1 - lam) * x[index]`` and its targets
+    by the same blend of one-hot rows: ``(N, K)`` probabilities that ``F.cross_entropy`` takes as they are.
+    Validation, test and predict batches are untouched. Batches it does not mix (``prob``, ``last_epoch``)
+    still get one-hot (smoothed) targets while mixing is on, so a training epoch sees one kind of target.
+
+    Args:
+        alpha: concentration of ``Beta(alpha, alpha)``; 0.2 is the ImageNet recipe, 1.0 uniform.
+        num_classes: ``K``; defaults to the module's ``num_classes`` attribute or hyperparameter.
+        prob: fraction of training batches that are mixed.
+        per_sample: one lambda per sample instead of one per batch.
+        label_smoothing: smoothing folded into the one-hot targets (or use the ``LabelSmoothing`` callback).
+        input_key: where the inputs are in the batch (list position or dict key).
+        target_key: where the targets are.
+        last_epoch: from this epoch (0-based) on, no mixing and targets are left as they come.
+        layer: manifold mixing: the name of a submodule (as in ``named_modules()``) whose output is mixed
+            during the training step instead of the raw inputs, e.g. the embedding of a sequence model whose
+            inputs are token ids.
+        inplace: overwrite the batch's input tensor and reuse a private scratch buffer (about 2x faster on
+            large batches). Safe when the DataLoader builds a new batch each step (the default collate does);
+            leave it off if your dataset hands out tensors it keeps.
+
+    Example:
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[MixUp(alpha=0.2, num_classes=10)], logger=False)
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.2,
+        *,
+        num_classes: int | None = None,
+        prob: float = 1.0,
+        per_sample: bool = False,
+        label_smoothing: float = 0.0,
+        input_key: BatchKey = 0,
+        target_key: BatchKey = 1,
+        last_epoch: int | None = None,
+        layer: str | None = None,
+        inplace: bool = False,
+    ) -> None:
+        super().__init__(
+            num_classes=num_classes,
+            prob=prob,
+            label_smoothing=label_smoothing,
+            input_key=input_key,
+            target_key=target_key,
+            last_epoch=last_epoch,
+        )
+        self.alpha = _check_alpha(alpha)
+        if layer is not None and not isinstance(layer, str):
+            raise TypeError(f"Expected `layer` to be a submodule name (str) or None, but got {layer!r}.")
+        self.per_sample = bool(per_sample)
+        self.layer = layer
+        self.inplace = bool(inplace)
+        self._module: nn.Module | None = None
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._buffer: Tensor | None = None
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "per_sample": self.per_sample, "layer": self.layer, **super()._state_key_fields()}
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._setup(trainer, pl_module, stage, needs_classes=True)
+        if stage == "fit" and self.layer is not None:
+            modules = dict(pl_module.named_modules())
+            if self.layer not in modules or self.layer == "":
+                names = ", ".join(repr(name) for name in modules if name)
+                raise ValueError(
+                    f"MixUp(layer={self.layer!r}): {type(pl_module).__name__} has no submodule of that name. "
+                    f"Its submodules are: {names}."
+                )
+            self._module = modules[self.layer]
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active(trainer):
+            return
+        raw = get_entry(batch, self.target_key, "target_key")
+        targets = raw if isinstance(raw, MixedTargets) else self._read_targets(batch)
+        n = len(targets.targets_a) if isinstance(targets, MixedTargets) else targets.shape[0]
+        inputs = None if self.layer is not None else self._read_inputs(batch, n)
+        if self._batch_too_small(n):
+            return
+        if not isinstance(targets, MixedTargets):
+            targets = self._dense_or_sparse(pl_module, targets)
+        if not self._draw_apply():
+            self._write(batch, self.target_key, targets, "target_key")
+            return
+        params = sample_mixup(n, self.alpha, per_sample=self.per_sample, generator=self.generator)
+        if inputs is None:
+            self._hook_layer(params.lam, params.index)
+        else:
+            self._write(batch, self.input_key, self._mix_inputs(inputs, params.lam, params.index), "input_key")
+        self._write(batch, self.target_key, self._mix_any(targets, params.lam, params.index), "target_key")
+
+    def _mix_inputs(self, inputs: Tensor, lam: float | Tensor, index: Tensor) -> Tensor:
+        dummy = torch.zeros(inputs.shape[0], 1, device=inputs.device)  # targets are mixed separately
+        if not self.inplace or inputs.requires_grad:
+            return mixup(inputs, dummy, lam, index)[0]
+        if self._buffer is None or self._buffer.shape != inputs.shape or self._buffer.dtype != inputs.dtype:
+            self._buffer = torch.empty_like(inputs) if torch.is_floating_point(inputs) else None
+        return mixup(inputs, dummy, lam, index, inplace=True, buffer=self._buffer)[0]
+
+    def _hook_layer(self, lam: float | Tensor, index: Tensor) -> None:
+        assert self._module is not None  # resolved in setup
+        self._remove_hook()
+
+        def mix_output(module: nn.Module, args: Any, output: Any) -> Tensor:
+            self._remove_hook()  # once per training step
+            if not isinstance(output, Tensor) or output.ndim < 1 or output.shape[0] != len(index):
+                raise TypeError(
+                    f"MixUp(layer={self.layer!r}) expects that submodule to return one tensor (N, ...) with N="
+                    f"{len(index)}, but it returned {type(output).__name__}. Pick a layer that outputs a tensor."
+                )
+            idx = index.to(output.device)
+            return torch.lerp(output[idx], output, broadcast_lam(lam, output))
+
+        self._hook = self._module.register_forward_hook(mix_output)
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._hook is not None:
+            self._remove_hook()
+            rank_zero_warn(
+                f"MixUp(layer={self.layer!r}): the layer did not run in the training step; nothing was mixed."
+            )
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._remove_hook()
+        self._buffer = None

@@ -1,0 +1,104 @@
+"""MixUp or CutMix, one draw per batch: the timm / DeiT recipe."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+from lightning_reg._batch import BatchKey
+from lightning_reg.callbacks.cutmix import CutMix
+from lightning_reg.functional.mixup import _check_alpha, mixup, sample_mixup
+
+__all__ = ["MixUpCutMix"]
+
+
+class MixUpCutMix(CutMix):
+    """Switch between MixUp and CutMix: each training batch is mixed by one of them, drawn per batch.
+
+    With probability ``switch_prob`` a batch gets CutMix (``Beta(cutmix_alpha, cutmix_alpha)``), otherwise
+    MixUp (``Beta(mixup_alpha, mixup_alpha)``). The draws come from the callback's own generator, so the
+    choice is reproducible, resumable and differs across DDP ranks.
+
+    Args:
+        mixup_alpha: MixUp's Beta concentration.
+        cutmix_alpha: CutMix's Beta concentration.
+        switch_prob: probability of CutMix for a batch.
+        num_classes: ``K``; defaults to the module's ``num_classes`` attribute or hyperparameter.
+        prob: fraction of training batches that are mixed at all.
+        per_sample: per-sample lambdas (and boxes).
+        label_smoothing: smoothing folded into the one-hot targets (or use ``LabelSmoothing``).
+        input_key: where the inputs are in the batch.
+        target_key: where the targets are.
+        last_epoch: from this epoch (0-based) on, no mixing.
+        dims: CutMix's axes (see :class:`CutMix`).
+        inplace: overwrite the batch's input tensor (see :class:`MixUp`).
+
+    Example:
+        >>> import lightning as L
+        >>> cb = MixUpCutMix(mixup_alpha=0.2, cutmix_alpha=1.0, switch_prob=0.5, num_classes=10)
+        >>> trainer = L.Trainer(callbacks=[cb], logger=False)
+    """
+
+    def __init__(
+        self,
+        mixup_alpha: float = 0.2,
+        cutmix_alpha: float = 1.0,
+        switch_prob: float = 0.5,
+        *,
+        num_classes: int | None = None,
+        prob: float = 1.0,
+        per_sample: bool = False,
+        label_smoothing: float = 0.0,
+        input_key: BatchKey = 0,
+        target_key: BatchKey = 1,
+        last_epoch: int | None = None,
+        dims: Sequence[int] | None = None,
+        inplace: bool = False,
+    ) -> None:
+        super().__init__(
+            cutmix_alpha,
+            num_classes=num_classes,
+            prob=prob,
+            per_sample=per_sample,
+            label_smoothing=label_smoothing,
+            input_key=input_key,
+            target_key=target_key,
+            last_epoch=last_epoch,
+            dims=dims,
+            inplace=inplace,
+        )
+        self.mixup_alpha = _check_alpha(mixup_alpha, "mixup_alpha")
+        self.cutmix_alpha = _check_alpha(cutmix_alpha, "cutmix_alpha")
+        if isinstance(switch_prob, bool) or not isinstance(switch_prob, int | float) or not 0 <= switch_prob <= 1:
+            raise ValueError(f"Expected `switch_prob` to be a float in [0, 1], but got {switch_prob!r}.")
+        self.switch_prob = float(switch_prob)
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"mixup_alpha": self.mixup_alpha, "switch_prob": self.switch_prob, **super()._state_key_fields()}
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active(trainer):
+            return
+        prepared = self._prepare(pl_module, batch)
+        if prepared is None:
+            return
+        inputs, targets = prepared
+        if not self._draw_apply():
+            self._write(batch, self.target_key, targets, "target_key")
+            return
+        if bool(torch.rand((), generator=self.generator) < self.switch_prob):
+            self._cut(batch, inputs, targets, self.cutmix_alpha, self.dims)
+            return
+        params = sample_mixup(inputs.shape[0], self.mixup_alpha, per_sample=self.per_sample, generator=self.generator)
+        dummy = torch.zeros(inputs.shape[0], 1, device=inputs.device)
+        inplace = self.inplace and not inputs.requires_grad
+        mixed = mixup(inputs, dummy, params.lam, params.index, inplace=inplace)[0]
+        self._write(batch, self.input_key, mixed, "input_key")
+        self._write(batch, self.target_key, self._mix_any(targets, params.lam, params.index), "target_key")

@@ -1,0 +1,56 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_reg import functional as LF
+
+
+def test_one_hot_of_indices_matches_torch():
+    y = torch.tensor([2, 0, 1])
+    assert torch.equal(LF.one_hot(y, 3), F.one_hot(y, 3).float())
+
+
+def test_smoothed_one_hot_gives_the_same_loss_as_cross_entropy_label_smoothing():
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3, 0])
+    expected = F.cross_entropy(logits, y, label_smoothing=0.2)
+    assert torch.allclose(F.cross_entropy(logits, LF.one_hot(y, 4, smoothing=0.2)), expected)
+
+
+def test_probability_targets_pass_through_and_are_smoothed_if_asked():
+    p = torch.tensor([[0.25, 0.75]])
+    assert LF.one_hot(p, 2) is p
+    assert torch.allclose(LF.one_hot(p, 2, smoothing=0.5), torch.tensor([[0.375, 0.625]]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(0, 6), k=st.integers(1, 7), s=st.floats(0.0, 0.99))
+def test_rows_sum_to_one(n, k, s):
+    y = torch.arange(n) % k
+    probs = LF.one_hot(y, k, smoothing=s)
+    assert probs.shape == (n, k)
+    assert torch.allclose(probs.sum(1), torch.ones(n))
+
+
+@pytest.mark.parametrize(
+    ("targets", "num_classes", "smoothing", "match"),
+    [
+        (torch.tensor([0, 3]), 3, 0.0, r"indices in \[0, 3\).*\[0, 3\]"),
+        (torch.tensor([-1, 0]), 3, 0.0, r"indices in \[0, 3\)"),
+        (torch.ones(2, 4), 3, 0.0, "num_classes=3 columns"),
+        (torch.zeros(2, 1, dtype=torch.long), 3, 0.0, r"Squeeze \(N, 1\)"),
+        (torch.tensor([0.0, 1.0]), 3, 0.0, "cast float indices"),
+        (torch.tensor([0, 1]), 0, 0.0, "`num_classes` to be a positive int"),
+        (torch.tensor([0, 1]), 3, 1.0, r"`smoothing` to be a float in \[0, 1\)"),
+    ],
+)
+def test_one_hot_rejects_bad_input(targets, num_classes, smoothing, match):
+    with pytest.raises(ValueError, match=match):
+        LF.one_hot(targets, num_classes, smoothing)
+
+
+def test_one_hot_rejects_non_tensor_targets():
+    with pytest.raises(TypeError, match="got list"):
+        LF.one_hot([0, 1], 2)

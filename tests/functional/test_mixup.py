@@ -1,0 +1,127 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchvision.transforms import v2
+
+from lightning_reg import functional as LF
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_mixup_formula_with_fixed_lambda_and_pairing():
+    x = torch.randn(4, 3, generator=_gen())
+    y = LF.one_hot(torch.tensor([0, 1, 2, 0]), 3)
+    index = torch.tensor([2, 0, 3, 1])
+    out_x, out_y = LF.mixup(x, y, 0.3, index)
+    assert torch.allclose(out_x, 0.3 * x + 0.7 * x[index])
+    assert torch.allclose(out_y, 0.3 * y + 0.7 * y[index])
+
+
+def test_mixup_per_sample_lambda():
+    x = torch.randn(3, 2, 2, generator=_gen())
+    y = torch.eye(3)
+    lam = torch.tensor([0.0, 0.5, 1.0])
+    index = torch.tensor([1, 2, 0])
+    out_x, out_y = LF.mixup(x, y, lam, index)
+    assert torch.allclose(out_x, lam[:, None, None] * x + (1 - lam[:, None, None]) * x[index])
+    assert torch.allclose(out_y, lam[:, None] * y + (1 - lam[:, None]) * y[index])
+
+
+def test_mixup_does_not_change_its_arguments_unless_inplace():
+    x = torch.randn(4, 5, generator=_gen())
+    before = x.clone()
+    out, _ = LF.mixup(x, torch.eye(4), 0.4, torch.tensor([1, 0, 3, 2]))
+    assert torch.equal(x, before)
+    out_inplace, _ = LF.mixup(
+        x, torch.eye(4), 0.4, torch.tensor([1, 0, 3, 2]), inplace=True, buffer=torch.empty_like(x)
+    )
+    assert out_inplace is x
+    assert torch.allclose(x, out)
+
+
+def test_mixup_matches_torchvision_mixup_with_its_roll_pairing():
+    images = torch.rand(6, 3, 8, 8, generator=_gen())
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    tv = v2.MixUp(alpha=1.0, num_classes=5)
+    params = {"lam": 0.37, "labels": labels, "batch_size": 6}
+    tv_images, tv_labels = tv.transform(images, params), tv.transform(labels, params)
+    index = torch.arange(6).roll(1)  # torchvision pairs sample i with sample i - 1
+    ours_images, ours_labels = LF.mixup(images, LF.one_hot(labels, 5), 0.37, index)
+    assert torch.allclose(ours_images, tv_images, atol=1e-6)
+    assert torch.allclose(ours_labels, tv_labels, atol=1e-6)
+
+
+def test_uint8_images_are_blended_in_float_and_rounded_back():
+    x = torch.tensor([[0, 255], [10, 20]], dtype=torch.uint8)
+    out, _ = LF.mixup(x, torch.eye(2), 0.5, torch.tensor([1, 0]))
+    assert out.dtype == torch.uint8
+    assert out.tolist() == [[5, 138], [5, 138]]  # 0.5 * (0 + 10) = 5, 0.5 * (255 + 20) = 137.5 -> 138 (half to even)
+
+
+def test_sampling_is_reproducible_from_the_generator_and_draws_a_permutation():
+    a = LF.sample_mixup(8, 0.4, per_sample=True, generator=_gen(3))
+    b = LF.sample_mixup(8, 0.4, per_sample=True, generator=_gen(3))
+    assert torch.equal(a.lam, b.lam)
+    assert torch.equal(a.index, b.index)
+    assert sorted(a.index.tolist()) == list(range(8))
+
+
+def test_beta_samples_have_the_beta_mean_and_variance():
+    alpha = 0.4
+    lam = LF.sample_beta(alpha, (20000,), generator=_gen())
+    assert abs(float(lam.mean()) - 0.5) < 0.01
+    assert abs(float(lam.var()) - 1 / (4 * (2 * alpha + 1))) < 0.01
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    n=st.integers(1, 7),
+    lam=st.floats(0.0, 1.0),
+    per_sample=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_mixup_properties(shape, n, lam, per_sample, seed):
+    g = _gen(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = LF.one_hot(torch.randint(0, 3, (n,), generator=g), 3)
+    index = torch.randperm(n, generator=g)
+    lam_arg = torch.rand(n, generator=g) if per_sample else lam
+    out_x, out_y = LF.mixup(x, y, lam_arg, index)
+    assert out_x.shape == x.shape
+    assert torch.allclose(out_y.sum(1), torch.ones(n), atol=1e-6)
+    w = lam_arg.view(-1, *[1] * len(shape)) if per_sample else lam_arg
+    assert torch.allclose(out_x, w * x + (1 - w) * x[index], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"targets": torch.tensor([0, 1])}, ValueError, r"float probabilities of shape \(N, K\).*one_hot"),
+        ({"targets": torch.eye(3)}, ValueError, "same batch size, but got 2 inputs and 3 targets"),
+        ({"lam": 1.5}, ValueError, r"`lam` to be a float in \[0, 1\]"),
+        ({"lam": torch.tensor([0.5])}, ValueError, r"floats of shape \(2,\)"),
+        ({"lam": torch.tensor([0.5, 2.0])}, ValueError, r"every `lam` in \[0, 1\]"),
+        ({"index": torch.tensor([0, 2])}, ValueError, r"`index` values in \[0, 2\)"),
+        ({"index": torch.tensor([0.0, 1.0])}, ValueError, "int64 tensor of shape"),
+        ({"inputs": torch.zeros(2, 1, dtype=torch.bool)}, TypeError, "real-valued `inputs`"),
+        ({"buffer": torch.empty(3, 1)}, ValueError, "Expected `buffer` like `inputs`"),
+    ],
+)
+def test_mixup_rejects_bad_arguments(kwargs, error, match):
+    args = {"inputs": torch.zeros(2, 1), "targets": torch.eye(2), "lam": 0.5, "index": torch.tensor([1, 0])}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        LF.mixup(**args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"alpha": 0.0}, "positive finite"), ({"batch_size": 0}, "positive int")]
+)
+def test_sample_mixup_rejects_bad_arguments(kwargs, match):
+    args = {"batch_size": 2, "alpha": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        LF.sample_mixup(**args)
