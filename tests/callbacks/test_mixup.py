@@ -1,0 +1,253 @@
+import json
+import warnings
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_reg import LabelSmoothing, MixUp
+from lightning_reg import functional as LF
+from lightning_reg.mixins import MixedTargets, SparseMixingMixin
+from tests.helpers import (
+    UserClassifier,
+    ddp_fork_trainer,
+    fast_trainer,
+    make_classification,
+    make_loader,
+    scrubbed_ddp_env,
+)
+from tests.helpers.ddp import skip_on_windows
+
+
+def _loaders(n=48, batch_size=16, as_dict=False):
+    x, y = make_classification(n)
+    return make_loader(x, y, batch_size, as_dict=as_dict), make_loader(x, y, batch_size, as_dict=as_dict)
+
+
+def test_training_batches_get_soft_mixed_targets_and_validation_batches_do_not(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = UserClassifier()
+    train, val = _loaders()
+    fast_trainer(tmp_path, max_epochs=4, callbacks=[MixUp(alpha=0.4)]).fit(model, train, val)
+    train_targets = model.seen_targets["train"]
+    assert all(t.shape == (16, 3) and torch.allclose(t.sum(1), torch.ones(16)) for t in train_targets)
+    assert any(bool(((t > 0) & (t < 1)).any()) for t in train_targets)  # really mixed, not just one-hot
+    assert all(t.ndim == 1 for t in model.seen_targets["val"])
+    assert sum(model.train_losses[-3:]) < sum(model.train_losses[:3])
+
+
+def test_dict_batches_and_keys(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = UserClassifier()
+    train, _ = _loaders(as_dict=True)
+    cb = MixUp(alpha=1.0, input_key="inputs", target_key="targets", per_sample=True)
+    fast_trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(model, train)
+    assert model.seen_targets["train"][0].shape == (16, 3)
+
+
+def test_prob_zero_gives_one_hot_targets_and_last_epoch_stops_mixing(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = UserClassifier()
+    fast_trainer(tmp_path, max_epochs=1, callbacks=[MixUp(prob=0.0)]).fit(model, _loaders()[0])
+    assert all(set(t.unique().tolist()) == {0.0, 1.0} for t in model.seen_targets["train"])
+    model = UserClassifier()
+    fast_trainer(tmp_path, max_epochs=2, callbacks=[MixUp(last_epoch=1)]).fit(model, _loaders()[0])
+    assert [t.ndim for t in model.seen_targets["train"]] == [2, 2, 2, 1, 1, 1]
+
+
+def test_batch_size_one_is_skipped_with_one_warning_and_odd_sizes_work(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = UserClassifier()
+    x, y = make_classification(8)
+    loader = make_loader(x, y, batch_size=7)  # batches of 7 and 1
+    with pytest.warns(UserWarning, match="skips batches of size 1") as record:
+        fast_trainer(tmp_path, max_epochs=2, callbacks=[MixUp()]).fit(model, loader)
+    assert sum("skips batches" in str(w.message) for w in record) == 1
+    assert [t.ndim for t in model.seen_targets["train"]] == [2, 1, 2, 1]
+
+
+def test_num_classes_comes_from_the_module_or_is_a_clear_error(tmp_path):
+    class NoClasses(UserClassifier):
+        def __init__(self):
+            super().__init__()
+            del self.num_classes
+
+    with pytest.raises(ValueError, match=r"MixUp needs the number of classes.*MixUp\(num_classes=K\)"):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp()]).fit(NoClasses(), _loaders()[0])
+    model = NoClasses()
+    fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp(num_classes=3)]).fit(model, _loaders()[0])
+    assert model.seen_targets["train"][0].shape == (16, 3)
+
+
+@pytest.mark.parametrize(
+    ("batch", "kwargs", "error", "match"),
+    [
+        ((torch.zeros(2, 8), torch.tensor([0, 1])), {}, TypeError, "Cannot change a tuple batch in place"),
+        ([torch.zeros(2, 8), torch.tensor([0, 1])], {"target_key": 2}, KeyError, "`target_key=2` is not a valid"),
+        ({"x": torch.zeros(2, 8)}, {"input_key": "x", "target_key": "y"}, KeyError, r"keys \['x'\]"),
+        ([torch.zeros(2, 8), torch.zeros(2, 1, dtype=torch.long)], {}, ValueError, r"Squeeze \(N, 1\)"),
+        ([torch.zeros(3, 8), torch.tensor([0, 1])], {}, ValueError, "got 3 inputs .* and 2 targets"),
+        (["text", torch.tensor([0, 1])], {}, TypeError, "inputs\\) to be a tensor"),
+    ],
+)
+def test_bad_batches_are_clear_errors(tmp_path, batch, kwargs, error, match):
+    cb = MixUp(num_classes=3, **kwargs)
+    trainer = fast_trainer(tmp_path)
+    cb.setup(trainer, UserClassifier(), "fit")
+    with pytest.raises(error, match=match):
+        cb.on_train_batch_start(trainer, UserClassifier(), batch, 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"alpha": -1.0}, ValueError, "`alpha` to be a positive finite float, but got -1.0"),
+        ({"prob": 2.0}, ValueError, r"`prob` to be a float in \[0, 1\]"),
+        ({"label_smoothing": 1.0}, ValueError, "`label_smoothing`"),
+        ({"num_classes": 1}, ValueError, "`num_classes` to be an int >= 2"),
+        ({"last_epoch": -1}, ValueError, "`last_epoch`"),
+        ({"input_key": 1.5}, TypeError, "`input_key` to be an int"),
+        ({"layer": 3}, TypeError, "`layer` to be a submodule name"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MixUp(**kwargs)
+
+
+def test_state_dict_holds_only_tensors_and_ints_and_loads_with_weights_only(tmp_path):
+    L.seed_everything(0, verbose=False)
+    trainer = fast_trainer(tmp_path, max_steps=2, callbacks=[MixUp()])
+    trainer.fit(UserClassifier(), _loaders()[0])
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    ckpt = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("MixUp")]
+    assert isinstance(state["generator_state"], torch.Tensor)
+    assert isinstance(state["seed"], int)
+
+
+def _fit(tmp_path, epochs, ckpt=None, save=None):
+    L.seed_everything(7, verbose=False)
+    model = UserClassifier()
+    trainer = fast_trainer(tmp_path, max_epochs=epochs, callbacks=[MixUp(alpha=1.0, per_sample=True)])
+    trainer.fit(model, _loaders()[0], ckpt_path=ckpt)
+    if save:
+        trainer.save_checkpoint(save)
+    return model
+
+
+def test_crash_and_resume_draws_what_an_uninterrupted_run_draws(tmp_path):
+    straight = _fit(tmp_path, 2)
+    _fit(tmp_path, 1, save=tmp_path / "epoch1.ckpt")
+    torch.manual_seed(123)  # a different global RNG must not matter: the callback owns its generator
+    resumed = _fit(tmp_path, 2, ckpt=tmp_path / "epoch1.ckpt")
+    for a, b in zip(straight.seen_targets["train"][3:], resumed.seen_targets["train"], strict=True):
+        assert torch.equal(a, b)
+    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+class _RecordTargets(L.Callback):
+    def __init__(self, out_dir):
+        self.out_dir, self.targets = out_dir, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.targets.append(batch[1].tolist())
+
+    def on_train_end(self, trainer, pl_module):
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.targets))
+
+
+def _ddp_draws(tmp_path):
+    tmp_path.mkdir()
+    L.seed_everything(0, verbose=False)
+    with scrubbed_ddp_env():
+        trainer = ddp_fork_trainer(
+            tmp_path, max_steps=2, use_distributed_sampler=False, callbacks=[MixUp(1.0), _RecordTargets(tmp_path)]
+        )
+        trainer.fit(UserClassifier(), _loaders()[0])
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@skip_on_windows
+def test_ddp_ranks_draw_differently_and_repeat_across_runs(tmp_path):
+    first = _ddp_draws(tmp_path / "a")
+    second = _ddp_draws(tmp_path / "b")
+    assert first[0] != first[1]  # same data on both ranks, different draws
+    assert first == second
+
+
+class _TokenNet(nn.Module):
+    def __init__(self, vocab=10, dim=8, num_classes=3):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens):
+        return self.head(self.embedding(tokens).mean(1))  # (N, T, D) -> (N, D)
+
+
+def test_manifold_mixup_mixes_the_named_layer_output_for_token_inputs(tmp_path):
+    L.seed_everything(0, verbose=False)
+    tokens = torch.randint(0, 10, (32, 5))
+    model = UserClassifier(net=_TokenNet())
+    cb = MixUp(alpha=1.0, layer="net.embedding")
+    fast_trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(model, make_loader(tokens, torch.arange(32) % 3))
+    assert model.seen_targets["train"][0].shape == (16, 3)
+    assert cb._hook is None
+    # The hook blends the layer output exactly as LF.mixup blends inputs.
+    index, lam = torch.tensor([1, 0, 3, 2]), 0.3
+    cb._hook_layer(lam, index)
+    x = tokens[:4]
+    mixed = model.net.embedding(x)
+    assert cb._hook is None  # removed after one call
+    plain = model.net.embedding(x)
+    assert torch.allclose(mixed, LF.mixup(plain, torch.eye(4), lam, index)[0])
+
+
+def test_unknown_layer_lists_the_module_names(tmp_path):
+    with pytest.raises(ValueError, match=r"no submodule of that name.*'net.embedding'"):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp(layer="embed")]).fit(
+            UserClassifier(net=_TokenNet()), make_loader(torch.randint(0, 10, (8, 5)), torch.arange(8) % 3)
+        )
+
+
+class _SparseUser(SparseMixingMixin, UserClassifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen_targets["train"].append(y)
+        loss = self.mixed_cross_entropy(self(x), y)
+        self.train_losses.append(float(loss.detach()))
+        return loss
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_sparse_targets_give_the_same_losses_as_dense_targets(tmp_path, per_sample):
+    losses = []
+    for cls in (UserClassifier, _SparseUser):
+        L.seed_everything(0, verbose=False)
+        model = cls()
+        callbacks = [MixUp(alpha=1.0, per_sample=per_sample), LabelSmoothing(0.1)]
+        fast_trainer(tmp_path, max_steps=3, callbacks=callbacks).fit(model, _loaders()[0])
+        losses.append(model.train_losses)
+    assert isinstance(model.seen_targets["train"][0], MixedTargets)
+    assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5)
+
+
+def test_inplace_mixing_gives_the_same_batches(tmp_path):
+    seen = []
+    for inplace in (False, True):
+        L.seed_everything(0, verbose=False)
+        model = UserClassifier()
+        fast_trainer(tmp_path, max_steps=3, callbacks=[MixUp(alpha=1.0, inplace=inplace)]).fit(model, _loaders()[0])
+        seen.append(model.train_losses)
+    assert torch.allclose(torch.tensor(seen[0]), torch.tensor(seen[1]))
+
+
+def test_mixup_targets_work_with_plain_cross_entropy():
+    y = LF.one_hot(torch.tensor([0, 1]), 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert F.cross_entropy(torch.zeros(2, 3), y).item() == pytest.approx(torch.log(torch.tensor(3.0)).item())
