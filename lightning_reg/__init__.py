@@ -1,8 +1,10 @@
 """lightning-reg: the well-known regularizers of deep learning as one-line PyTorch Lightning callbacks."""
 
 from lightning_reg import functional
+from lightning_reg.callbacks.bn_recalibration import BNRecalibration
+from lightning_reg.callbacks.bn_stats_monitor import BNStatsMonitor
 from lightning_reg.targets import hard_targets
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "functional", "hard_targets"]
+__all__ = ["__version__", "functional", "hard_targets", "BNRecalibration", "BNStatsMonitor"]

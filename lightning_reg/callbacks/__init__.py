@@ -1,3 +1,6 @@
 """Lightning callbacks: thin, stateful wrappers around the functional core."""
 
-__all__: list[str] = []
+from lightning_reg.callbacks.bn_recalibration import BNRecalibration
+from lightning_reg.callbacks.bn_stats_monitor import BNStatsMonitor
+
+__all__: list[str] = ["BNRecalibration", "BNStatsMonitor"]

@@ -1,0 +1,148 @@
+"""Watch BatchNorm statistics while training: how far each batch is from the running statistics used at eval."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+__all__ = ["BNStatsMonitor", "batch_vs_running"]
+
+
+def batch_vs_running(x: Tensor, layer: _BatchNorm, eps: float | None = None) -> tuple[Tensor, Tensor]:
+    """Per-channel distance between the batch statistics of ``x`` and ``layer``'s running statistics.
+
+    Returns ``(mean_shift, var_log_ratio)``, each ``(C,)``:
+
+    - ``mean_shift = |batch_mean - running_mean| / sqrt(running_var + eps)``: how far off-centre the batch lands
+      when normalized with the running statistics, in running standard deviations;
+    - ``var_log_ratio = |log((batch_var + eps) / (running_var + eps))|``: the scale mismatch (0 when equal).
+
+    Both are 0 when the batch matches the running statistics: the train/test discrepancy of BatchNorm.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2)  # running mean 0, var 1
+        >>> shift, ratio = batch_vs_running(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), bn, eps=0.0)
+        >>> shift.tolist(), ratio[0].item() == 0.6931471824645996
+        ([2.0, 0.0], True)
+    """
+    assert layer.running_mean is not None
+    assert layer.running_var is not None
+    eps = layer.eps if eps is None else eps
+    dims = [0, *range(2, x.dim())]  # all but the channel dimension
+    var, mean = torch.var_mean(x.detach().float(), dim=dims)  # (C,), unbiased like running_var
+    running_mean, running_var = layer.running_mean.float(), layer.running_var.float()
+    shift = (mean - running_mean).abs() / (running_var + eps).sqrt()
+    ratio = ((var + eps) / (running_var + eps)).log().abs()
+    return shift, ratio
+
+
+class BNStatsMonitor(Callback):
+    """Log the train/test discrepancy of every BatchNorm layer: batch statistics against running statistics.
+
+    In training BatchNorm normalizes with the statistics of the batch; at evaluation with the running statistics,
+    a moving average. Every ``log_every_n_steps`` optimizer steps this callback measures, for each BatchNorm layer
+    with running statistics, how far the current batch's per-channel mean and variance are from the running ones
+    (see :func:`batch_vs_running`), just before the layer updates them, and logs the channel averages:
+
+    - ``bn_stats/<layer>/mean_shift``: mean over channels of ``|batch mean - running mean| / running std``;
+    - ``bn_stats/<layer>/var_log_ratio``: mean over channels of ``|log(batch var / running var)|``.
+
+    Large or growing values mean eval-mode BatchNorm sees statistics unlike those of training (augmentation,
+    mixing, small batches, a drifting network): a case for :class:`~lightning_reg.BNRecalibration`. With a logger
+    that takes histograms (TensorBoard's ``add_histogram``) it also writes per-layer histograms of
+    ``running_mean``, ``running_var`` and the per-channel ``mean_shift``. The last values are in ``last_stats``.
+    Under DDP each rank measures its own batch; rank 0 logs.
+
+    Args:
+        log_every_n_steps: measure at every N-th step (``trainer.global_step % N == 0``).
+        histograms: write histograms to loggers that support them.
+
+    Example:
+        >>> from lightning_reg import BNStatsMonitor
+        >>> BNStatsMonitor(log_every_n_steps=10).log_every_n_steps
+        10
+    """
+
+    def __init__(self, log_every_n_steps: int = 50, *, histograms: bool = True) -> None:
+        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise ValueError(f"Expected `log_every_n_steps` to be a positive int, but got {log_every_n_steps!r}.")
+        self.log_every_n_steps = log_every_n_steps
+        self.histograms = histograms
+        self.last_stats: dict[str, float] = {}
+        self._handles: list[RemovableHandle] = []
+        self._measured: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._step = 0
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._remove_hooks()
+        if trainer.global_step % self.log_every_n_steps != 0:
+            return
+        self._step = trainer.global_step
+        for name, module in pl_module.named_modules():
+            if isinstance(module, _BatchNorm) and module.running_mean is not None:
+                self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._handles:
+            return
+        step = self._step
+        self._remove_hooks()
+        measured, self._measured = self._measured, {}
+        metrics: dict[str, float] = {}
+        for name, (shift, ratio, _, _) in measured.items():
+            metrics[f"bn_stats/{name}/mean_shift"] = float(shift.mean())
+            metrics[f"bn_stats/{name}/var_log_ratio"] = float(ratio.mean())
+        self.last_stats = metrics
+        if not metrics or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            experiment: Any = getattr(logger, "experiment", None)
+            if self.histograms and hasattr(experiment, "add_histogram"):
+                for name, (shift, _, running_mean, running_var) in measured.items():
+                    experiment.add_histogram(f"bn_stats/{name}/running_mean", running_mean, step)
+                    experiment.add_histogram(f"bn_stats/{name}/running_var", running_var, step)
+                    experiment.add_histogram(f"bn_stats/{name}/mean_shift", shift, step)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove_hooks()
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    def _make_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if name in self._measured or not isinstance(module, _BatchNorm) or not isinstance(args[0], Tensor):
+                return  # a layer called twice: keep its first call
+            with torch.no_grad():
+                shift, ratio = batch_vs_running(args[0], module)
+                assert module.running_mean is not None
+                assert module.running_var is not None
+                self._measured[name] = (
+                    shift.cpu(),
+                    ratio.cpu(),
+                    module.running_mean.detach().float().cpu(),
+                    module.running_var.detach().float().cpu(),
+                )
+
+        return hook
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

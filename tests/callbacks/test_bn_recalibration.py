@@ -1,0 +1,245 @@
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_reg import BNRecalibration
+from lightning_reg import functional as LF
+from lightning_reg._batch import get_entry, set_entry
+from tests.helpers import TinyCNN, UserClassifier, fast_trainer, make_images, make_loader
+from tests.helpers.ddp import ddp_fork_trainer, scrubbed_ddp_env, skip_on_windows
+from tests.helpers.loggers import MemoryLogger
+
+
+def _model() -> UserClassifier:
+    torch.manual_seed(0)
+    return UserClassifier(net=TinyCNN(), lr=0.5)
+
+
+def _loader(as_dict: bool = False, n: int = 48, batch_size: int = 16) -> Any:
+    inputs, targets = make_images(n=n)
+    return make_loader(inputs, targets, batch_size=batch_size, as_dict=as_dict)
+
+
+def _bn(model: UserClassifier) -> torch.nn.BatchNorm2d:
+    return model.net.body[1]
+
+
+def _expected(model: UserClassifier, loader: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Statistics an independent ``recalibrate_bn`` on the same weights and clean batches gives."""
+    ref = copy.deepcopy(model).train()
+    LF.recalibrate_bn(ref, loader, **kwargs)
+    return _bn(ref).running_mean, _bn(ref).running_var
+
+
+class _CorruptBatch(L.Callback):
+    """Stands in for a mixing callback: changes the training batch in place in ``on_train_batch_start``."""
+
+    def __init__(self, key: Any = 0) -> None:
+        self.key = key
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        set_entry(batch, self.key, get_entry(batch, self.key) * 3.0 + 5.0)
+
+
+class _Probe(L.Callback):
+    """Records the BN running mean and the recalibration count when validation starts."""
+
+    def __init__(self, recal: BNRecalibration) -> None:
+        self.recal = recal
+        self.at_validation: list[tuple[int, torch.Tensor]] = []
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.at_validation.append((self.recal.num_recalibrations, _bn(pl_module).running_mean.clone()))
+
+
+def test_end_of_fit_checkpoint_and_final_validation_hold_the_recalibrated_statistics(tmp_path: Path) -> None:
+    model, loader = _model(), _loader()
+    recal = BNRecalibration(num_batches=None)
+    probe = _Probe(recal)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last-epoch")
+    trainer = fast_trainer(tmp_path, max_epochs=2, callbacks=[ckpt, recal, probe], enable_checkpointing=True)
+    trainer.fit(model, loader, val_dataloaders=_loader(n=16))
+    mean, var = _expected(model, loader)
+    torch.testing.assert_close(_bn(model).running_mean, mean)
+    torch.testing.assert_close(_bn(model).running_var, var)
+    assert recal.num_recalibrations == 1
+    # the final validation ran after the recalibration, the first one before it
+    assert [count for count, _ in probe.at_validation] == [0, 1]
+    torch.testing.assert_close(probe.at_validation[-1][1], mean)
+    saved = torch.load(ckpt.best_model_path, weights_only=True)["state_dict"]
+    torch.testing.assert_close(saved["net.body.1.running_mean"], mean)
+    torch.testing.assert_close(saved["net.body.1.running_var"], var)
+
+
+def test_without_validation_the_checkpoint_saved_at_epoch_end_is_recalibrated(tmp_path: Path) -> None:
+    model, loader = _model(), _loader()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="end")
+    trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[BNRecalibration(None), ckpt], enable_checkpointing=True)
+    trainer.fit(model, loader)
+    saved = torch.load(ckpt.best_model_path, weights_only=True)["state_dict"]
+    torch.testing.assert_close(saved["net.body.1.running_var"], _expected(model, loader)[1])
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["list", "dict"])
+def test_recalibrates_on_clean_batches_not_on_the_batches_a_callback_mixed(tmp_path: Path, as_dict: bool) -> None:
+    key = "inputs" if as_dict else 0
+    model, loader = _model(), _loader(as_dict=as_dict)
+    trainer = fast_trainer(tmp_path, callbacks=[_CorruptBatch(key), BNRecalibration(2, input_key=key)])
+    trainer.fit(model, loader)
+    mean, var = _expected(model, loader, num_batches=2, input_key=key)
+    torch.testing.assert_close(_bn(model).running_mean, mean)
+    torch.testing.assert_close(_bn(model).running_var, var)
+
+
+def test_every_n_epochs_recalibrates_before_each_validation(tmp_path: Path) -> None:
+    recal = BNRecalibration(None, when=None, every_n_epochs=1)
+    probe = _Probe(recal)
+    trainer = fast_trainer(tmp_path, max_epochs=3, callbacks=[recal, probe])
+    trainer.fit(_model(), _loader(), val_dataloaders=_loader(n=16))
+    assert [count for count, _ in probe.at_validation] == [1, 2, 3]
+
+
+def test_fit_end_with_max_steps_recalibrates_once_at_the_last_step(tmp_path: Path) -> None:
+    recal = BNRecalibration(None)
+    logger = MemoryLogger()
+    trainer = fast_trainer(tmp_path, max_epochs=-1, max_steps=4, callbacks=[recal], logger=logger)
+    model = _model()
+    trainer.fit(model, _loader())
+    assert recal.num_recalibrations == 1
+    steps = [step for step, _ in logger.values("bn_recalibration/mean_abs_change_var")]
+    assert steps == [4]
+    assert recal.last_report is not None
+    assert logger.values("bn_recalibration/mean_abs_change_mean")[0][1] == recal.last_report.mean_abs_change_mean
+
+
+class _StopAfterFirstEpoch(L.Callback):
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.should_stop = True
+
+
+def test_an_early_stop_recalibrates_at_train_end_with_a_warning(tmp_path: Path) -> None:
+    recal = BNRecalibration(None)
+    model, loader = _model(), _loader()
+    trainer = fast_trainer(tmp_path, max_epochs=5, callbacks=[recal, _StopAfterFirstEpoch()])
+    with pytest.warns(UserWarning, match="fit stopped before its planned last batch"):
+        trainer.fit(model, loader)
+    assert recal.num_recalibrations == 1
+    torch.testing.assert_close(_bn(model).running_var, _expected(model, loader)[1])
+
+
+class _FreezeBN(L.Callback):
+    """The frozen-BN idiom of fine-tuning: the BN layer stays in eval mode while the rest trains."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _bn(pl_module).eval()
+
+
+def test_a_bn_layer_frozen_during_training_keeps_its_statistics(tmp_path: Path) -> None:
+    model = _model()
+    _bn(model).running_mean.fill_(0.25)
+    recal = BNRecalibration(None, when="test_start", dataloader="test")
+    trainer = fast_trainer(tmp_path, callbacks=[_FreezeBN(), recal])
+    trainer.fit(model, _loader())
+    with pytest.warns(UserWarning, match="found no normalization layer"):
+        trainer.test(model, _loader(n=16))
+    assert recal.last_report is not None
+    assert recal.last_report.frozen == ["net.body.1"]
+    assert torch.equal(_bn(model).running_mean, torch.full((8,), 0.25))
+
+
+def test_test_start_adapts_the_statistics_to_the_test_data(tmp_path: Path) -> None:
+    model = _model()
+    test_inputs, test_targets = make_images(n=20, seed=3)
+    test_loader = make_loader(test_inputs + 2.0, test_targets, batch_size=8)  # shifted test distribution
+    recal = BNRecalibration(None, when="test_start", dataloader="test")
+    trainer = fast_trainer(tmp_path, callbacks=[recal])
+    trainer.fit(model, _loader())
+    assert recal.num_recalibrations == 0
+    expected = _expected(model, test_loader)
+    trainer.test(model, test_loader)
+    assert recal.num_recalibrations == 1
+    torch.testing.assert_close(_bn(model).running_mean, expected[0])
+
+
+def test_a_dataloader_passed_by_the_user_is_used(tmp_path: Path) -> None:
+    model, mine = _model(), _loader(n=24, batch_size=6)
+    trainer = fast_trainer(tmp_path, callbacks=[BNRecalibration(None, dataloader=mine)])
+    trainer.fit(model, _loader())
+    torch.testing.assert_close(_bn(model).running_var, _expected(model, mine)[1])
+
+
+def test_val_dataloader_from_the_trainer(tmp_path: Path) -> None:
+    model, val = _model(), _loader(n=16, batch_size=8)
+    trainer = fast_trainer(tmp_path, callbacks=[BNRecalibration(None, dataloader="val")], limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="found no val dataloader"):
+        trainer.fit(model, _loader())
+    trainer = fast_trainer(tmp_path, callbacks=[BNRecalibration(None, dataloader="val", every_n_epochs=1)])
+    trainer.fit(model, _loader(), val_dataloaders=val)
+    torch.testing.assert_close(_bn(model).running_var, _expected(model, val)[1])
+
+
+def test_state_dict_round_trip_keeps_the_frozen_layers() -> None:
+    recal = BNRecalibration()
+    recal._frozen = ["net.body.1"]
+    recal.num_recalibrations = 2
+    other = BNRecalibration()
+    other.load_state_dict(recal.state_dict())
+    assert other.state_dict() == {"frozen": ["net.body.1"], "num_recalibrations": 2}
+    other.load_state_dict({})  # a checkpoint from before these fields
+    assert other.state_dict() == {"frozen": [], "num_recalibrations": 0}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_batches": 0}, ValueError, "`num_batches` to be a positive int"),
+        ({"dataloader": "holdout"}, ValueError, r"`dataloader` to be one of \('train', 'val', 'test'\)"),
+        ({"dataloader": 3}, TypeError, "an iterable of batches"),
+        ({"when": "epoch_end"}, ValueError, r"`when` to be one of \('fit_end', 'test_start'\)"),
+        ({"every_n_epochs": 0}, ValueError, "`every_n_epochs` to be a positive int"),
+        ({"when": None}, ValueError, "would never run"),
+        ({"dataloader": "test"}, ValueError, "only available at test time"),
+        ({"input_key": 1.5}, TypeError, "`input_key` to be an int"),
+    ],
+)
+def test_invalid_arguments_raise_with_the_fix(kwargs: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        BNRecalibration(**kwargs)
+
+
+# --- 2 processes ----------------------------------------------------------------------------------
+
+
+class _WriteStats(L.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        bn = _bn(pl_module)  # type: ignore[arg-type]
+        stats = {"mean": bn.running_mean.tolist(), "var": bn.running_var.tolist()}
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(stats))
+
+
+@skip_on_windows
+def test_two_ranks_get_the_statistics_of_the_union_of_their_shards(tmp_path: Path) -> None:
+    model, loader = _model(), _loader(n=48, batch_size=8)
+    with scrubbed_ddp_env():
+        trainer = ddp_fork_trainer(tmp_path, callbacks=[BNRecalibration(None), _WriteStats(tmp_path)])
+        trainer.fit(model, loader)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    # one BN layer: its exact statistics are those of the conv outputs of all 48 samples, however they are split
+    inputs, _ = make_images(n=48)
+    mean, var = _expected(model, [inputs])
+    torch.testing.assert_close(torch.tensor(ranks[0]["mean"]), mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(ranks[0]["var"]), var, rtol=1e-5, atol=1e-5)
