@@ -87,6 +87,14 @@ def _classify(module: nn.Module, include_drop_path: bool) -> tuple[bool, float] 
     if hasattr(module, "fused_attn") and isinstance(attn_drop, _DropoutNd):
         # timm: the fused SDPA call reads `self.training`, never calls `attn_drop`; the rate is the gate's.
         return False, float(attn_drop.p)
+    if type(module).__module__.startswith("timm."):
+        # timm modules that drop with the functional API on their own flag: `dropout_p=self.attn_drop_p if
+        # self.training` (vision_transformer.py's parallel blocks), and `F.dropout(x, self.drop_rate,
+        # self.training)` in the `forward_head` of ResNet, EfficientNet, MobileNetV3 and others.
+        for name in ("attn_drop_p", "drop_rate"):
+            rate = getattr(module, name, None)
+            if isinstance(rate, int | float) and not isinstance(rate, bool) and rate > 0:
+                return True, float(rate)
     return None
 
 
@@ -137,7 +145,8 @@ def mc_dropout_sampling(model: nn.Module, *, include_drop_path: bool = False) ->
     Sampled: ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``, ``FeatureAlphaDropout`` and every other
     ``_DropoutNd`` (our ``LockedDropout``), our ``WeightDrop``, the attention dropout of
     ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``/``DecoderLayer``, the between-layer dropout of
-    ``nn.LSTM``/``GRU``/``RNN``, timm's fused ``Attention``; timm's ``DropPath``/``DropBlock2d`` only with
+    ``nn.LSTM``/``GRU``/``RNN``, timm's fused ``Attention`` and the ``drop_rate`` head dropout of timm's
+    ResNet/EfficientNet-style models; timm's ``DropPath``/``DropBlock2d`` only with
     ``include_drop_path`` (stochastic depth is not dropout sampling). A layer of your own opts in with a class
     attribute ``mc_dropout_kind = "dropout"`` (or ``"drop_path"``). Dropout written as ``F.dropout(x,
     training=self.training)`` inside another module is not found.

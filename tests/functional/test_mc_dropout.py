@@ -1,0 +1,322 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import timm
+import torch
+from timm.layers import DropPath
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+import zoo
+from lightning_reg import functional as LF
+from lightning_reg.functional.mc_dropout import mc_dropout_predict, mc_dropout_sampling
+from lightning_reg.functional.uncertainty import entropy
+from lightning_reg.nn import LockedDropout, WeightDrop
+from tests.helpers import TinyMLP
+
+# --- small models, each with BatchNorm and exactly one kind of dropout -------------------------------
+
+
+class _Seq(nn.Module):
+    """(N, T, F) sequences -> BN over features -> ``layer`` -> mean over time -> logits."""
+
+    def __init__(self, layer: nn.Module, features: int = 8, *, returns_tuple: bool = False) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(features)
+        self.layer = layer
+        self.returns_tuple = returns_tuple
+        self.head = nn.Linear(features, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.bn(x.transpose(1, 2)).transpose(1, 2)
+        out = self.layer(x)
+        if self.returns_tuple:
+            out = out[0]
+        return self.head(out.mean(dim=1))
+
+
+class _Attention(nn.Module):
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, dropout=dropout, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+def _conv(drop: nn.Module, dims: int = 2) -> nn.Module:
+    conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+    return nn.Sequential(conv(1, 4, 3, padding=1), bn(4), nn.ReLU(), drop, nn.Flatten(), nn.LazyLinear(3))
+
+
+def _encoder(dropout: float = 0.5) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=dropout, batch_first=True)
+    return _Seq(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+
+
+def _vit(attn_drop: float = 0.5) -> nn.Module:
+    # Only attention dropout: proves timm's fused-SDPA gate is opened (the attn_drop module never runs there).
+    return VisionTransformer(
+        img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=1, num_heads=2,
+        drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=attn_drop,
+    )  # fmt: skip
+
+
+_IMAGES = (4, 1, 8, 8)
+_SEQUENCES = (4, 5, 8)
+
+KINDS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "Dropout": (lambda: TinyMLP(batch_norm=True, dropout=0.5), (4, 8)),
+    "Dropout1d": (lambda: _Seq(nn.Dropout1d(0.5)), _SEQUENCES),
+    "Dropout2d": (lambda: _conv(nn.Dropout2d(0.5)), _IMAGES),
+    "Dropout3d": (lambda: _conv(nn.Dropout3d(0.5), dims=3), (4, 1, 4, 4, 4)),
+    "AlphaDropout": (lambda: _alpha(), (4, 8)),
+    "FeatureAlphaDropout": (lambda: _conv(nn.FeatureAlphaDropout(0.5)), _IMAGES),
+    "MultiheadAttention": (lambda: _Seq(_Attention(0.5)), _SEQUENCES),
+    "TransformerEncoderLayer": (lambda: _encoder(0.5), _SEQUENCES),
+    "LSTM": (lambda: _Seq(nn.LSTM(8, 8, 2, dropout=0.5, batch_first=True), returns_tuple=True), _SEQUENCES),
+    "GRU": (lambda: _Seq(nn.GRU(8, 8, 2, dropout=0.5, batch_first=True), returns_tuple=True), _SEQUENCES),
+    "RNN": (lambda: _Seq(nn.RNN(8, 8, 2, dropout=0.5, batch_first=True), returns_tuple=True), _SEQUENCES),
+    "timm fused Attention": (lambda: _vit(0.5), _IMAGES),
+    "timm drop_rate head": (
+        lambda: timm.create_model("test_resnet", num_classes=3, in_chans=1, drop_rate=0.5),
+        _IMAGES,
+    ),
+    "LockedDropout": (lambda: _Seq(LockedDropout(0.5)), _SEQUENCES),
+    "WeightDrop": (lambda: _Seq(WeightDrop(nn.LSTM(8, 8, batch_first=True), p=0.5), returns_tuple=True), _SEQUENCES),
+}
+
+
+def _alpha() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.SELU(), nn.AlphaDropout(0.5), nn.Linear(16, 3))
+
+
+def _build(kind: str) -> tuple[nn.Module, Tensor]:
+    torch.manual_seed(0)
+    make, shape = KINDS[kind]
+    model = make()
+    inputs = torch.randn(*shape)
+    model.train()
+    with torch.no_grad():
+        model(inputs)  # initialize lazy layers and give BN non-trivial running statistics
+    return model.eval(), inputs
+
+
+def _running_stats(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+# --- each kind is reached ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_each_dropout_kind_is_sampled_under_inference_mode_and_bn_stats_stay(kind: str) -> None:
+    model, inputs = _build(kind)
+    stats = _running_stats(model)
+    with torch.inference_mode():
+        out = mc_dropout_predict(model, inputs, 8, generator=torch.Generator().manual_seed(0))
+    assert out.probs.std(dim=0).max() > 1e-4, f"{kind}: samples are identical"
+    after = _running_stats(model)
+    assert stats.keys() == after.keys()
+    assert all(torch.equal(stats[k], after[k]) for k in stats)
+    assert not any(m.training for m in model.modules())
+
+
+def test_switching_only_dropout_modules_of_a_transformer_gives_zero_spread_under_inference_mode() -> None:
+    # The naive approach (what most MC-dropout snippets do): the encoder's fast path ignores the Dropout modules.
+    model, inputs = _build("TransformerEncoderLayer")
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.train()
+    with torch.inference_mode():
+        naive = torch.stack([model(inputs) for _ in range(4)])
+        ours = mc_dropout_predict(model, inputs, 4).probs
+    assert naive.std(dim=0).max() == 0
+    assert ours.std(dim=0).max() > 1e-4
+
+
+def test_drop_path_is_sampled_only_when_asked() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), DropPath(0.5), nn.Dropout(0.0), nn.Linear(8, 3)).eval()
+    inputs = torch.randn(6, 8)
+    without = mc_dropout_predict(model, inputs, 8)
+    with_drop_path = mc_dropout_predict(model, inputs, 8, include_drop_path=True)
+    assert without.probs.std(dim=0).max() == 0
+    assert with_drop_path.probs.std(dim=0).max() > 1e-4
+
+
+def test_zoo_cnn_shows_spread_under_inference_mode_and_no_grad() -> None:
+    torch.manual_seed(0)
+    model = zoo.create("cnn_small", num_classes=10, spatial_dropout=0.1).eval()
+    inputs = torch.randn(4, 1, 8, 8)
+    for context in (torch.inference_mode, torch.no_grad):
+        with context():
+            out = mc_dropout_predict(model, inputs, 6)
+        assert out.probs.std(dim=0).max() > 1e-4
+
+
+# Dropout for the zoo models whose defaults have none: the timm backbone's head dropout is off by default.
+_ZOO_KWARGS: dict[str, dict[str, object]] = {"resnet18": {"drop_rate": 0.2}}
+
+
+@pytest.mark.parametrize("name", zoo.list_models())
+def test_every_zoo_model_shows_spread_under_inference_mode(name: str) -> None:
+    torch.manual_seed(0)
+    model = zoo.create(name, num_classes=4, **_ZOO_KWARGS.get(name, {})).eval()
+    shapes = {"lstm": (8, 8), "gru": (8, 8), "transformer": (8, 8), "vit_tiny": (3, 32, 32), "resnet18": (3, 32, 32)}
+    inputs = torch.randn(2, *shapes.get(name, (1, 8, 8)))
+    with torch.inference_mode():
+        out = mc_dropout_predict(model, inputs, 3)
+    assert out.probs.std(dim=0).max() > 0
+
+
+# --- modes, statistics, paths -----------------------------------------------------------------------------
+
+
+def test_sampling_context_keeps_bn_in_eval_and_restores_every_mode() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    model.train()
+    model[3].eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    with mc_dropout_sampling(model) as found:
+        assert found.sites == [model[2]]
+        assert [m.training for m in model] == [False, False, True, False]
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
+def test_sampling_context_restores_modes_when_the_block_raises() -> None:
+    model = TinyMLP(batch_norm=True, dropout=0.5).train()
+    with pytest.raises(KeyError), mc_dropout_sampling(model):
+        raise KeyError("boom")
+    assert all(m.training for m in model.modules())
+
+
+class _SneakyBN(nn.Module):
+    """Switches its BatchNorm to training mode inside forward: what corrupts statistics in lightning-uq-box."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyMLP(batch_norm=True, dropout=0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.net.body[1].train()
+        return self.net(x)
+
+
+def test_changed_running_statistics_raise() -> None:
+    with pytest.raises(RuntimeError, match="Running statistics changed during Monte-Carlo dropout sampling"):
+        mc_dropout_predict(_SneakyBN(), torch.randn(4, 8), 2)
+
+
+def test_dropout_with_p_zero_gives_the_eval_output_on_every_path() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.0), nn.Linear(16, 3)).eval()
+    inputs = torch.randn(5, 8)
+    expected = model(inputs).softmax(-1)
+    for kwargs in ({}, {"method": "batched"}, {"method": "batched", "chunk_size": 3}, {"method": "naive"}):
+        out = mc_dropout_predict(model, inputs, 4, **kwargs)
+        torch.testing.assert_close(out.probs, expected.expand(4, -1, -1))
+
+
+@pytest.mark.parametrize(
+    ("method", "chunk_size", "taken"),
+    [("auto", None, "cached"), ("auto", 37, "cached"), ("batched", None, "batched"), ("batched", 37, "batched")],
+)
+def test_large_sample_mean_matches_the_naive_loop(method: str, chunk_size: int | None, taken: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)).eval()
+    inputs = 3 * torch.randn(6, 8)
+    n = 4000
+    naive = mc_dropout_predict(model, inputs, n, method="naive", generator=torch.Generator().manual_seed(1))
+    ours = mc_dropout_predict(
+        model, inputs, n, method=method, chunk_size=chunk_size, generator=torch.Generator().manual_seed(2)
+    )  # type: ignore[arg-type]
+    assert ours.method == taken
+    assert naive.method == "naive"
+    # Difference of two independent means: standard error sqrt(2 var / n); 5 standard errors.
+    tolerance = 5 * (2 * naive.probs.var(dim=0) / n).sqrt() + 1e-6
+    assert ((ours.mean_probs - naive.mean_probs).abs() <= tolerance).all()
+    assert not torch.equal(ours.mean_probs, naive.mean_probs)
+
+
+def test_cached_path_for_head_dropout_batched_when_dropout_is_in_the_trunk() -> None:
+    torch.manual_seed(0)
+    inputs = torch.randn(4, 1, 8, 8)
+    head_only = zoo.create("cnn_small", num_classes=3).eval()
+    spatial = zoo.create("cnn_small", num_classes=3, spatial_dropout=0.2).eval()
+    assert mc_dropout_predict(head_only, inputs, 3).method == "cached"
+    assert mc_dropout_predict(spatial, inputs, 3).method == "batched"
+    assert mc_dropout_predict(_vit(0.5), inputs, 3).method == "batched"
+    assert mc_dropout_predict(_build("WeightDrop")[0], torch.randn(*_SEQUENCES), 3).method == "naive"
+
+
+def test_deterministic_probs_are_the_eval_output_on_both_paths() -> None:
+    torch.manual_seed(0)
+    inputs = torch.randn(4, 1, 8, 8)
+    for model in (zoo.create("cnn_small", num_classes=3), zoo.create("cnn_small", num_classes=3, spatial_dropout=0.2)):
+        model.eval()
+        out = mc_dropout_predict(model, inputs, 3, deterministic=True)
+        assert out.deterministic_probs is not None
+        torch.testing.assert_close(out.deterministic_probs, model(inputs).softmax(-1))
+
+
+def test_uncertainty_decomposition() -> None:
+    model, inputs = _build("Dropout")
+    out = mc_dropout_predict(model, inputs, 16)
+    torch.testing.assert_close(out.mean_probs.sum(-1), torch.ones(4))
+    torch.testing.assert_close(out.predictive_entropy, entropy(out.probs.mean(0)))
+    torch.testing.assert_close(out.expected_entropy, entropy(out.probs).mean(0))
+    torch.testing.assert_close(out.mutual_information, out.predictive_entropy - out.expected_entropy)
+    assert (out.mutual_information >= 0).all()
+
+
+def test_generator_makes_samples_reproducible_and_leaves_the_global_rng_alone() -> None:
+    model, inputs = _build("Dropout")
+    state = torch.get_rng_state()
+    a = mc_dropout_predict(model, inputs, 5, generator=torch.Generator().manual_seed(3))
+    b = mc_dropout_predict(model, inputs, 5, generator=torch.Generator().manual_seed(3))
+    c = mc_dropout_predict(model, inputs, 5, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.probs, b.probs)
+    assert not torch.equal(a.probs, c.probs)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_public_names() -> None:
+    assert LF.mc_dropout_predict is mc_dropout_predict
+    assert LF.mc_dropout_sampling is mc_dropout_sampling
+
+
+# --- errors --------------------------------------------------------------------------------------------------
+
+
+def test_model_without_dropout_raises() -> None:
+    with pytest.raises(ValueError, match=r"has no dropout layer.*Add dropout"):
+        mc_dropout_predict(TinyMLP(batch_norm=True), torch.randn(2, 8), 3)
+
+
+def test_model_with_only_drop_path_raises_with_a_hint() -> None:
+    with pytest.raises(ValueError, match="include_drop_path=True"):
+        mc_dropout_predict(nn.Sequential(nn.Linear(8, 3), DropPath(0.2)), torch.randn(2, 8), 3)
+
+
+@pytest.mark.parametrize("n_samples", [0, -1, 2.0, True])
+def test_bad_n_samples_raise(n_samples: object) -> None:
+    with pytest.raises(ValueError, match="Expected `n_samples` to be an int >= 1"):
+        mc_dropout_predict(TinyMLP(dropout=0.5), torch.randn(2, 8), n_samples)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("chunk_size", [0, -4, 1.5])
+def test_bad_chunk_size_raises(chunk_size: object) -> None:
+    with pytest.raises(ValueError, match=r"Expected `chunk_size` to be None .* or an int >= 1"):
+        mc_dropout_predict(TinyMLP(dropout=0.5), torch.randn(2, 8), 3, chunk_size=chunk_size)  # type: ignore[arg-type]
+
+
+def test_bad_method_and_inputs_and_outputs_raise() -> None:
+    model = TinyMLP(dropout=0.5)
+    with pytest.raises(ValueError, match="Expected `method` to be one of"):
+        mc_dropout_predict(model, torch.randn(2, 8), 3, method="loop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Expected `inputs` to be a non-empty tensor"):
+        mc_dropout_predict(model, torch.randn(0, 8), 3)
+    with pytest.raises(ValueError, match=r"Expected the model to return logits of shape \(6, num_classes\)"):
+        mc_dropout_predict(nn.Sequential(nn.Dropout(0.5), nn.Unflatten(1, (2, 4))), torch.randn(2, 8), 3)
