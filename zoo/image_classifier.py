@@ -62,10 +62,10 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
 
     Example:
         >>> import tempfile
-        >>> source = timm.create_model("resnet10t", num_classes=10)
+        >>> source = timm.create_model("test_resnet", num_classes=10)
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     torch.save(source.state_dict(), f"{tmp}/weights.pth")
-        ...     target = timm.create_model("resnet10t", num_classes=3)
+        ...     target = timm.create_model("test_resnet", num_classes=3)
         ...     load_backbone_weights(target, f"{tmp}/weights.pth")
         ['fc.weight', 'fc.bias']
     """
@@ -117,7 +117,7 @@ class ImageClassifier(ClassifierModule):
         **kwargs: base arguments (``lr``, ``weight_decay``, ...), see :class:`~zoo.classifier.ClassifierModule`.
 
     Example:
-        >>> model = ImageClassifier(num_classes=3, backbone="resnet10t", freeze_bn=True)
+        >>> model = ImageClassifier(num_classes=3, backbone="test_resnet", freeze_bn=True)
         >>> model(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 3])
         >>> any(m.training for m in model.train().modules() if isinstance(m, nn.BatchNorm2d))

@@ -64,8 +64,8 @@ def create(name: str, **kwargs: Any) -> ClassifierModule:
         >>> model = create("cnn_small", num_classes=3)
         >>> model.num_classes
         3
-        >>> create("resnet10t", num_classes=3).hparams.backbone
-        'resnet10t'
+        >>> create("test_resnet", num_classes=3).hparams.backbone
+        'test_resnet'
     """
     if name in MODELS:
         return MODELS[name](**kwargs)
