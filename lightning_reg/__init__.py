@@ -3,8 +3,18 @@
 from lightning_reg import functional
 from lightning_reg.callbacks.bn_recalibration import BNRecalibration
 from lightning_reg.callbacks.bn_stats_monitor import BNStatsMonitor
+from lightning_reg.callbacks.mc_dropout import MCDropoutEvaluation
+from lightning_reg.plotting import plot_reliability
 from lightning_reg.targets import hard_targets
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "functional", "hard_targets", "BNRecalibration", "BNStatsMonitor"]
+__all__ = [
+    "__version__",
+    "functional",
+    "hard_targets",
+    "BNRecalibration",
+    "BNStatsMonitor",
+    "MCDropoutEvaluation",
+    "plot_reliability",
+]

@@ -1,0 +1,280 @@
+"""Monte-Carlo dropout evaluation (Gal & Ghahramani, 2016): uncertainty metrics at validate, test and predict."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_reg._batch import BatchKey, get_entry, validate_key
+from lightning_reg._random import base_seed, rank_generator
+from lightning_reg.functional.mc_dropout import MCDropoutPrediction, mc_dropout_predict
+from lightning_reg.metrics import UncertaintyMetrics
+from lightning_reg.targets import hard_targets
+
+__all__ = ["MCDropoutEvaluation"]
+
+Stage = Literal["validate", "test"]
+_STAGES: tuple[str, ...] = get_args(Stage)
+_LOG_NAME = {"validate": "val", "test": "test"}
+# Salt of this callback's random streams (see `rank_generator`), so that they differ from other callbacks'.
+_STREAM = 0x4D43_4452  # "MCDR"
+
+
+class MCDropoutEvaluation(Callback):
+    """Monte-Carlo dropout (`Gal & Ghahramani, 2016 <https://arxiv.org/abs/1506.02142>`_) at evaluation time.
+
+    In the chosen stages, each evaluation batch is also predicted by the callback itself twice: once in plain
+    eval mode (the deterministic prediction) and once with ``n_samples`` Monte-Carlo dropout samples (only
+    dropout sampled, BatchNorm in eval mode; the trunk runs once when the model splits into
+    ``forward_features``/``forward_head``, see :func:`~lightning_reg.functional.mc_dropout_predict`). The
+    model's own ``validation_step``/``test_step`` runs in plain eval mode, untouched. At the end of the epoch
+    it logs, reduced over DDP ranks, for the MC mean and (prefixed ``det_``) for the deterministic pass::
+
+        mc/val/acc  mc/val/nll  mc/val/brier  mc/val/ece  mc/val/entropy  mc/val/mutual_info
+        mc/val/det_acc  mc/val/det_nll  mc/val/det_brier  mc/val/det_ece  mc/val/det_entropy
+
+    (``mc/test/...`` in test), and with ``plot=True`` writes a reliability diagram of both to
+    ``<log_dir>/mc_dropout/reliability_<stage>_epoch<E>.png`` and to TensorBoard when that logger is used.
+
+    In ``trainer.predict`` (always, whatever ``stages``) each batch gets the MC mean probabilities, the
+    predictive entropy and the mutual information: added to the batch's prediction when ``predict_step``
+    returns a dict (keys ``mc_mean_probs``, ``mc_predictive_entropy``, ``mc_mutual_information``), and always
+    stored, on the CPU, in :attr:`predictions` (one dict per batch, in order). Lightning returns the
+    predictions after the callbacks' ``on_predict_batch_end``, so a dict changed there is what
+    ``trainer.predict`` returns.
+
+    Training is unchanged: the callback draws from its own per-rank generator (seeded from
+    ``seed_everything``'s seed, the global rank, the stage and the global step), never from the global RNG.
+
+    Args:
+        n_samples: Monte-Carlo samples per input.
+        stages: where to evaluate and log: ``"validate"`` (validation in ``fit`` and ``trainer.validate``) and/or
+            ``"test"``.
+        plot: write reliability diagrams.
+        include_drop_path: also sample timm's ``DropPath``/``DropBlock2d`` (stochastic depth is not dropout
+            sampling, so off by default).
+        chunk_size: the most rows per forward pass when inputs are repeated along the batch (memory cap).
+        n_bins: confidence bins of the ECE and the reliability diagram.
+        input_key: where the inputs are in a batch (position in a list batch, or key of a dict batch).
+        target_key: where the targets (class indices or probabilities) are.
+
+    Attributes:
+        predictions: per predict batch, ``{"mc_mean_probs": (N, K), "mc_predictive_entropy": (N,),
+            "mc_mutual_information": (N,)}``, reset at each ``trainer.predict``.
+
+    Example:
+        >>> import lightning as L
+        >>> callback = MCDropoutEvaluation(n_samples=10, plot=False)
+        >>> trainer = L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False)
+        >>> callback.n_samples, callback.stages
+        (10, ('validate', 'test'))
+    """
+
+    def __init__(
+        self,
+        n_samples: int = 30,
+        *,
+        stages: Sequence[Stage] = ("validate", "test"),
+        plot: bool = True,
+        include_drop_path: bool = False,
+        chunk_size: int | None = None,
+        n_bins: int = 15,
+        input_key: BatchKey = 0,
+        target_key: BatchKey = 1,
+    ) -> None:
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"Expected `n_samples` to be an int >= 1, but got {n_samples!r}.")
+        if isinstance(stages, str):
+            stages = (stages,)  # type: ignore[assignment]
+        unknown = [s for s in stages if s not in _STAGES]
+        if unknown:
+            raise ValueError(
+                f"Expected `stages` to contain only {_STAGES}, but got {unknown!r}. "
+                "Predict is always sampled; it needs no entry."
+            )
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"Expected `chunk_size` to be None or an int >= 1, but got {chunk_size!r}.")
+        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+            raise ValueError(f"Expected `n_bins` to be a positive int, but got {n_bins!r}.")
+        validate_key(input_key, "input_key")
+        validate_key(target_key, "target_key")
+        self.n_samples = n_samples
+        self.stages: tuple[Stage, ...] = tuple(dict.fromkeys(stages))
+        self.plot = plot
+        self.include_drop_path = include_drop_path
+        self.chunk_size = chunk_size
+        self.n_bins = n_bins
+        self.input_key = input_key
+        self.target_key = target_key
+        self.predictions: list[dict[str, Tensor]] = []
+        self._generator: torch.Generator | None = None
+        self._metrics: dict[str, tuple[UncertaintyMetrics, UncertaintyMetrics]] = {}  # stage -> (mc, det)
+
+    # --- validate ----------------------------------------------------------------------------------
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start a validation run: a fresh generator and fresh metrics (not during the sanity check)."""
+        if self._active(trainer, "validate"):
+            self._begin(trainer, "validate")
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Predict the batch deterministically and with MC dropout; update the metrics."""
+        if self._active(trainer, "validate"):
+            self._evaluate_batch("validate", pl_module, batch)
+
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the metrics reduced over ranks, and plot."""
+        if self._active(trainer, "validate"):
+            self._finish(trainer, pl_module, "validate")
+
+    # --- test --------------------------------------------------------------------------------------
+    @override
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start a test run: a fresh generator and fresh metrics."""
+        if self._active(trainer, "test"):
+            self._begin(trainer, "test")
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Predict the batch deterministically and with MC dropout; update the metrics."""
+        if self._active(trainer, "test"):
+            self._evaluate_batch("test", pl_module, batch)
+
+    @override
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the metrics reduced over ranks, and plot."""
+        if self._active(trainer, "test"):
+            self._finish(trainer, pl_module, "test")
+
+    # --- predict -----------------------------------------------------------------------------------
+    @override
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start a predict run: a fresh generator, no stored predictions."""
+        self.predictions = []
+        self._generator = self._make_generator(trainer, "predict")
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Add MC mean probabilities, predictive entropy and mutual information to the batch's prediction."""
+        inputs = batch if isinstance(batch, Tensor) else get_entry(batch, self.input_key, "input_key")
+        prediction = self._predict(pl_module, inputs)
+        result = {
+            "mc_mean_probs": prediction.mean_probs,
+            "mc_predictive_entropy": prediction.predictive_entropy,
+            "mc_mutual_information": prediction.mutual_information,
+        }
+        if isinstance(outputs, MutableMapping):
+            outputs.update(result)
+        self.predictions.append({key: value.cpu() for key, value in result.items()})
+
+    # --- helpers -----------------------------------------------------------------------------------
+    def _active(self, trainer: L.Trainer, stage: Stage) -> bool:
+        return stage in self.stages and not trainer.sanity_checking
+
+    def _make_generator(self, trainer: L.Trainer, stage: str) -> torch.Generator:
+        # Counter-based: a fixed function of (seed, rank, stage, step), so runs are reproducible under
+        # `seed_everything`, ranks draw independent masks, and a resumed run needs no stored state.
+        stage_index = ("validate", "test", "predict").index(stage)
+        stream = (_STREAM * 4 + stage_index) * (1 << 32) + trainer.global_step
+        return rank_generator(base_seed(), trainer.global_rank, stream)
+
+    def _begin(self, trainer: L.Trainer, stage: Stage) -> None:
+        self._generator = self._make_generator(trainer, stage)
+        self._metrics.pop(stage, None)
+
+    def _predict(
+        self, pl_module: L.LightningModule, inputs: Tensor, deterministic: bool = False
+    ) -> MCDropoutPrediction:
+        return mc_dropout_predict(
+            pl_module,
+            inputs,
+            self.n_samples,
+            generator=self._generator,
+            chunk_size=self.chunk_size,
+            include_drop_path=self.include_drop_path,
+            deterministic=deterministic,
+        )
+
+    def _evaluate_batch(self, stage: Stage, pl_module: L.LightningModule, batch: Any) -> None:
+        inputs = get_entry(batch, self.input_key, "input_key")
+        targets = hard_targets(get_entry(batch, self.target_key, "target_key"))
+        prediction = self._predict(pl_module, inputs, deterministic=True)
+        if stage not in self._metrics:
+            num_classes = prediction.probs.shape[-1]
+            self._metrics[stage] = (
+                UncertaintyMetrics(num_classes, self.n_bins).to(inputs.device),
+                UncertaintyMetrics(num_classes, self.n_bins).to(inputs.device),
+            )
+        self._update(stage, prediction, targets)
+
+    def _update(self, stage: Stage, prediction: MCDropoutPrediction, targets: Tensor) -> None:
+        mc, det = self._metrics[stage]
+        assert prediction.deterministic_probs is not None  # asked for with deterministic=True
+        mc.update(prediction.mean_probs, targets, prediction.mutual_information)
+        det.update(prediction.deterministic_probs, targets)
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage) -> None:
+        if stage not in self._metrics:
+            return
+        mc, det = self._metrics[stage]
+        prefix = f"mc/{_LOG_NAME[stage]}/"
+        values = {f"{prefix}{name}": value for name, value in mc.compute().items()}
+        values.update({f"{prefix}det_{name}": value for name, value in det.compute().items()})
+        for name, value in values.items():
+            # Already reduced over ranks by the torchmetrics states: every rank logs the same number.
+            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
+        if self.plot:
+            bins = {"MC dropout": mc.reliability(), "deterministic": det.reliability()}
+            log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+            if trainer.is_global_zero:
+                self._plot(trainer, stage, bins, Path(log_dir or trainer.default_root_dir))
+        mc.reset()
+        det.reset()
+
+    def _plot(self, trainer: L.Trainer, stage: Stage, bins: dict[str, Tensor], log_dir: Path) -> None:
+        from lightning_reg.plotting import reliability_figure, render_rgb, save_figure
+
+        title = f"{_LOG_NAME[stage]}, epoch {trainer.current_epoch}"
+        figure = reliability_figure(bins, title=title)
+        save_figure(figure, log_dir / "mc_dropout" / f"reliability_{stage}_epoch{trainer.current_epoch}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(
+                    f"mc/{_LOG_NAME[stage]}/reliability", render_rgb(figure), trainer.global_step, dataformats="HWC"
+                )
