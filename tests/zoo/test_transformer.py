@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from zoo.transformer import Attention, Transformer
+
+
+def test_attention_matches_the_textbook_formula():
+    torch.manual_seed(0)
+    attn = Attention(8, num_heads=2).eval()
+    x = torch.randn(2, 5, 8)
+    q, k, v = attn.qkv(x).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(4), dim=-1)
+    expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 5, 8))
+    torch.testing.assert_close(attn(x), expected)
+
+
+def test_attention_dropout_follows_its_dropout_module_for_mc_sampling():
+    torch.manual_seed(0)
+    net = Transformer(3, dim=8, depth=1, num_heads=2, dropout=0.0, attn_dropout=0.5).eval()
+    x = torch.randn(2, 6, 8)
+    torch.testing.assert_close(net(x), net(x))  # eval: deterministic
+    for module in net.modules():
+        if isinstance(module, nn.Dropout):
+            module.train()  # what MC-dropout sampling does: only the dropout modules go back to training mode
+    assert not torch.allclose(net(x), net(x))
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_padding_is_masked_with_lengths(pooling):
+    torch.manual_seed(0)
+    net = Transformer(3, dim=8, depth=2, num_heads=2, pooling=pooling).eval()
+    short, long = torch.randn(1, 3, 8), torch.randn(1, 5, 8)
+    padded = torch.cat([torch.cat([short, torch.full((1, 2, 8), 7.0)], dim=1), long])
+    batched = net(padded, torch.tensor([3, 5]))
+    torch.testing.assert_close(batched[0], net(short)[0])
+    torch.testing.assert_close(batched[1], net(long)[0])
+
+
+def test_tokens_and_images_inputs():
+    tokens = Transformer(4, vocab_size=30, dim=8, depth=1, num_heads=2, max_len=10)
+    assert tokens(torch.randint(30, (2, 10))).shape == (2, 4)
+    vit = Transformer(4, image_size=8, patch_size=2, in_channels=1, dim=8, depth=1, num_heads=2)
+    assert vit.pos_embed.shape == (1, 16 + 1, 8)  # 16 patches and the [CLS] token
+    assert vit(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+
+
+def test_drop_path_grows_linearly_over_the_blocks():
+    net = Transformer(3, dim=8, depth=3, num_heads=2, drop_path=0.2)
+    rates = [getattr(block.drop_path, "drop_prob", 0.0) for block in net.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])
+
+
+def test_position_embeddings_and_cls_token_get_no_weight_decay():
+    model = zoo.TransformerClassifier(dim=8, depth=1, num_heads=2)
+    decay, no_decay = model.parameter_groups()
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    assert id(model.net.pos_embed) in no_decay_ids
+    assert id(model.net.cls_token) in no_decay_ids
+    assert all(p.ndim >= 2 for p in decay["params"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"pooling": "max"}, r"one of \('cls', 'mean'\)"),
+        ({"dim": 10, "num_heads": 4}, "divisible by `num_heads`"),
+        ({"vocab_size": 10, "image_size": 8}, "at most one of `vocab_size`"),
+        ({"image_size": 10, "patch_size": 4}, "to divide `image_size`"),
+        ({"attn_dropout": 1.0}, "attn_dropout"),
+        ({"depth": 0}, "depth"),
+    ],
+)
+def test_transformer_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Transformer(3, **kwargs)
+
+
+def test_transformer_input_errors_say_what_was_expected():
+    with pytest.raises(ValueError, match=r"Expected float vectors of shape \(N, T, 8\)"):
+        Transformer(3, dim=8, depth=1, num_heads=2)(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="at most `max_len`=4 steps"):
+        Transformer(3, dim=8, depth=1, num_heads=2, max_len=4)(torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match=r"Expected images of shape \(N, \*\(1, 8, 8\)\)"):
+        Transformer(3, image_size=8, patch_size=2, in_channels=1, dim=8, depth=1, num_heads=2)(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"Expected token ids"):
+        Transformer(3, vocab_size=5, dim=8, depth=1, num_heads=2)(torch.randn(2, 5))
