@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lightning_reg._batch import BatchKey, get_entry, set_entry, validate_key
 from lightning_reg._random import base_seed, rank_generator
-from lightning_reg.functional.label_smoothing import check_targets, one_hot
+from lightning_reg.functional.label_smoothing import check_targets, mixed_one_hot, one_hot
 from lightning_reg.mixins import MixedTargets
 
 __all__ = ["MixingCallback", "check_single_smoothing", "resolve_num_classes"]
@@ -188,22 +188,29 @@ class MixingCallback(L.Callback):
             return True
         return bool(torch.rand((), generator=self.generator) < self.prob)
 
-    def _dense_or_sparse(self, pl_module: L.LightningModule, targets: Tensor) -> Tensor | MixedTargets:
-        """Unmixed targets in the form the module wants: dense probabilities, or sparse with the mixin."""
+    def _sparse(self, pl_module: L.LightningModule, targets: Tensor | MixedTargets) -> bool:
+        return isinstance(targets, Tensor) and targets.ndim == 1 and getattr(pl_module, "sparse_mixed_targets", False)
+
+    def _unmixed_targets(self, pl_module: L.LightningModule, targets: Tensor | MixedTargets) -> Tensor | MixedTargets:
+        """Targets of a batch that is not mixed: dense (smoothed) one-hot rows, or sparse with the mixin."""
         assert self._num_classes is not None  # set in setup
-        if getattr(pl_module, "sparse_mixed_targets", False) and targets.ndim == 1:
+        if isinstance(targets, MixedTargets):
+            return targets
+        if self._sparse(pl_module, targets):
             return MixedTargets.unmixed(targets, self._num_classes, self.label_smoothing)
         return one_hot(targets, self._num_classes, self.label_smoothing)
 
-    @staticmethod
-    def _mix_any(targets: Tensor | MixedTargets, lam: float | Tensor, index: Tensor) -> Tensor | MixedTargets:
-        from lightning_reg.functional.mixup import mix_targets
-
-        if isinstance(targets, MixedTargets):
-            lam_t = lam.to(targets.lam) if isinstance(lam, Tensor) else torch.full_like(targets.lam, lam)
-            index = index.to(targets.targets_a.device)
-            return targets._replace(targets_b=targets.targets_a[index], lam=lam_t)
-        return mix_targets(targets, lam, index)
+    def _mixed_targets(
+        self, pl_module: L.LightningModule, targets: Tensor | MixedTargets, lam: float | Tensor, index: Tensor
+    ) -> Tensor | MixedTargets:
+        """``lam * t + (1 - lam) * t[index]``: built in one pass for index targets, sparse with the mixin."""
+        assert self._num_classes is not None  # set in setup
+        if isinstance(targets, MixedTargets) or self._sparse(pl_module, targets):
+            base = targets if isinstance(targets, MixedTargets) else self._unmixed_targets(pl_module, targets)
+            assert isinstance(base, MixedTargets)
+            lam_t = lam.to(base.lam) if isinstance(lam, Tensor) else torch.full_like(base.lam, lam)
+            return base._replace(targets_b=base.targets_a[index.to(base.targets_a.device)], lam=lam_t)
+        return mixed_one_hot(targets, self._num_classes, lam, index, self.label_smoothing)
 
     def _write(self, batch: Any, key: BatchKey, value: Any, name: str) -> None:
         set_entry(batch, key, value, name)

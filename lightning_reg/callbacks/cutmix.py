@@ -6,13 +6,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
-import torch
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry
 from lightning_reg.callbacks._mixing import MixingCallback
-from lightning_reg.functional.cutmix import cutmix
+from lightning_reg.functional.cutmix import cutmix_inputs
 from lightning_reg.functional.mixup import _check_alpha, sample_mixup
 from lightning_reg.mixins import MixedTargets
 
@@ -86,21 +85,25 @@ class CutMix(MixingCallback):
         inputs = self._read_inputs(batch, n)
         if self._batch_too_small(n):
             return None
-        if not isinstance(targets, MixedTargets):
-            targets = self._dense_or_sparse(pl_module, targets)
         return inputs, targets
 
     def _cut(
-        self, batch: Any, inputs: Tensor, targets: Tensor | MixedTargets, alpha: float, dims: Sequence[int] | None
+        self,
+        pl_module: L.LightningModule,
+        batch: Any,
+        inputs: Tensor,
+        targets: Tensor | MixedTargets,
+        alpha: float,
+        dims: Sequence[int] | None,
     ) -> None:
         params = sample_mixup(inputs.shape[0], alpha, per_sample=self.per_sample, generator=self.generator)
-        dummy = torch.zeros(inputs.shape[0], 1, device=inputs.device)  # targets are mixed below, by the kept area
         inplace = self.inplace and not inputs.requires_grad
-        out, _, kept = cutmix(
-            inputs, dummy, params.lam, params.index, generator=self.generator, dims=dims, inplace=inplace
+        out, kept = cutmix_inputs(
+            inputs, params.lam, params.index, generator=self.generator, dims=dims, inplace=inplace
         )
         self._write(batch, self.input_key, out, "input_key")
-        self._write(batch, self.target_key, self._mix_any(targets, kept, params.index), "target_key")
+        # Targets are mixed by the fraction actually kept after the box is clipped.
+        self._write(batch, self.target_key, self._mixed_targets(pl_module, targets, kept, params.index), "target_key")
 
     @override
     def on_train_batch_start(
@@ -113,6 +116,6 @@ class CutMix(MixingCallback):
             return
         inputs, targets = prepared
         if not self._draw_apply():
-            self._write(batch, self.target_key, targets, "target_key")
+            self._write(batch, self.target_key, self._unmixed_targets(pl_module, targets), "target_key")
             return
-        self._cut(batch, inputs, targets, self.alpha, self.dims)
+        self._cut(pl_module, batch, inputs, targets, self.alpha, self.dims)

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry
 from lightning_reg.callbacks._mixing import MixingCallback
-from lightning_reg.functional.mixup import _check_alpha, broadcast_lam, mixup, sample_mixup
+from lightning_reg.functional.mixup import _check_alpha, broadcast_lam, mixup_inputs, sample_mixup
 from lightning_reg.mixins import MixedTargets
 
 __all__ = ["MixUp"]
@@ -108,25 +108,23 @@ class MixUp(MixingCallback):
         inputs = None if self.layer is not None else self._read_inputs(batch, n)
         if self._batch_too_small(n):
             return
-        if not isinstance(targets, MixedTargets):
-            targets = self._dense_or_sparse(pl_module, targets)
         if not self._draw_apply():
-            self._write(batch, self.target_key, targets, "target_key")
+            self._write(batch, self.target_key, self._unmixed_targets(pl_module, targets), "target_key")
             return
         params = sample_mixup(n, self.alpha, per_sample=self.per_sample, generator=self.generator)
         if inputs is None:
             self._hook_layer(params.lam, params.index)
         else:
             self._write(batch, self.input_key, self._mix_inputs(inputs, params.lam, params.index), "input_key")
-        self._write(batch, self.target_key, self._mix_any(targets, params.lam, params.index), "target_key")
+        mixed = self._mixed_targets(pl_module, targets, params.lam, params.index)
+        self._write(batch, self.target_key, mixed, "target_key")
 
     def _mix_inputs(self, inputs: Tensor, lam: float | Tensor, index: Tensor) -> Tensor:
-        dummy = torch.zeros(inputs.shape[0], 1, device=inputs.device)  # targets are mixed separately
         if not self.inplace or inputs.requires_grad:
-            return mixup(inputs, dummy, lam, index)[0]
+            return mixup_inputs(inputs, lam, index)
         if self._buffer is None or self._buffer.shape != inputs.shape or self._buffer.dtype != inputs.dtype:
             self._buffer = torch.empty_like(inputs) if torch.is_floating_point(inputs) else None
-        return mixup(inputs, dummy, lam, index, inplace=True, buffer=self._buffer)[0]
+        return mixup_inputs(inputs, lam, index, inplace=True, buffer=self._buffer)
 
     def _hook_layer(self, lam: float | Tensor, index: Tensor) -> None:
         assert self._module is not None  # resolved in setup

@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_reg._batch import BatchKey
 from lightning_reg.callbacks.cutmix import CutMix
-from lightning_reg.functional.mixup import _check_alpha, mixup, sample_mixup
+from lightning_reg.functional.mixup import _check_alpha, mixup_inputs, sample_mixup
 
 __all__ = ["MixUpCutMix"]
 
@@ -91,14 +91,15 @@ class MixUpCutMix(CutMix):
             return
         inputs, targets = prepared
         if not self._draw_apply():
-            self._write(batch, self.target_key, targets, "target_key")
+            self._write(batch, self.target_key, self._unmixed_targets(pl_module, targets), "target_key")
             return
         if bool(torch.rand((), generator=self.generator) < self.switch_prob):
-            self._cut(batch, inputs, targets, self.cutmix_alpha, self.dims)
+            self._cut(pl_module, batch, inputs, targets, self.cutmix_alpha, self.dims)
             return
         params = sample_mixup(inputs.shape[0], self.mixup_alpha, per_sample=self.per_sample, generator=self.generator)
-        dummy = torch.zeros(inputs.shape[0], 1, device=inputs.device)
         inplace = self.inplace and not inputs.requires_grad
-        mixed = mixup(inputs, dummy, params.lam, params.index, inplace=inplace)[0]
+        mixed = mixup_inputs(inputs, params.lam, params.index, inplace=inplace)
         self._write(batch, self.input_key, mixed, "input_key")
-        self._write(batch, self.target_key, self._mix_any(targets, params.lam, params.index), "target_key")
+        self._write(
+            batch, self.target_key, self._mixed_targets(pl_module, targets, params.lam, params.index), "target_key"
+        )

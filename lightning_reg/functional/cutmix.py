@@ -17,9 +17,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_reg.functional.mixup import check_mix_args, mix_targets
+from lightning_reg.functional.mixup import check_inputs_args, check_mix_args, mix_targets
 
-__all__ = ["Box", "box_lam", "cutmix", "default_dims", "sample_box"]
+__all__ = ["Box", "box_lam", "cutmix", "cutmix_inputs", "default_dims", "sample_box"]
 
 
 class Box(NamedTuple):
@@ -154,6 +154,29 @@ def cutmix(
         (0.5, [1.0, 1.0, 0.0, 0.0], [0.5, 0.5])
     """
     check_mix_args(inputs, targets, lam, index)
+    out, kept_lam = cutmix_inputs(inputs, lam, index, generator=generator, box=box, dims=dims, inplace=inplace)
+    return out, mix_targets(targets, kept_lam, index), kept_lam
+
+
+def cutmix_inputs(
+    inputs: Tensor,
+    lam: float | Tensor,
+    index: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    box: Box | None = None,
+    dims: Sequence[int] | int | None = None,
+    inplace: bool = False,
+) -> tuple[Tensor, float | Tensor]:
+    """The input half of :func:`cutmix`: ``(mixed_inputs, kept_lam)``; mix the targets with ``kept_lam``.
+
+    Example:
+        >>> box = Box(torch.tensor([[0]]), torch.tensor([[1]]))
+        >>> cutmix_inputs(torch.tensor([[1, 2], [3, 4]]), 0.5, torch.tensor([1, 0]), box=box)
+        (tensor([[3, 2],
+                [1, 4]]), 0.5)
+    """
+    check_inputs_args(inputs, lam, index)
     axes = _resolve_dims(inputs, dims)
     sizes = [inputs.shape[d] for d in axes]
     n = inputs.shape[0]
@@ -195,4 +218,4 @@ def cutmix(
             else torch.where(mask, inputs[index], inputs)
         )
         kept_lam = kept.to(torch.float32)
-    return out, mix_targets(targets, kept_lam, index), kept_lam
+    return out, kept_lam

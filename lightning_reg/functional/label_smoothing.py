@@ -8,10 +8,9 @@ Smoothing is linear, so it commutes with mixing: smoothing then mixing equals mi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["check_targets", "one_hot", "smooth"]
+__all__ = ["check_targets", "mixed_one_hot", "one_hot", "smooth"]
 
 
 def check_targets(targets: object, name: str = "targets") -> Tensor:
@@ -38,6 +37,16 @@ def check_targets(targets: object, name: str = "targets") -> Tensor:
         f"with a float dtype, but got shape {tuple(targets.shape)} and dtype {targets.dtype}. "
         "Squeeze (N, 1) targets to (N,), cast float indices with `.long()`, or pass one-hot rows as float."
     )
+
+
+def _check_range(targets: Tensor, num_classes: int) -> None:
+    if targets.numel() > 0:
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"Expected class indices in [0, {num_classes}), but got values in [{low}, {high}]. "
+                "Pass the right `num_classes`, or remap the labels to 0..num_classes-1."
+            )
 
 
 def _check_smoothing(smoothing: float) -> None:
@@ -101,15 +110,45 @@ def one_hot(targets: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor
                 f"{tuple(targets.shape)}. Pass the matching `num_classes`."
             )
         return smooth(targets, smoothing)
-    if targets.numel() > 0:
-        low, high = int(targets.min()), int(targets.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"Expected class indices in [0, {num_classes}), but got values in [{low}, {high}]. "
-                "Pass the right `num_classes`, or remap the labels to 0..num_classes-1."
-            )
-    probs = F.one_hot(targets.long(), num_classes).to(torch.float32)
-    if smoothing > 0:
-        # One fused pass: on-value 1 - s + s/K, off-value s/K (timm's `mixup_target` convention).
-        probs.mul_(1.0 - smoothing).add_(smoothing / num_classes)
-    return probs
+    _check_range(targets, num_classes)
+    # One pass: fill the off-value s/K, scatter the on-value 1 - s + s/K (timm's `mixup_target` convention).
+    probs = torch.full((targets.shape[0], num_classes), smoothing / num_classes, device=targets.device)
+    return probs.scatter_(1, targets.long()[:, None], 1.0 - smoothing + smoothing / num_classes)
+
+
+def mixed_one_hot(
+    targets: Tensor, num_classes: int, lam: float | Tensor, index: Tensor, smoothing: float = 0.0
+) -> Tensor:
+    """``smooth(lam * one_hot(targets) + (1 - lam) * one_hot(targets[index]))`` in one pass for index targets.
+
+    Equal to mixing the rows of :func:`one_hot`, without materializing two ``(N, K)`` tensors: what the
+    mixing callbacks use for index targets (large ``K`` makes the difference).
+
+    Args:
+        targets: class indices ``(N,)``.
+        num_classes: ``K``.
+        lam: the weight of each sample's own class: a float or ``(N,)``.
+        index: the partner of each sample ``(N,)``.
+        smoothing: label smoothing in ``[0, 1)``.
+
+    Example:
+        >>> mixed_one_hot(torch.tensor([0, 1]), 3, 0.75, torch.tensor([1, 0]))
+        tensor([[0.7500, 0.2500, 0.0000],
+                [0.2500, 0.7500, 0.0000]])
+    """
+    probs = one_hot(targets, num_classes, smoothing) if targets.ndim == 2 else None
+    if probs is not None:  # probabilities: mix the rows
+        weight = lam.to(probs)[:, None] if isinstance(lam, Tensor) else float(lam)
+        return probs[index.to(probs.device)].lerp_(probs, weight)
+    _check_smoothing(smoothing)
+    _check_range(check_targets(targets), num_classes)
+    n = targets.shape[0]
+    own = (
+        lam.to(targets.device, torch.float32)
+        if isinstance(lam, Tensor)
+        else torch.full((n,), float(lam), device=targets.device)
+    )
+    idx = targets.long()[:, None]
+    out = torch.full((n, num_classes), smoothing / num_classes, device=targets.device)
+    out.scatter_add_(1, idx, (1.0 - smoothing) * own[:, None])
+    return out.scatter_add_(1, idx[index.to(targets.device)], (1.0 - smoothing) * (1.0 - own[:, None]))

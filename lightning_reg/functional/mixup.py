@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["MixingParams", "mixup", "sample_beta", "sample_mixup"]
+__all__ = ["MixingParams", "mixup", "mixup_inputs", "sample_beta", "sample_mixup"]
 
 
 @dataclass(frozen=True)
@@ -89,10 +89,7 @@ def sample_mixup(
 
 def check_mix_args(inputs: Tensor, targets: Tensor, lam: float | Tensor, index: Tensor) -> None:
     """Validate the arguments shared by :func:`mixup` and ``cutmix``; raise with a fix in the message."""
-    if not isinstance(inputs, Tensor) or inputs.ndim < 1:
-        raise TypeError(f"Expected `inputs` to be a tensor of shape (N, ...), but got {inputs!r:.80}.")
-    if inputs.dtype == torch.bool or torch.is_complex(inputs):
-        raise TypeError(f"Expected real-valued `inputs` (float or integer), but got dtype {inputs.dtype}.")
+    check_inputs_args(inputs, lam, index)
     n = inputs.shape[0]
     if not isinstance(targets, Tensor) or targets.ndim != 2 or not torch.is_floating_point(targets):
         got = f"shape {tuple(targets.shape)} dtype {targets.dtype}" if isinstance(targets, Tensor) else repr(targets)
@@ -105,6 +102,15 @@ def check_mix_args(inputs: Tensor, targets: Tensor, lam: float | Tensor, index: 
             f"Expected `inputs` and `targets` with the same batch size, but got {n} inputs and "
             f"{targets.shape[0]} targets. Check that the batch keys point at the right entries."
         )
+
+
+def check_inputs_args(inputs: Tensor, lam: float | Tensor, index: Tensor) -> None:
+    """Validate ``inputs``, ``lam`` and ``index``; raise with a fix in the message."""
+    if not isinstance(inputs, Tensor) or inputs.ndim < 1:
+        raise TypeError(f"Expected `inputs` to be a tensor of shape (N, ...), but got {inputs!r:.80}.")
+    if inputs.dtype == torch.bool or torch.is_complex(inputs):
+        raise TypeError(f"Expected real-valued `inputs` (float or integer), but got dtype {inputs.dtype}.")
+    n = inputs.shape[0]
     if not isinstance(index, Tensor) or index.shape != (n,) or index.dtype not in (torch.int64, torch.int32):
         got = f"shape {tuple(index.shape)} dtype {index.dtype}" if isinstance(index, Tensor) else repr(index)
         raise ValueError(f"Expected `index` as an int64 tensor of shape ({n},), a pairing of the batch, but got {got}.")
@@ -179,12 +185,25 @@ def mixup(
                 [0.2500, 0.7500]]))
     """
     check_mix_args(inputs, targets, lam, index)
-    mixed_targets = mix_targets(targets, lam, index)
+    return mixup_inputs(inputs, lam, index, inplace=inplace, buffer=buffer), mix_targets(targets, lam, index)
+
+
+def mixup_inputs(
+    inputs: Tensor, lam: float | Tensor, index: Tensor, *, inplace: bool = False, buffer: Tensor | None = None
+) -> Tensor:
+    """The input half of :func:`mixup` (targets are mixed elsewhere, e.g. by ``mixed_one_hot``).
+
+    Example:
+        >>> mixup_inputs(torch.tensor([[0.0], [10.0]]), 0.75, torch.tensor([1, 0]))
+        tensor([[2.5000],
+                [7.5000]])
+    """
+    check_inputs_args(inputs, lam, index)
     index = index.to(inputs.device)
     if not torch.is_floating_point(inputs):
         blended = torch.lerp(inputs.float(), inputs[index].float(), 1.0 - broadcast_lam(lam, inputs.float()))
         blended = blended.round_().to(inputs.dtype)
-        return (inputs.copy_(blended) if inplace else blended), mixed_targets
+        return inputs.copy_(blended) if inplace else blended
     if buffer is not None:
         if buffer.shape != inputs.shape or buffer.dtype != inputs.dtype or buffer.device != inputs.device:
             raise ValueError(
@@ -197,8 +216,8 @@ def mixup(
     if inplace:
         # x + (1 - lam) * (partner - x)
         weight = 1.0 - broadcast_lam(lam, inputs) if isinstance(lam, Tensor) else 1.0 - float(lam)
-        return inputs.lerp_(partner, weight), mixed_targets
+        return inputs.lerp_(partner, weight)
     if buffer is not None:
-        return torch.lerp(partner, inputs, broadcast_lam(lam, inputs)), mixed_targets
+        return torch.lerp(partner, inputs, broadcast_lam(lam, inputs))
     # Reuse the gathered tensor as the output: partner + lam * (x - partner). One allocation in all.
-    return partner.lerp_(inputs, broadcast_lam(lam, inputs)), mixed_targets
+    return partner.lerp_(inputs, broadcast_lam(lam, inputs))

@@ -54,3 +54,18 @@ def test_one_hot_rejects_bad_input(targets, num_classes, smoothing, match):
 def test_one_hot_rejects_non_tensor_targets():
     with pytest.raises(TypeError, match="got list"):
         LF.one_hot([0, 1], 2)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_mixed_one_hot_equals_mixing_the_one_hot_rows(per_sample):
+    from lightning_reg.functional.label_smoothing import mixed_one_hot
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (7,), generator=g)
+    index = torch.randperm(7, generator=g)
+    lam = torch.rand(7, generator=g) if per_sample else 0.3
+    expected = LF.mixup(torch.zeros(7, 1), LF.one_hot(y, 5, smoothing=0.1), lam, index)[1]
+    assert torch.allclose(mixed_one_hot(y, 5, lam, index, smoothing=0.1), expected, atol=1e-6)
+    assert torch.allclose(mixed_one_hot(LF.one_hot(y, 5), 5, lam, index, smoothing=0.1), expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"indices in \[0, 3\)"):
+        mixed_one_hot(y, 3, lam, index)
