@@ -1,0 +1,160 @@
+"""CIFAR-10, MNIST and Fashion-MNIST through torchvision's dataset classes, with the standard augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+__all__ = ["TorchvisionDataModule", "TorchvisionName"]
+
+TorchvisionName = Literal["cifar10", "mnist", "fashion_mnist"]
+_NAMES: tuple[str, ...] = get_args(TorchvisionName)
+
+# (dataset class, image side, channels, per-channel mean and std of the training set, horizontal flips make sense)
+_SPECS: dict[str, tuple[type[Any], int, int, tuple[float, ...], tuple[float, ...], bool]] = {
+    "cifar10": (datasets.CIFAR10, 32, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    "mnist": (datasets.MNIST, 28, 1, (0.1307,), (0.3081,), False),
+    "fashion_mnist": (datasets.FashionMNIST, 28, 1, (0.2860,), (0.3530,), True),
+}
+
+
+class TorchvisionDataModule(L.LightningDataModule):
+    """CIFAR-10, MNIST or Fashion-MNIST as a LightningDataModule, read by torchvision's own dataset classes.
+
+    Files are where torchvision keeps them under ``root`` (``cifar-10-batches-py/``, ``MNIST/raw/``,
+    ``FashionMNIST/raw/``); ``download=True`` fetches them once (on rank 0, in ``prepare_data``). Training uses
+    the standard augmentation: a random crop after zero padding (4 pixels for CIFAR-10, 2 for the 28x28 sets)
+    and, except for digits, horizontal flips. A fixed ``val_fraction`` of the training set is held out,
+    without augmentation; the test split is the dataset's own. Batches are lists ``[images, targets]`` with
+    normalized float images ``(N, C, H, W)``.
+
+    Args:
+        name: ``"cifar10"``, ``"mnist"`` or ``"fashion_mnist"``.
+        root: folder that holds (or will hold) the files.
+        download: download missing files (needs a network).
+        batch_size: samples per batch.
+        num_workers: DataLoader workers.
+        val_fraction: share of the training set held out for validation.
+        augment: apply the training augmentation.
+        seed: seed of the validation split.
+
+    Example:
+        >>> dm = TorchvisionDataModule("cifar10", root="data")
+        >>> dm.num_classes, dm.input_shape
+        (10, (3, 32, 32))
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        name: TorchvisionName = "cifar10",
+        root: str | Path = "data",
+        *,
+        download: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        augment: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if name not in _NAMES:
+            raise ValueError(f"Expected `name` to be one of {_NAMES}, but got {name!r}.")
+        if batch_size < 1:
+            raise ValueError(f"Expected `batch_size` >= 1, but got {batch_size!r}.")
+        if num_workers < 0:
+            raise ValueError(f"Expected `num_workers` >= 0, but got {num_workers!r}.")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"Expected `val_fraction` in (0, 1), but got {val_fraction!r}.")
+        self.save_hyperparameters()
+        self.dataset: TorchvisionName = name
+        self.root = Path(root)
+        self.download = download
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.augment = augment
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape of one image ``(C, H, W)``."""
+        _, side, channels, *_ = _SPECS[self.dataset]
+        return (channels, side, side)
+
+    def transform(self, train: bool) -> v2.Compose:
+        """The image transform: augmentation (training only), float conversion, normalization."""
+        _, side, _, mean, std, flip = _SPECS[self.dataset]
+        steps: list[Any] = [v2.ToImage()]
+        if train and self.augment:
+            steps.append(v2.RandomCrop(side, padding=4 if side == 32 else 2))
+            if flip:
+                steps.append(v2.RandomHorizontalFlip())
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        return v2.Compose(steps)
+
+    def _dataset(self, train: bool, transform: v2.Compose, download: bool = False) -> Dataset:
+        cls = _SPECS[self.dataset][0]
+        try:
+            dataset: Dataset = cls(str(self.root), train=train, transform=transform, download=download)
+            return dataset
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"Could not read {self.dataset} under {str(self.root)!r} ({err}). Put torchvision's files there or "
+                "pass `download=True` (needs a network)."
+            ) from err
+
+    def prepare_data(self) -> None:
+        """Download the files when ``download=True`` (Lightning calls this once per node)."""
+        if self.download:
+            for train in (True, False):
+                self._dataset(train, self.transform(False), download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the splits; the validation split is the same on every rank and every call."""
+        if self.train_set is not None:
+            return
+        train_full = self._dataset(True, self.transform(True))
+        n = len(train_full)  # type: ignore[arg-type]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n_val = round(self.val_fraction * n)
+        self.train_set = Subset(train_full, order[n_val:])
+        self.val_set = Subset(self._dataset(True, self.transform(False)), order[:n_val])
+        self.test_set = self._dataset(False, self.transform(False))
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("Call `setup()` before asking for a dataloader (the Trainer does this for you).")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented training batches."""
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches (held out from the training set, not augmented)."""
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The dataset's test split."""
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split, for ``trainer.predict``."""
+        return self._loader(self.test_set, shuffle=False)
