@@ -3,7 +3,11 @@
 from lightning_reg import functional
 from lightning_reg.callbacks.bn_recalibration import BNRecalibration
 from lightning_reg.callbacks.bn_stats_monitor import BNStatsMonitor
+from lightning_reg.callbacks.cutmix import CutMix
+from lightning_reg.callbacks.label_smoothing import LabelSmoothing
 from lightning_reg.callbacks.mc_dropout import MCDropoutEvaluation
+from lightning_reg.callbacks.mixup import MixUp
+from lightning_reg.callbacks.mixup_cutmix import MixUpCutMix
 from lightning_reg.plotting import plot_reliability
 from lightning_reg.targets import hard_targets
 
@@ -17,4 +21,8 @@ __all__ = [
     "BNStatsMonitor",
     "MCDropoutEvaluation",
     "plot_reliability",
+    "MixUp",
+    "CutMix",
+    "MixUpCutMix",
+    "LabelSmoothing",
 ]

@@ -2,6 +2,18 @@
 
 from lightning_reg.callbacks.bn_recalibration import BNRecalibration
 from lightning_reg.callbacks.bn_stats_monitor import BNStatsMonitor
+from lightning_reg.callbacks.cutmix import CutMix
+from lightning_reg.callbacks.label_smoothing import LabelSmoothing
 from lightning_reg.callbacks.mc_dropout import MCDropoutEvaluation
+from lightning_reg.callbacks.mixup import MixUp
+from lightning_reg.callbacks.mixup_cutmix import MixUpCutMix
 
-__all__: list[str] = ["BNRecalibration", "BNStatsMonitor", "MCDropoutEvaluation"]
+__all__: list[str] = [
+    "BNRecalibration",
+    "BNStatsMonitor",
+    "MixUp",
+    "CutMix",
+    "MixUpCutMix",
+    "LabelSmoothing",
+    "MCDropoutEvaluation",
+]
