@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -243,3 +244,21 @@ def test_two_ranks_get_the_statistics_of_the_union_of_their_shards(tmp_path: Pat
     mean, var = _expected(model, [inputs])
     torch.testing.assert_close(torch.tensor(ranks[0]["mean"]), mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.tensor(ranks[0]["var"]), var, rtol=1e-5, atol=1e-5)
+
+
+# --- the example ---------------------------------------------------------------------------------
+
+
+def test_example_runs_and_recalibrates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the example's logs and checkpoints
+    path = Path(__file__).resolve().parents[2] / "examples" / "bn_recalibration.py"
+    spec = importlib.util.spec_from_file_location("example_bn_recalibration", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    metrics = module.main(epochs=1, fast=True)
+    assert 0.0 <= metrics["test_acc"] <= 1.0
+    assert metrics["bn_mean_abs_change_var"] > 0
+    saved = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert int(saved["state_dict"]["net.features.1.num_batches_tracked"]) > 2  # set by the recalibration
