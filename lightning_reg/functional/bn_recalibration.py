@@ -114,6 +114,8 @@ class _LayerAccumulator:
     means and unbiased variances: ``s1 = sum w_b mean_b``, ``s2 = sum w_b var_b`` with ``w_b`` instances.
     """
 
+    _CHUNK = 32  # calls buffered before folding them into the sums: 2 copies a call, the rest vectorized
+
     def __init__(self, layer: _NormBase) -> None:
         self.layer = layer
         self.instance = isinstance(layer, _InstanceNorm)
@@ -122,6 +124,9 @@ class _LayerAccumulator:
         self.shift: Tensor | None = None
         self.s1: Tensor | None = None
         self.s2: Tensor | None = None
+        self._means: list[Tensor] = []
+        self._vars: list[Tensor] = []
+        self._ns: list[int] = []
 
     def hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         x = args[0]
@@ -132,27 +137,40 @@ class _LayerAccumulator:
             n = x.numel() // x.shape[1]
         assert self.layer.running_mean is not None
         assert self.layer.running_var is not None
-        dtype = _stats_dtype(x.device)
-        mean_b = self.layer.running_mean.to(dtype)  # (C,): the call's batch mean, as momentum is 1
-        var_b = self.layer.running_var.to(dtype)  # (C,): the call's unbiased batch variance
+        self._means.append(self.layer.running_mean.clone())  # (C,): the call's batch mean, as momentum is 1
+        self._vars.append(self.layer.running_var.clone())  # (C,): the call's unbiased batch variance
+        self._ns.append(n)
+        self.count += n
+        self.calls += 1
+        if len(self._ns) >= self._CHUNK:
+            self.fold()
+
+    def fold(self) -> None:
+        """Add the buffered calls to the float64 sums."""
+        if not self._ns:
+            return
+        dtype = _stats_dtype(self._means[0].device)
+        means = torch.stack(self._means).to(dtype)  # (B, C)
+        variances = torch.stack(self._vars).to(dtype)  # (B, C)
+        ns = torch.tensor(self._ns, dtype=dtype, device=means.device).unsqueeze(1)  # (B, 1)
+        self._means, self._vars, self._ns = [], [], []
         if self.s1 is None:
-            self.shift = torch.zeros_like(mean_b) if self.instance else mean_b.clone()
-            self.s1 = torch.zeros_like(mean_b)
-            self.s2 = torch.zeros_like(mean_b)
+            self.shift = torch.zeros_like(means[0]) if self.instance else means[0].clone()
+            self.s1 = torch.zeros_like(means[0])
+            self.s2 = torch.zeros_like(means[0])
         assert self.shift is not None
         assert self.s2 is not None
         if self.instance:
-            self.s1.add_(mean_b, alpha=n)
-            self.s2.add_(var_b, alpha=n)
+            self.s1 += (ns * means).sum(0)
+            self.s2 += (ns * variances).sum(0)
         else:
-            d = mean_b - self.shift
-            self.s1.add_(d, alpha=n)
-            self.s2.add_(var_b, alpha=n - 1).addcmul_(d, d, value=n)
-        self.count += n
-        self.calls += 1
+            d = means - self.shift  # (B, C)
+            self.s1 += (ns * d).sum(0)
+            self.s2 += ((ns - 1) * variances + ns * d * d).sum(0)
 
     def local_moments(self, channels: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """``(count, sum of x, second-moment part)``: see :func:`_pool`."""
+        self.fold()
         dtype = _stats_dtype(device)
         count = torch.tensor(float(self.count), dtype=dtype, device=device)
         if self.s1 is None or self.shift is None or self.s2 is None:

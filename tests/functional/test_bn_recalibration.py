@@ -356,3 +356,15 @@ def test_two_ranks_get_the_statistics_of_the_union_of_their_batches(process_grou
         torch.testing.assert_close(torch.tensor(rank0[name]), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(torch.tensor(rank1[name]), expected, rtol=1e-5, atol=1e-5)
     assert rank0["counts"] == rank1["counts"] == [report.num_batches, report.num_samples, 5]
+
+
+def test_many_unequal_batches_far_from_zero_stay_exact() -> None:
+    """More batches than one buffered chunk, with a mean far from 0 (no cancellation in float64 sums)."""
+    sizes = [2 + (7 * i) % 11 for i in range(75)]
+    batches = [x + 1000.0 for x in _batches((3,), sizes)]
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    LF.recalibrate_bn(model, batches)
+    var, mean = torch.var_mean(torch.cat(batches).double(), dim=0)
+    torch.testing.assert_close(model[0].running_mean.double(), mean, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(model[0].running_var.double(), var, rtol=1e-5, atol=1e-4)
+    assert int(model[0].num_batches_tracked) == 75
