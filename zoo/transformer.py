@@ -19,11 +19,13 @@ _POOLINGS: tuple[str, ...] = get_args(TransformerPooling)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention on ``F.scaled_dot_product_attention``, with attention and output dropout.
+    """Multi-head self-attention with attention and output dropout; fused ``scaled_dot_product_attention`` in eval.
 
-    Attention dropout is the ``nn.Dropout`` module ``attn_drop``: its ``p`` and its own ``training`` flag decide
-    the ``dropout_p`` handed to the fused kernel. So it follows ``model.train()``/``model.eval()`` as usual,
-    and Monte-Carlo dropout, which switches dropout modules back on inside an evaluating model, reaches it too.
+    Attention dropout is a plain ``nn.Dropout`` module, ``attn_drop``, applied to the attention weights. When it is
+    active (its own ``training`` flag set and ``p > 0``) the weights are computed explicitly and passed through it;
+    otherwise the fused ``F.scaled_dot_product_attention`` kernel runs. Both give the same function. So attention
+    dropout follows ``model.train()``/``model.eval()`` as usual, and Monte-Carlo dropout, which switches dropout
+    modules back on inside an evaluating model (and may watch them with hooks), reaches it like any other dropout.
 
     Example:
         >>> attn = Attention(16, num_heads=4, attn_dropout=0.1)
@@ -47,8 +49,13 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(n, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)  # (3, N, h, T, hs)
         q, k, v = qkv.unbind(0)  # each (N, h, T, hs)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, T), broadcast over heads and queries
-        dropout_p = self.attn_drop.p if self.attn_drop.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # (N, h, T, hs)
+        if self.attn_drop.training and self.attn_drop.p > 0:
+            scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (N, h, T, T)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            y = self.attn_drop(scores.softmax(dim=-1)) @ v  # (N, h, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, h, T, hs)
         y = y.transpose(1, 2).reshape(n, t, c)
         return self.proj_drop(self.proj(y))
 
@@ -95,9 +102,9 @@ class Transformer(nn.Module):
     through a ``patch_size`` convolution into patches, as in ViT. Learned position embeddings, optional
     ``[CLS]`` token, ``depth`` blocks, a final LayerNorm, ``[CLS]`` or mean pooling, and a dropout + linear head.
 
-    Dropout everywhere is reachable by Monte-Carlo dropout: residual and embedding dropout are ``nn.Dropout``
-    modules, attention dropout is gated on the ``nn.Dropout`` module ``attn_drop`` of each block (see
-    :class:`Attention`), and drop path is timm's ``DropPath``, which follows its own ``training`` flag.
+    Dropout everywhere is reachable by Monte-Carlo dropout: residual, embedding and attention dropout are
+    ``nn.Dropout`` modules that run as modules (see :class:`Attention`), and drop path is timm's ``DropPath``,
+    which follows its own ``training`` flag.
 
     Args:
         num_classes: output classes.

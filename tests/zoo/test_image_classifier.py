@@ -18,8 +18,8 @@ def _images(num_classes=4, n=16):
 
 
 def _fit(model, tmp_path, steps=2, num_classes=4):
-    trainer = fast_trainer(tmp_path, max_steps=steps)
-    trainer.fit(model, train_dataloaders=_images(num_classes))
+    trainer = fast_trainer(tmp_path, max_steps=steps, limit_val_batches=1)
+    trainer.fit(model, train_dataloaders=_images(num_classes), val_dataloaders=_images(num_classes, n=8))
     return trainer
 
 

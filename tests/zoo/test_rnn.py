@@ -82,3 +82,13 @@ def test_rnn_input_errors_say_what_was_expected():
         tokens(torch.randn(2, 5))
     with pytest.raises(ValueError, match=r"Expected `lengths` of shape \(2,\) with values in \[1, 5\]"):
         vectors(torch.randn(2, 5, 8), torch.tensor([6, 2]))
+
+
+def test_mc_dropout_prediction_samples_the_rnn_dropconnect():
+    from lightning_reg.functional import mc_dropout_predict
+
+    torch.manual_seed(0)
+    model = zoo.RNNClassifier(hidden_size=8, weight_drop=0.5, dropout=0.0).eval()
+    prediction = mc_dropout_predict(model, torch.randn(3, 6, 8), n_samples=6, method="naive")
+    assert prediction.probs.std(dim=0).max() > 0
+    assert not model.net.layers[0].training

@@ -18,6 +18,22 @@ def test_attention_matches_the_textbook_formula():
     torch.testing.assert_close(attn(x), expected)
 
 
+def test_active_attention_dropout_drops_the_attention_weights_through_its_module():
+    torch.manual_seed(0)
+    attn = Attention(8, num_heads=2, attn_dropout=0.5).train()
+    x, mask = torch.randn(2, 5, 8), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    calls = []
+    attn.attn_drop.register_forward_hook(lambda module, args, out: calls.append(out))
+    torch.manual_seed(1)
+    out = attn(x, mask)
+    q, k, v = attn.qkv(x).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-1, -2) / 2.0).masked_fill(~mask[:, None, None, :], float("-inf"))
+    torch.manual_seed(1)
+    weights = torch.nn.functional.dropout(scores.softmax(dim=-1), 0.5)
+    torch.testing.assert_close(out, attn.proj((weights @ v).transpose(1, 2).reshape(2, 5, 8)))
+    assert len(calls) == 1
+
+
 def test_attention_dropout_follows_its_dropout_module_for_mc_sampling():
     torch.manual_seed(0)
     net = Transformer(3, dim=8, depth=1, num_heads=2, dropout=0.0, attn_dropout=0.5).eval()
@@ -88,3 +104,14 @@ def test_transformer_input_errors_say_what_was_expected():
         Transformer(3, image_size=8, patch_size=2, in_channels=1, dim=8, depth=1, num_heads=2)(torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError, match=r"Expected token ids"):
         Transformer(3, vocab_size=5, dim=8, depth=1, num_heads=2)(torch.randn(2, 5))
+
+
+def test_mc_dropout_prediction_samples_the_transformer_dropout():
+    from lightning_reg.functional import mc_dropout_predict
+
+    torch.manual_seed(0)
+    model = zoo.TransformerClassifier(dim=8, depth=1, num_heads=2, dropout=0.0, attn_dropout=0.3).eval()
+    prediction = mc_dropout_predict(model, torch.randn(3, 6, 8), n_samples=8)
+    assert prediction.probs.shape == (8, 3, 10)
+    assert prediction.probs.std(dim=0).max() > 0  # attention dropout alone makes the samples differ
+    assert not model.net.blocks[0].attn.attn_drop.training  # modes restored
