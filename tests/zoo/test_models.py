@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import zoo
+from lightning_reg import LabelSmoothing, MixUp
 from tests.helpers import fast_trainer
 
 # Tiny versions of every registered model and the shape of one input sample, so the whole table runs fast.
@@ -20,17 +21,6 @@ TINY = {
     "vit_tiny": ({"dim": 12, "depth": 1, "num_heads": 3, "image_size": 16, "in_channels": 1}, (1, 16, 16)),
 }
 NUM_CLASSES = 3
-
-
-def _mixing_callbacks() -> list[L.Callback]:
-    # TEMPORARY guard until the MixUp and LabelSmoothing callbacks land (another issue); remove it then.
-    lightning_reg = pytest.importorskip("lightning_reg")
-    if not all(hasattr(lightning_reg, name) for name in ("MixUp", "LabelSmoothing")):
-        pytest.skip("lightning_reg.MixUp / LabelSmoothing not available yet")
-    return [
-        lightning_reg.MixUp(0.4, num_classes=NUM_CLASSES),
-        lightning_reg.LabelSmoothing(0.1, num_classes=NUM_CLASSES),
-    ]
 
 
 def test_every_registered_model_has_a_tiny_configuration():
@@ -54,7 +44,8 @@ def test_zoo_model_contract(name, tmp_path):
     # fit 2 steps with the mixing callbacks (soft targets reach the loss)
     model.zero_grad()
     loader = DataLoader(TensorDataset(torch.randn(8, *sample_shape), torch.arange(8) % NUM_CLASSES), batch_size=4)
-    trainer = fast_trainer(tmp_path, max_steps=2, callbacks=_mixing_callbacks(), limit_val_batches=1)
+    callbacks = [MixUp(0.4, num_classes=NUM_CLASSES), LabelSmoothing(0.1, num_classes=NUM_CLASSES)]
+    trainer = fast_trainer(tmp_path, max_steps=2, callbacks=callbacks, limit_val_batches=1)
     trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader)
     assert trainer.global_step == 2
 
