@@ -11,6 +11,7 @@ under 3 minutes on CPU.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -75,7 +76,9 @@ def to_markdown(results: list[Result]) -> str:
         "# Zoo models on the bundled digits (CPU)",
         "",
         f"`python benchmarks/zoo_digits.py` on {platform.machine()} with {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}. Test split: 359 images; seed 0; wall time includes data setup and testing.",
+        f"torch {torch.__version__}, {os.cpu_count()} CPU cores (1-minute load average {os.getloadavg()[0]:.1f} at the "
+        "end: other jobs may share the cores). Test split: 359 images; seed 0; wall time includes data setup and "
+        "testing.",
         "",
         "| model | input | epochs | test accuracy | goal | seconds |",
         "|---|---|---|---|---|---|",
