@@ -119,7 +119,7 @@ class MixingCallback(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         """The generator state (a uint8 tensor) and the seed: loads with ``torch.load(weights_only=True)``."""
         if self._generator is None:
-            return {}
+            return dict(self._pending_state) if self._pending_state is not None else {}
         return {"generator_state": self._generator.get_state(), "seed": self._seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -113,15 +113,18 @@ class UserClassifier(L.LightningModule):
 
 
 class ReseedEachEpoch(L.Callback):
-    """Seeds the global RNG from the epoch number at each training epoch start.
+    """Seeds the global RNG from the epoch number before each training epoch's first batch.
 
     Lightning saves neither the global RNG nor the data order, so a model's own dropout draws differ
     between an uninterrupted run and a resumed one (shared/testing.md). With the global stream a
     function of the epoch, a crash-and-resume test isolates what the callbacks under test restore.
+    The seed is set at the first batch, not at ``on_train_epoch_start``: a resumed fit creates the
+    DataLoader iterator (which draws from the global RNG) before that hook, an uninterrupted one after.
     """
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        torch.manual_seed(self.seed + trainer.current_epoch)
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            torch.manual_seed(self.seed + trainer.current_epoch)
