@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_reg import hard_targets
@@ -106,9 +107,14 @@ class ClassifierModule(L.LightningModule):
         self.label_smoothing = label_smoothing
         self.warmup_fraction = warmup_fraction
         self.scheduler = scheduler
-        self.train_acc = MulticlassAccuracy(num_classes)
-        self.val_acc = MulticlassAccuracy(num_classes)
-        self.test_acc = MulticlassAccuracy(num_classes)
+        # Accuracy is the fraction of correct top-1 predictions (micro), as in lightning_reg.metrics.
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # Evaluation losses as sample-weighted means reduced over DDP ranks: a plain `self.log` of the loss
+        # would report rank 0's mean only.
+        self.val_mean_loss = MeanMetric()
+        self.test_mean_loss = MeanMetric()
 
     # --- the network -------------------------------------------------------------------------------
     def forward_features(self, x: Tensor, *args: Any) -> Tensor:
@@ -134,8 +140,12 @@ class ClassifierModule(L.LightningModule):
         loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         metric: MulticlassAccuracy = getattr(self, f"{stage}_acc")
         metric(logits.detach(), hard_targets(targets))
-        on_step = stage == "train"
-        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        if stage == "train":
+            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        else:
+            mean_loss: MeanMetric = getattr(self, f"{stage}_mean_loss")
+            mean_loss.update(loss.detach(), weight=len(targets))
+            self.log(f"{stage}_loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{stage}_acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets))
         return loss
 

@@ -125,6 +125,8 @@ class ReseedEachEpoch(L.Callback):
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx == 0:
             torch.manual_seed(self.seed + trainer.current_epoch)

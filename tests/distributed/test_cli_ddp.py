@@ -1,0 +1,60 @@
+"""`lightning-reg fit` under real `strategy="ddp"` (2 CPU processes, gloo), in a subprocess.
+
+`strategy="ddp"` inside a pytest session hangs (rank 1 re-runs pytest's argv; shared/testing.md), so
+the CLI runs as its own process, exactly as a user types it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import zoo
+from tests.helpers import fast_trainer
+from tests.helpers.ddp import DDP_ENV_VARS, free_port
+
+ROOT = Path(__file__).parents[2]
+CLI = Path(sys.executable).with_name("lightning-reg")
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="DDP subprocess launch on POSIX")
+
+
+def test_cli_fit_under_ddp_with_all_callbacks_saves_a_checkpoint_that_reproduces_the_logged_metrics(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in DDP_ENV_VARS}
+    env["MASTER_PORT"] = str(free_port())
+    cmd = [
+        str(CLI),
+        "fit",
+        "--config",
+        str(ROOT / "examples/configs/cnn_digits_regularized.yaml"),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    (metrics_file,) = tmp_path.rglob("metrics.csv")
+    rows = [r for r in csv.DictReader(metrics_file.open()) if r.get("val_acc")]
+    logged = rows[-1]
+    mc_rows = [r for r in csv.DictReader(metrics_file.open()) if r.get("mc/val/acc")]
+    assert mc_rows, "MCDropoutEvaluation logged nothing at validation"
+    for name in ("acc", "nll", "brier", "ece", "entropy", "mutual_info"):
+        assert float(mc_rows[-1][f"mc/val/{name}"]) >= 0.0
+    assert 0.0 <= float(mc_rows[-1]["mc/val/acc"]) <= 1.0
+
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    model = zoo.CNNClassifier.load_from_checkpoint(checkpoint)
+    (metrics,) = fast_trainer(tmp_path).validate(model, datamodule=zoo.data.DigitsDataModule(), verbose=False)
+    assert metrics["val_acc"] == pytest.approx(float(logged["val_acc"]), abs=1e-6)
+    assert metrics["val_loss"] == pytest.approx(float(logged["val_loss"]), abs=1e-5)
