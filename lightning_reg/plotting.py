@@ -65,7 +65,13 @@ def reliability_figure(curves: Mapping[str, Tensor], title: str | None = None) -
 
 
 def render_rgb(fig: object) -> np.ndarray:
-    """The figure's pixels ``(H, W, 3)`` as uint8, drawn on an Agg canvas (for TensorBoard's ``add_image``)."""
+    """The figure's pixels ``(H, W, 3)`` as uint8, drawn on an Agg canvas (for TensorBoard's ``add_image``).
+
+    Example:
+        >>> from matplotlib.figure import Figure
+        >>> render_rgb(Figure(figsize=(2, 1), dpi=50)).shape
+        (50, 100, 3)
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = FigureCanvasAgg(fig)  # type: ignore[arg-type]

@@ -76,6 +76,21 @@ class ClassifierModule(L.LightningModule):
 
     Batches are lists ``[inputs, targets, *extra]``; ``extra`` (such as sequence lengths) is passed to
     ``forward`` by subclasses that override :meth:`forward_batch`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> class LinearClassifier(ClassifierModule):
+        ...     def __init__(self, num_classes: int = 3) -> None:
+        ...         super().__init__(num_classes)
+        ...         self.save_hyperparameters()
+        ...         self.body, self.dropout, self.fc = nn.Flatten(), nn.Dropout(0.2), nn.Linear(4, num_classes)
+        ...     def forward_features(self, x):
+        ...         return self.body(x)
+        ...     def forward_head(self, features):
+        ...         return self.fc(self.dropout(features))
+        >>> LinearClassifier()(torch.zeros(2, 4)).shape
+        torch.Size([2, 3])
     """
 
     def __init__(

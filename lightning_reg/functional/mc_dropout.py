@@ -254,6 +254,15 @@ class MCDropoutPrediction:
         method: how they were drawn: ``"cached"`` (trunk once, head sampled), ``"batched"`` (inputs repeated
             along the batch) or ``"naive"`` (``n_samples`` forward passes).
         deterministic_probs: the eval-mode probabilities ``(N, K)`` when asked for with ``deterministic=True``.
+
+    Example:
+        >>> import torch
+        >>> probs = torch.tensor([[[0.9, 0.1]], [[0.1, 0.9]]])  # 2 samples that disagree on 1 input
+        >>> pred = MCDropoutPrediction(probs, method="naive")
+        >>> pred.mean_probs
+        tensor([[0.5000, 0.5000]])
+        >>> bool(pred.mutual_information > 0.3)  # disagreement between samples: epistemic uncertainty
+        True
     """
 
     probs: Tensor
