@@ -9,24 +9,94 @@ Smoothing once: label smoothing is linear, so it commutes with mixing. ``LabelSm
 targets reach it (indices or probabilities) exactly once, before or after a mixing callback. Two sources of
 smoothing (a ``LabelSmoothing`` callback and a mixing callback's ``label_smoothing``, or the module's own
 ``label_smoothing``) would smooth twice: :func:`check_single_smoothing` rejects that at fit start.
+
+Speed: the mixed inputs are written into a callback-owned output tensor (:class:`ReusableOutput`) that is reused
+on the next batch only when nothing else refers to its memory any more (the training step, its autograd graph,
+views, a user who kept the batch): so a batch someone still holds is never overwritten, and in the usual loop
+(batch consumed, graph freed) no new batch is allocated: on a large batch a fresh allocation costs more than
+the blend itself (page faults).
+
+Logging: at the end of every training epoch a mixing callback logs through ``pl_module.log`` (``on_step=False,
+on_epoch=True``, averaged over ranks) ``{name}/mixed_fraction``, the fraction of training batches it mixed, and
+``{name}/lambda``, the mean weight kept on the original samples over the training batches (1 for a batch it
+did not mix), where ``name`` is ``mixup``, ``cutmix`` or ``mixup_cutmix`` (which also logs
+``mixup_cutmix/cutmix_fraction``, the fraction of training batches mixed by CutMix). Both are defined for every
+epoch, so every rank logs the same keys. The cost is a few float additions a batch and one log call an epoch.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry, set_entry, validate_key
 from lightning_reg._random import base_seed, rank_generator
 from lightning_reg.functional.label_smoothing import check_targets, mixed_one_hot, one_hot
+from lightning_reg.functional.mixup import Pairing, check_pairing
 from lightning_reg.mixins import MixedTargets
 
-__all__ = ["MixingCallback", "check_single_smoothing", "resolve_num_classes"]
+__all__ = ["MixingCallback", "ReusableOutput", "check_single_smoothing", "resolve_num_classes"]
+
+# The number of references to a tensor's storage (torch's own count). Private to torch, hence looked up
+# defensively: without it, ReusableOutput never reuses (always allocates), which is safe.
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+class ReusableOutput:
+    """A private output tensor, handed out again only when nothing else refers to its memory.
+
+    :meth:`take` returns an alias (a view) of a tensor this object owns. Whatever keeps the alias, a view of it,
+    or anything else built on its memory (an autograd graph that saved it, ``.numpy()``, ``.detach()``) holds a
+    reference to the storage, which torch counts; the next :meth:`take` reuses the memory only when the count
+    says that the owner is the last one, and otherwise allocates a new tensor and leaves the old one to its
+    holders. So reuse never changes a tensor someone can still read.
+
+    Example:
+        >>> out = ReusableOutput()
+        >>> a = out.take(torch.zeros(2, 3))
+        >>> b = out.take(torch.zeros(2, 3))  # `a` is alive: new memory
+        >>> a.data_ptr() != b.data_ptr()
+        True
+        >>> ptr = b.data_ptr()
+        >>> del a, b
+        >>> out.take(torch.zeros(2, 3)).data_ptr() == ptr  # nothing holds the last one: reused
+        True
+    """
+
+    def __init__(self) -> None:
+        self._tensor: Tensor | None = None
+
+    def take(self, like: Tensor) -> Tensor | None:
+        """A tensor like ``like`` that nobody else holds; ``None`` when ``like`` requires grad.
+
+        (``out=`` kernels record no autograd history, so inputs that require grad are mixed into new tensors.)
+        """
+        if like.requires_grad:
+            return None
+        t = self._tensor
+        if t is None or t.shape != like.shape or t.dtype != like.dtype or t.device != like.device or self._shared(t):
+            t = self._tensor = torch.empty_like(like)
+        return t.view(t.shape)
+
+    @staticmethod
+    def _shared(t: Tensor) -> bool:
+        if _storage_use_count is None:
+            return True
+        storage = t.untyped_storage()  # holds one reference while we count
+        return int(_storage_use_count(storage._cdata)) != 2  # `t` itself and `storage`
+
+    def release(self) -> None:
+        """Drop the owned tensor (its memory goes back once its other holders let go)."""
+        self._tensor = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_tensor": None}  # a scratch tensor is not state: never pickled or deep-copied
 
 
 def resolve_num_classes(num_classes: int | None, pl_module: L.LightningModule, owner: str) -> int:
@@ -68,6 +138,9 @@ def check_single_smoothing(trainer: L.Trainer, pl_module: L.LightningModule) -> 
 class MixingCallback(L.Callback):
     """Base of the batch-transforming callbacks: generator, state, keys, checks. Not for direct use."""
 
+    #: Prefix of the logged epoch statistics; empty for no logging.
+    log_name: ClassVar[str] = ""
+
     def __init__(
         self,
         *,
@@ -77,6 +150,7 @@ class MixingCallback(L.Callback):
         input_key: BatchKey,
         target_key: BatchKey,
         last_epoch: int | None,
+        pairing: Pairing = "shift",
     ) -> None:
         if num_classes is not None and (
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
@@ -102,10 +176,13 @@ class MixingCallback(L.Callback):
         self.input_key = input_key
         self.target_key = target_key
         self.last_epoch = last_epoch
+        self.pairing = check_pairing(pairing)
         self._num_classes: int | None = num_classes
         self._generator: torch.Generator | None = None
         self._pending_state: dict[str, Any] | None = None
         self._warned_small_batch = False
+        self._output = ReusableOutput()
+        self._stats = {"batches": 0.0, "mixed": 0.0, "lambda": 0.0, "cutmix": 0.0}
 
     # --- identity and state ------------------------------------------------------------------------
     def _state_key_fields(self) -> dict[str, Any]:
@@ -214,3 +291,41 @@ class MixingCallback(L.Callback):
 
     def _write(self, batch: Any, key: BatchKey, value: Any, name: str) -> None:
         set_entry(batch, key, value, name)
+
+    # --- statistics ------------------------------------------------------------------------------------
+    def _record(self, lam: float | Tensor | None = None, *, cutmix: bool = False) -> None:
+        """Count one training batch: mixed with ``lam`` (a float or per-sample tensor), or not when ``None``."""
+        stats = self._stats
+        stats["batches"] += 1.0
+        if lam is None:
+            stats["lambda"] += 1.0
+            return
+        stats["mixed"] += 1.0
+        stats["cutmix"] += float(cutmix)
+        stats["lambda"] += float(lam.mean()) if isinstance(lam, Tensor) else float(lam)
+
+    def _epoch_metrics(self) -> dict[str, float]:
+        stats = self._stats
+        batches = stats["batches"]
+        return {
+            f"{self.log_name}/mixed_fraction": stats["mixed"] / batches,
+            f"{self.log_name}/lambda": stats["lambda"] / batches,
+        }
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stats = dict.fromkeys(self._stats, 0.0)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.log_name or self._stats["batches"] == 0:
+            return
+        pl_module.log_dict(self._epoch_metrics(), on_step=False, on_epoch=True, sync_dist=True)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._output.release()
+
+    def _mix_out(self, inputs: Tensor) -> Tensor | None:
+        """Where to write the mixed inputs: the reusable output (see the module notes), or ``None`` to allocate."""
+        return self._output.take(inputs)

@@ -12,7 +12,7 @@ from typing_extensions import override
 from lightning_reg._batch import BatchKey, get_entry
 from lightning_reg.callbacks._mixing import MixingCallback
 from lightning_reg.functional.cutmix import cutmix_inputs
-from lightning_reg.functional.mixup import _check_alpha, sample_mixup
+from lightning_reg.functional.mixup import Pairing, _check_alpha, sample_mixup
 from lightning_reg.mixins import MixedTargets
 
 __all__ = ["CutMix"]
@@ -37,11 +37,16 @@ class CutMix(MixingCallback):
         last_epoch: from this epoch (0-based) on, no mixing and targets are left as they come.
         dims: the axes to cut along; the default depends on the number of input dims (see above).
         inplace: paste into the batch's input tensor instead of a copy (see :class:`MixUp`).
+        pairing: ``"shift"`` or ``"permutation"`` (see :class:`MixUp`).
+
+    Logs ``cutmix/mixed_fraction`` and ``cutmix/lambda`` (the mean area kept) once per training epoch.
 
     Example:
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[CutMix(alpha=1.0, num_classes=10)], logger=False)
     """
+
+    log_name = "cutmix"
 
     def __init__(
         self,
@@ -56,6 +61,7 @@ class CutMix(MixingCallback):
         last_epoch: int | None = None,
         dims: Sequence[int] | None = None,
         inplace: bool = False,
+        pairing: Pairing = "shift",
     ) -> None:
         super().__init__(
             num_classes=num_classes,
@@ -64,6 +70,7 @@ class CutMix(MixingCallback):
             input_key=input_key,
             target_key=target_key,
             last_epoch=last_epoch,
+            pairing=pairing,
         )
         self.alpha = _check_alpha(alpha)
         self.per_sample = bool(per_sample)
@@ -84,6 +91,7 @@ class CutMix(MixingCallback):
         n = len(targets.targets_a) if isinstance(targets, MixedTargets) else targets.shape[0]
         inputs = self._read_inputs(batch, n)
         if self._batch_too_small(n):
+            self._record()
             return None
         return inputs, targets
 
@@ -96,20 +104,24 @@ class CutMix(MixingCallback):
         alpha: float,
         dims: Sequence[int] | None,
     ) -> None:
-        params = sample_mixup(inputs.shape[0], alpha, per_sample=self.per_sample, generator=self.generator)
+        n = inputs.shape[0]
+        params = sample_mixup(n, alpha, per_sample=self.per_sample, pairing=self.pairing, generator=self.generator)
         inplace = self.inplace and not inputs.requires_grad
-        out, kept = cutmix_inputs(
-            inputs, params.lam, params.index, generator=self.generator, dims=dims, inplace=inplace
+        out = None if inplace else self._mix_out(inputs)
+        mixed, kept = cutmix_inputs(
+            inputs, params.lam, params.index, generator=self.generator, dims=dims, inplace=inplace, out=out
         )
-        self._write(batch, self.input_key, out, "input_key")
+        self._write(batch, self.input_key, mixed, "input_key")
         # Targets are mixed by the fraction actually kept after the box is clipped.
         self._write(batch, self.target_key, self._mixed_targets(pl_module, targets, kept, params.index), "target_key")
+        self._record(kept, cutmix=True)
 
     @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if not self._active(trainer):
+            self._record()
             return
         prepared = self._prepare(pl_module, batch)
         if prepared is None:
@@ -117,5 +129,6 @@ class CutMix(MixingCallback):
         inputs, targets = prepared
         if not self._draw_apply():
             self._write(batch, self.target_key, self._unmixed_targets(pl_module, targets), "target_key")
+            self._record()
             return
         self._cut(pl_module, batch, inputs, targets, self.alpha, self.dims)

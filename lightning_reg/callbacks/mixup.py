@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry
 from lightning_reg.callbacks._mixing import MixingCallback
-from lightning_reg.functional.mixup import _check_alpha, broadcast_lam, mixup_inputs, sample_mixup
+from lightning_reg.functional.mixup import Pairing, _check_alpha, broadcast_lam, mixup_inputs, sample_mixup
 from lightning_reg.mixins import MixedTargets
 
 __all__ = ["MixUp"]
@@ -39,14 +39,24 @@ class MixUp(MixingCallback):
         layer: manifold mixing: the name of a submodule (as in ``named_modules()``) whose output is mixed
             during the training step instead of the raw inputs, e.g. the embedding of a sequence model whose
             inputs are token ids.
-        inplace: overwrite the batch's input tensor and reuse a private scratch buffer (about 2x faster on
-            large batches). Safe when the DataLoader builds a new batch each step (the default collate does);
-            leave it off if your dataset hands out tensors it keeps.
+        inplace: overwrite the batch's input tensor instead of writing a new one. Off by default, since it is
+            only safe when the DataLoader builds a new batch each step (the default collate does), not when the
+            dataset hands out tensors it keeps; and it is not needed for speed: by default the mixed inputs go to
+            an output tensor the callback reuses whenever nothing holds the previous one any more.
+        pairing: ``"shift"`` pairs sample ``i`` with ``(i + k) % N`` for a random ``k`` drawn per batch (one blend
+            pass, no gather; needs batches in random order, as timm's and torchvision's pairings do);
+            ``"permutation"`` draws a uniformly random permutation, robust to batches in a fixed order (e.g. an
+            unshuffled loader sorted by class), at the cost of gathering the partners. See
+            :func:`~lightning_reg.functional.mixup.sample_mixup`.
+
+    Logs ``mixup/mixed_fraction`` and ``mixup/lambda`` once per training epoch (see ``callbacks/_mixing.py``).
 
     Example:
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[MixUp(alpha=0.2, num_classes=10)], logger=False)
     """
+
+    log_name = "mixup"
 
     def __init__(
         self,
@@ -61,6 +71,7 @@ class MixUp(MixingCallback):
         last_epoch: int | None = None,
         layer: str | None = None,
         inplace: bool = False,
+        pairing: Pairing = "shift",
     ) -> None:
         super().__init__(
             num_classes=num_classes,
@@ -69,6 +80,7 @@ class MixUp(MixingCallback):
             input_key=input_key,
             target_key=target_key,
             last_epoch=last_epoch,
+            pairing=pairing,
         )
         self.alpha = _check_alpha(alpha)
         if layer is not None and not isinstance(layer, str):
@@ -81,7 +93,8 @@ class MixUp(MixingCallback):
         self._buffer: Tensor | None = None
 
     def _state_key_fields(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "per_sample": self.per_sample, "layer": self.layer, **super()._state_key_fields()}
+        fields = {"alpha": self.alpha, "per_sample": self.per_sample, "layer": self.layer}
+        return {**fields, **super()._state_key_fields()}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -101,27 +114,31 @@ class MixUp(MixingCallback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if not self._active(trainer):
+            self._record()
             return
         raw = get_entry(batch, self.target_key, "target_key")
         targets = raw if isinstance(raw, MixedTargets) else self._read_targets(batch)
         n = len(targets.targets_a) if isinstance(targets, MixedTargets) else targets.shape[0]
         inputs = None if self.layer is not None else self._read_inputs(batch, n)
         if self._batch_too_small(n):
+            self._record()
             return
         if not self._draw_apply():
             self._write(batch, self.target_key, self._unmixed_targets(pl_module, targets), "target_key")
+            self._record()
             return
-        params = sample_mixup(n, self.alpha, per_sample=self.per_sample, generator=self.generator)
+        params = sample_mixup(n, self.alpha, per_sample=self.per_sample, pairing=self.pairing, generator=self.generator)
         if inputs is None:
             self._hook_layer(params.lam, params.index)
         else:
             self._write(batch, self.input_key, self._mix_inputs(inputs, params.lam, params.index), "input_key")
         mixed = self._mixed_targets(pl_module, targets, params.lam, params.index)
         self._write(batch, self.target_key, mixed, "target_key")
+        self._record(params.lam)
 
     def _mix_inputs(self, inputs: Tensor, lam: float | Tensor, index: Tensor) -> Tensor:
         if not self.inplace or inputs.requires_grad:
-            return mixup_inputs(inputs, lam, index)
+            return mixup_inputs(inputs, lam, index, out=self._mix_out(inputs))
         if self._buffer is None or self._buffer.shape != inputs.shape or self._buffer.dtype != inputs.dtype:
             self._buffer = torch.empty_like(inputs) if torch.is_floating_point(inputs) else None
         return mixup_inputs(inputs, lam, index, inplace=True, buffer=self._buffer)
@@ -161,3 +178,4 @@ class MixUp(MixingCallback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._remove_hook()
         self._buffer = None
+        super().teardown(trainer, pl_module, stage)

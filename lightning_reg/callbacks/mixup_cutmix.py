@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_reg._batch import BatchKey
 from lightning_reg.callbacks.cutmix import CutMix
-from lightning_reg.functional.mixup import _check_alpha, mixup_inputs, sample_mixup
+from lightning_reg.functional.mixup import Pairing, _check_alpha, mixup_inputs, sample_mixup
 
 __all__ = ["MixUpCutMix"]
 
@@ -36,12 +36,18 @@ class MixUpCutMix(CutMix):
         last_epoch: from this epoch (0-based) on, no mixing.
         dims: CutMix's axes (see :class:`CutMix`).
         inplace: overwrite the batch's input tensor (see :class:`MixUp`).
+        pairing: ``"shift"`` or ``"permutation"`` (see :class:`MixUp`).
+
+    Logs ``mixup_cutmix/mixed_fraction``, ``mixup_cutmix/lambda`` and ``mixup_cutmix/cutmix_fraction`` (the
+    fraction of training batches mixed by CutMix) once per training epoch.
 
     Example:
         >>> import lightning as L
         >>> cb = MixUpCutMix(mixup_alpha=0.2, cutmix_alpha=1.0, switch_prob=0.5, num_classes=10)
         >>> trainer = L.Trainer(callbacks=[cb], logger=False)
     """
+
+    log_name = "mixup_cutmix"
 
     def __init__(
         self,
@@ -58,7 +64,9 @@ class MixUpCutMix(CutMix):
         last_epoch: int | None = None,
         dims: Sequence[int] | None = None,
         inplace: bool = False,
+        pairing: Pairing = "shift",
     ) -> None:
+        _check_alpha(cutmix_alpha, "cutmix_alpha")  # before CutMix's own check, which would call it `alpha`
         super().__init__(
             cutmix_alpha,
             num_classes=num_classes,
@@ -70,6 +78,7 @@ class MixUpCutMix(CutMix):
             last_epoch=last_epoch,
             dims=dims,
             inplace=inplace,
+            pairing=pairing,
         )
         self.mixup_alpha = _check_alpha(mixup_alpha, "mixup_alpha")
         self.cutmix_alpha = _check_alpha(cutmix_alpha, "cutmix_alpha")
@@ -85,6 +94,7 @@ class MixUpCutMix(CutMix):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if not self._active(trainer):
+            self._record()
             return
         prepared = self._prepare(pl_module, batch)
         if prepared is None:
@@ -92,14 +102,28 @@ class MixUpCutMix(CutMix):
         inputs, targets = prepared
         if not self._draw_apply():
             self._write(batch, self.target_key, self._unmixed_targets(pl_module, targets), "target_key")
+            self._record()
             return
         if bool(torch.rand((), generator=self.generator) < self.switch_prob):
             self._cut(pl_module, batch, inputs, targets, self.cutmix_alpha, self.dims)
             return
-        params = sample_mixup(inputs.shape[0], self.mixup_alpha, per_sample=self.per_sample, generator=self.generator)
+        params = sample_mixup(
+            inputs.shape[0],
+            self.mixup_alpha,
+            per_sample=self.per_sample,
+            pairing=self.pairing,
+            generator=self.generator,
+        )
         inplace = self.inplace and not inputs.requires_grad
-        mixed = mixup_inputs(inputs, params.lam, params.index, inplace=inplace)
+        out = None if inplace else self._mix_out(inputs)
+        mixed = mixup_inputs(inputs, params.lam, params.index, inplace=inplace, out=out)
         self._write(batch, self.input_key, mixed, "input_key")
         self._write(
             batch, self.target_key, self._mixed_targets(pl_module, targets, params.lam, params.index), "target_key"
         )
+        self._record(params.lam)
+
+    def _epoch_metrics(self) -> dict[str, float]:
+        metrics = super()._epoch_metrics()
+        metrics[f"{self.log_name}/cutmix_fraction"] = self._stats["cutmix"] / self._stats["batches"]
+        return metrics

@@ -6,6 +6,9 @@ others. :func:`sample_box` draws the box (timm's ``rand_bbox``: side ``L * (1 - 
 uniform centre, clipped at the borders) from a ``torch.Generator``; :func:`cutmix` applies it and returns
 the fraction actually kept, with which the targets are mixed. With a ``(N,)`` tensor ``lam`` every
 sample gets its own box, applied with one broadcast mask (no Python loop over samples).
+
+As in :mod:`~lightning_reg.functional.mixup`, a pairing that is a cyclic shift of the batch is applied from two
+contiguous runs of the batch, without gathering the partners.
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_reg.functional.mixup import check_inputs_args, check_mix_args, mix_targets
+from lightning_reg.functional.mixup import (
+    check_inputs_args,
+    check_mix_args,
+    check_out,
+    cyclic_shift,
+    mix_targets,
+    tracks_grad,
+)
 
 __all__ = ["Box", "box_lam", "cutmix", "cutmix_inputs", "default_dims", "sample_box"]
 
@@ -126,6 +136,7 @@ def cutmix(
     box: Box | None = None,
     dims: Sequence[int] | int | None = None,
     inplace: bool = False,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float | Tensor]:
     """CutMix of a batch: paste the box of ``inputs[index]`` into ``inputs``; mix targets by the area kept.
 
@@ -140,6 +151,8 @@ def cutmix(
         box: a box from :func:`sample_box`, to apply a fixed box.
         dims: the axes to cut along; see :func:`default_dims`.
         inplace: paste into ``inputs`` itself instead of a copy.
+        out: optional tensor like ``inputs`` (not sharing its memory) that receives the result, so
+            that repeated calls allocate nothing.
 
     Returns:
         ``(mixed_inputs, mixed_targets, lam)`` where ``lam`` is the fraction actually kept after clipping
@@ -154,8 +167,10 @@ def cutmix(
         (0.5, [1.0, 1.0, 0.0, 0.0], [0.5, 0.5])
     """
     check_mix_args(inputs, targets, lam, index)
-    out, kept_lam = cutmix_inputs(inputs, lam, index, generator=generator, box=box, dims=dims, inplace=inplace)
-    return out, mix_targets(targets, kept_lam, index), kept_lam
+    mixed, kept_lam = cutmix_inputs(
+        inputs, lam, index, generator=generator, box=box, dims=dims, inplace=inplace, out=out
+    )
+    return mixed, mix_targets(targets, kept_lam, index), kept_lam
 
 
 def cutmix_inputs(
@@ -167,6 +182,7 @@ def cutmix_inputs(
     box: Box | None = None,
     dims: Sequence[int] | int | None = None,
     inplace: bool = False,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, float | Tensor]:
     """The input half of :func:`cutmix`: ``(mixed_inputs, kept_lam)``; mix the targets with ``kept_lam``.
 
@@ -192,15 +208,27 @@ def cutmix_inputs(
             f"Expected a box with `lo`/`hi` of shape (1, {len(axes)}) or ({n}, {len(axes)}), but got "
             f"{tuple(box.lo.shape)} and {tuple(box.hi.shape)}. Draw it with `sample_box(lam, sizes)`."
         )
+    if out is not None:
+        if inplace:
+            raise ValueError("Pass either `inplace=True` or `out=`, not both.")
+        check_out(out, inputs)
+    # Partner rows: with a cyclic shift k, rows [0, N-k) pair with [k, N) and rows [N-k, N) with [0, k).
+    grad = tracks_grad(inputs)  # `out=` kernels record no autograd history: then plain ops only
+    shift = None if inplace or grad else cyclic_shift(index)
+    runs = [(slice(0, n - shift), slice(shift, n)), (slice(n - shift, n), slice(0, shift))] if shift is not None else []
     index = index.to(inputs.device)
     kept = box_lam(box, sizes)  # (B,) float64
     if box.lo.shape[0] == 1:
-        out = inputs if inplace else inputs.clone()
-        # One box for the batch: gather only the box region of the partners, then paste it.
+        # One box for the batch: copy the batch, then paste only the box region of the partners.
+        mixed = inputs if inplace else (out.copy_(inputs) if out is not None else inputs.clone())
         region: list[slice] = [slice(None)] * inputs.ndim
         for d, low, high in zip(axes, box.lo[0].tolist(), box.hi[0].tolist(), strict=True):
             region[d] = slice(low, high)
-        out[tuple(region)] = inputs[tuple(region)][index]
+        if runs:
+            for rows, partners in runs:
+                mixed[tuple([rows, *region[1:]])] = inputs[tuple([partners, *region[1:]])]
+        else:
+            mixed[tuple(region)] = inputs[tuple(region)][index]
         kept_lam: float | Tensor = float(kept[0])
     else:
         # A box per sample: one boolean mask (N, 1.., L_d, ..) from broadcast aranges, no loop over samples.
@@ -212,10 +240,17 @@ def cutmix_inputs(
             inside = inside.view(_shape_along(n, inputs.ndim, d, length))
             mask = inside if mask is None else mask & inside
         assert mask is not None  # at least one dim, checked by _resolve_dims
-        out = (
-            torch.where(mask, inputs[index], inputs, out=inputs)
-            if inplace
-            else torch.where(mask, inputs[index], inputs)
-        )
+        if runs:
+            mixed = out if out is not None else torch.empty_like(inputs)
+            for rows, partners in runs:
+                torch.where(mask[rows], inputs[partners], inputs[rows], out=mixed[rows])
+        elif grad:
+            mixed = torch.where(mask, inputs[index], inputs)
+        elif inplace:
+            mixed = torch.where(mask, inputs[index], inputs, out=inputs)
+        else:
+            # Gather the partners (into `out` when given), then keep the inputs outside the boxes.
+            partner = torch.index_select(inputs, 0, index, out=out) if out is not None else inputs[index]
+            mixed = torch.where(mask, partner, inputs, out=partner)
         kept_lam = kept.to(torch.float32)
-    return out, kept_lam
+    return mixed, kept_lam

@@ -41,7 +41,7 @@ def check_targets(targets: object, name: str = "targets") -> Tensor:
 
 def _check_range(targets: Tensor, num_classes: int) -> None:
     if targets.numel() > 0:
-        low, high = int(targets.min()), int(targets.max())
+        low, high = (int(v) for v in torch.aminmax(targets))
         if low < 0 or high >= num_classes:
             raise ValueError(
                 f"Expected class indices in [0, {num_classes}), but got values in [{low}, {high}]. "
@@ -146,9 +146,12 @@ def mixed_one_hot(
     own = (
         lam.to(targets.device, torch.float32)
         if isinstance(lam, Tensor)
-        else torch.full((n,), float(lam), device=targets.device)
+        else torch.tensor([float(lam)], dtype=torch.float32, device=targets.device)
     )
-    idx = targets.long()[:, None]
+    # Weights of the own class and of the partner's class, (N, 2) or (1, 2) broadcast to (N, 2); the same
+    # float32 arithmetic as mixing the smoothed one-hot rows.
+    weights = torch.stack([own, 1.0 - own], dim=1).mul_(1.0 - smoothing).expand(n, 2)
+    classes = torch.stack([targets.long(), targets.long()[index.to(targets.device)]], dim=1)  # (N, 2)
     out = torch.full((n, num_classes), smoothing / num_classes, device=targets.device)
-    out.scatter_add_(1, idx, (1.0 - smoothing) * own[:, None])
-    return out.scatter_add_(1, idx[index.to(targets.device)], (1.0 - smoothing) * (1.0 - own[:, None]))
+    # One scatter for both classes: they add up when a sample and its partner share the class.
+    return out.scatter_add_(1, classes, weights)

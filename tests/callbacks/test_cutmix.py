@@ -108,7 +108,8 @@ def test_cutmix_sparse_targets_give_the_dense_loss(tmp_path):
     [
         ({"switch_prob": 1.5}, r"`switch_prob` to be a float in \[0, 1\]"),
         ({"mixup_alpha": 0}, "`mixup_alpha` to be a positive"),
-        ({"cutmix_alpha": -2.0}, "`alpha` to be a positive"),
+        ({"cutmix_alpha": -2.0}, "`cutmix_alpha` to be a positive"),
+        ({"pairing": "flip"}, r"`pairing` to be one of \['shift', 'permutation'\]"),
     ],
 )
 def test_mixup_cutmix_rejects_bad_arguments(kwargs, match):
@@ -122,3 +123,40 @@ def test_cutmix_without_default_dims_says_to_pass_dims(tmp_path):
     cb.setup(trainer, UserClassifier(), "fit")
     with pytest.raises(ValueError, match="Pass `dims=`"):
         cb.on_train_batch_start(trainer, UserClassifier(), [torch.zeros(2, 1, 1, 1, 1, 1), torch.tensor([0, 1])], 0)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_cutmix_default_and_inplace_give_the_same_batches(tmp_path, per_sample):
+    batches = []
+    for inplace in (False, True):  # the default pastes from shifted runs into a reused output; inplace gathers
+        record = _RecordInputs()
+        L.seed_everything(0, verbose=False)
+        cb = CutMix(per_sample=per_sample, inplace=inplace)
+        fast_trainer(tmp_path, max_steps=3, callbacks=[cb, record]).fit(UserClassifier(net=TinyCNN()), _images())
+        batches.append(record.batches)
+    for (x_a, y_a), (x_b, y_b) in zip(*batches, strict=True):
+        assert torch.equal(x_a, x_b)
+        assert torch.equal(y_a, y_b)
+
+
+class _Metrics(L.Callback):
+    def __init__(self):
+        self.metrics = {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def test_mixup_cutmix_logs_the_share_of_each_per_epoch(tmp_path):
+    record, switches = _Metrics(), _RecordInputs()
+    L.seed_everything(0, verbose=False)
+    x, y = make_images(64)
+    cb = MixUpCutMix(mixup_alpha=1.0, cutmix_alpha=1.0, switch_prob=0.5)
+    fast_trainer(tmp_path, max_epochs=1, callbacks=[cb, switches, record]).fit(
+        UserClassifier(net=TinyCNN()), make_loader(x, y, 8)
+    )
+    # CutMix keeps original pixels exactly (more than a fifth of them); MixUp changes almost all.
+    cut = [bool((m == o).float().mean() > 0.2) for (m, _), o in zip(switches.batches, x.split(8), strict=True)]
+    assert record.metrics["mixup_cutmix/cutmix_fraction"] == pytest.approx(sum(cut) / 8)
+    assert record.metrics["mixup_cutmix/mixed_fraction"] == 1.0
+    assert 0 < record.metrics["mixup_cutmix/lambda"] < 1

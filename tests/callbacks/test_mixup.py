@@ -7,14 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_reg import LabelSmoothing, MixUp
+from lightning_reg import CutMix, LabelSmoothing, MixUp
 from lightning_reg import functional as LF
+from lightning_reg.callbacks._mixing import ReusableOutput
 from lightning_reg.mixins import MixedTargets, SparseMixingMixin
 from tests.helpers import (
+    TinyCNN,
     UserClassifier,
     ddp_fork_trainer,
     fast_trainer,
     make_classification,
+    make_images,
     make_loader,
     scrubbed_ddp_env,
 )
@@ -110,6 +113,7 @@ def test_bad_batches_are_clear_errors(tmp_path, batch, kwargs, error, match):
         ({"last_epoch": -1}, ValueError, "`last_epoch`"),
         ({"input_key": 1.5}, TypeError, "`input_key` to be an int"),
         ({"layer": 3}, TypeError, "`layer` to be a submodule name"),
+        ({"pairing": "flip"}, ValueError, r"`pairing` to be one of \['shift', 'permutation'\]"),
     ],
 )
 def test_bad_arguments_are_clear_errors(kwargs, error, match):
@@ -160,21 +164,24 @@ class _RecordTargets(L.Callback):
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.targets))
 
 
-def _ddp_draws(tmp_path):
+def _ddp_draws(tmp_path, make_callback):
     tmp_path.mkdir()
     L.seed_everything(0, verbose=False)
     with scrubbed_ddp_env():
         trainer = ddp_fork_trainer(
-            tmp_path, max_steps=2, use_distributed_sampler=False, callbacks=[MixUp(1.0), _RecordTargets(tmp_path)]
+            tmp_path, max_steps=2, use_distributed_sampler=False, callbacks=[make_callback(), _RecordTargets(tmp_path)]
         )
-        trainer.fit(UserClassifier(), _loaders()[0])
+        model = UserClassifier(net=TinyCNN()) if make_callback is CutMix else UserClassifier()
+        data = make_loader(*make_images(32), batch_size=16) if make_callback is CutMix else _loaders()[0]
+        trainer.fit(model, data)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 @skip_on_windows
-def test_ddp_ranks_draw_differently_and_repeat_across_runs(tmp_path):
-    first = _ddp_draws(tmp_path / "a")
-    second = _ddp_draws(tmp_path / "b")
+@pytest.mark.parametrize("make_callback", [MixUp, CutMix])
+def test_ddp_ranks_draw_differently_and_repeat_across_runs(tmp_path, make_callback):
+    first = _ddp_draws(tmp_path / "a", make_callback)
+    second = _ddp_draws(tmp_path / "b", make_callback)
     assert first[0] != first[1]  # same data on both ranks, different draws
     assert first == second
 
@@ -236,18 +243,137 @@ def test_sparse_targets_give_the_same_losses_as_dense_targets(tmp_path, per_samp
     assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5)
 
 
-def test_inplace_mixing_gives_the_same_batches(tmp_path):
-    seen = []
-    for inplace in (False, True):
-        L.seed_everything(0, verbose=False)
-        model = UserClassifier()
-        fast_trainer(tmp_path, max_steps=3, callbacks=[MixUp(alpha=1.0, inplace=inplace)]).fit(model, _loaders()[0])
-        seen.append(model.train_losses)
-    assert torch.allclose(torch.tensor(seen[0]), torch.tensor(seen[1]))
-
-
 def test_mixup_targets_work_with_plain_cross_entropy():
     y = LF.one_hot(torch.tensor([0, 1]), 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert F.cross_entropy(torch.zeros(2, 3), y).item() == pytest.approx(torch.log(torch.tensor(3.0)).item())
+
+
+def test_pairings_train_alike_and_inplace_gives_the_same_batches(tmp_path):
+    losses = {}
+    for name, kwargs in {
+        "default": {},
+        "inplace": {"inplace": True},
+        "permutation": {"pairing": "permutation"},
+    }.items():
+        L.seed_everything(0, verbose=False)
+        model = UserClassifier()
+        fast_trainer(tmp_path, max_steps=3, callbacks=[MixUp(alpha=1.0, **kwargs)]).fit(model, _loaders()[0])
+        losses[name] = model.train_losses
+    assert losses["inplace"] == pytest.approx(losses["default"], abs=1e-6)  # same draws, gather vs shift path
+    assert len(losses["permutation"]) == 3
+    assert all(torch.isfinite(torch.tensor(losses["permutation"])))
+
+
+class _KeepsInputs(UserClassifier):
+    """A user who keeps every training batch's inputs (and a copy of their values at the time)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.kept = []
+
+    def training_step(self, batch, batch_idx):
+        self.kept.append((batch[0], batch[0].clone()))
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("make_callback", [lambda: MixUp(1.0), lambda: CutMix(1.0, per_sample=True)])
+def test_inputs_a_user_keeps_are_never_overwritten_by_later_batches(tmp_path, make_callback):
+    L.seed_everything(0, verbose=False)
+    model = _KeepsInputs(net=TinyCNN())
+    fast_trainer(tmp_path, max_epochs=2, callbacks=[make_callback()]).fit(model, make_loader(*make_images(32), 8))
+    assert len(model.kept) == 8
+    assert all(torch.equal(kept, copy) for kept, copy in zip(*zip(*model.kept, strict=True), strict=True))
+    assert len({kept.data_ptr() for kept, _ in model.kept}) == 8  # each batch got its own memory
+
+
+def test_reusable_output_reuses_memory_only_when_nobody_holds_it():
+    like = torch.zeros(4, 3)
+    out = ReusableOutput()
+    first = out.take(like)
+    ptr = first.data_ptr()
+    del first
+    assert out.take(like).data_ptr() == ptr  # dropped at once: reused
+    # Whatever still refers to the memory blocks reuse: the tensor, a view, a detached alias, numpy, a graph.
+    holders = [
+        lambda t: t,
+        lambda t: t[1:],
+        lambda t: t.detach(),
+        lambda t: t.numpy(),
+        lambda t: (t * torch.ones(3, requires_grad=True)).sum().grad_fn,  # autograd saved `t` for backward
+    ]
+    for hold in holders:
+        kept = hold(out.take(like))
+        assert out.take(like).data_ptr() != ptr
+        ptr = out.take(like).data_ptr()  # the held memory is left alone; the new one is owned now
+        del kept
+    assert out.take(torch.zeros(2, 3)).shape == (2, 3)  # a new shape gets new memory
+    assert out.take(like.requires_grad_()) is None  # `out=` kernels cannot record autograd history
+
+
+def test_reusable_output_is_not_pickled():
+    import pickle
+
+    cb = MixUp(1.0)
+    cb._output.take(torch.zeros(1000))
+    assert pickle.loads(pickle.dumps(cb))._output._tensor is None
+
+
+class _EpochMetrics(L.Callback):
+    def __init__(self):
+        self.epochs = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epochs.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("mixup/")})
+
+
+def test_mixed_fraction_and_mean_lambda_are_logged_per_epoch(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = UserClassifier()
+    record = _EpochMetrics()
+    x, y = make_classification(64)
+    loader = make_loader(x, y % 2, batch_size=16)  # two classes among three: partner class visible in targets
+    cb = MixUp(alpha=1.0, prob=0.5, last_epoch=3)
+    fast_trainer(tmp_path, max_epochs=4, callbacks=[cb, record]).fit(model, loader)
+    targets = model.seen_targets["train"]
+    mixed = [bool(((t > 0) & (t < 1)).any()) for t in targets]  # a mixed batch has soft rows (lam in (0, 1))
+    for epoch in range(3):
+        logged = record.epochs[epoch]
+        flags = mixed[4 * epoch : 4 * epoch + 4]
+        assert logged["mixup/mixed_fraction"] == pytest.approx(sum(flags) / 4)
+        # lambda is the weight of each sample's own class where the partner's class differs; 1 when unmixed.
+        lams = []
+        for t, yy in zip(targets[4 * epoch : 4 * epoch + 4], (y % 2).split(16), strict=True):
+            own = t[torch.arange(16), yy]
+            lams.append(float(own[own < 1].max()) if bool((own < 1).any()) else 1.0)
+        assert 0 < logged["mixup/lambda"] <= 1
+        assert logged["mixup/lambda"] == pytest.approx(sum(lams) / 4, abs=1e-6)
+    assert record.epochs[3] == {"mixup/mixed_fraction": 0.0, "mixup/lambda": 1.0}  # from last_epoch on
+
+
+def test_generator_before_setup_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="used before `setup`: let the Trainer run `fit`"):
+        _ = MixUp().generator
+
+
+def test_a_layer_that_returns_no_tensor_or_does_not_run_is_reported(tmp_path):
+    class _Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    class _Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair, self.unused, self.head = _Pair(), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.pair(x)[0])
+
+    loader = _loaders()[0]
+    with pytest.raises(TypeError, match=r"MixUp\(layer='net.pair'\) expects that submodule to return one tensor"):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp(layer="net.pair")]).fit(UserClassifier(net=_Net()), loader)
+    with pytest.warns(UserWarning, match="the layer did not run in the training step; nothing was mixed"):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp(layer="net.unused")]).fit(
+            UserClassifier(net=_Net()), loader
+        )

@@ -111,3 +111,26 @@ def test_cutmix_rejects_bad_arguments(kwargs, match):
 def test_sample_box_rejects_empty_sizes():
     with pytest.raises(ValueError, match="positive lengths"):
         LF.sample_box(0.5, ())
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_shift_pairing_matches_the_gathered_partners(per_sample):
+    # The shift path (two contiguous runs) and the gather path (inplace=True gathers) paste the same pixels.
+    g = _gen(1)
+    x = torch.randn(6, 2, 8, 8, generator=g)
+    lam = torch.rand(6, generator=g) if per_sample else 0.6
+    box = LF.sample_box(lam, (8, 8), generator=g)
+    for k in range(6):
+        index = torch.arange(6).roll(-k)
+        shifted, _, kept = LF.cutmix(x, torch.eye(6), lam, index, box=box)
+        into_out, _, _ = LF.cutmix(x, torch.eye(6), lam, index, box=box, out=torch.empty_like(x))
+        gathered, _, kept_gathered = LF.cutmix(x.clone(), torch.eye(6), lam, index, box=box, inplace=True)
+        assert torch.equal(shifted, gathered)
+        assert torch.equal(into_out, gathered)
+        assert torch.equal(torch.as_tensor(kept), torch.as_tensor(kept_gathered))
+
+
+def test_cutmix_rejects_out_together_with_inplace():
+    x = torch.zeros(2, 1, 4, 4)
+    with pytest.raises(ValueError, match="either `inplace=True` or `out=`"):
+        LF.cutmix(x, torch.eye(2), 0.5, torch.tensor([1, 0]), inplace=True, out=torch.empty_like(x))

@@ -125,3 +125,90 @@ def test_sample_mixup_rejects_bad_arguments(kwargs, match):
     args = {"batch_size": 2, "alpha": 1.0, **kwargs}
     with pytest.raises(ValueError, match=match):
         LF.sample_mixup(**args)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("shape", [(7, 3), (6, 2, 5, 5)])
+def test_shift_pairing_is_bit_identical_to_gathering_the_partners(per_sample, shape):
+    from lightning_reg.functional.mixup import mixup_inputs
+
+    g = _gen()
+    x = torch.randn(shape, generator=g)
+    n = shape[0]
+    lam = torch.rand(n, generator=g) if per_sample else 0.37
+    w = lam.view(-1, *[1] * (len(shape) - 1)) if per_sample else lam
+    for k in range(n):
+        index = torch.arange(n).roll(-k)  # index[i] = (i + k) % n: applied without a gather
+        gathered = x[index].lerp_(x, w)  # the reference: partner + lam * (x - partner)
+        assert torch.equal(mixup_inputs(x, lam, index), gathered)
+        assert torch.equal(mixup_inputs(x, lam, index, out=torch.empty_like(x)), gathered)
+        assert torch.equal(mixup_inputs(x.clone(), lam, index, inplace=True), gathered)
+
+
+def test_cyclic_shift_recognizes_rolls_only():
+    from lightning_reg.functional.mixup import cyclic_shift
+
+    assert [cyclic_shift(torch.arange(5).roll(-k)) for k in range(5)] == [0, 1, 2, 3, 4]
+    assert cyclic_shift(torch.tensor([1, 0, 2])) is None  # first and last fit a shift, the middle does not
+    assert cyclic_shift(torch.tensor([4, 3, 2, 1, 0])) is None  # a flip
+    assert cyclic_shift(torch.tensor([], dtype=torch.long)) is None
+
+
+def test_default_pairing_is_a_random_shift_without_self_pairs_and_permutation_is_available():
+    from lightning_reg.functional.mixup import cyclic_shift
+
+    shifts = {cyclic_shift(LF.sample_mixup(6, 1.0, generator=_gen(seed)).index) for seed in range(60)}
+    assert shifts == {1, 2, 3, 4, 5}  # every k in 1..N-1, never 0 (a sample mixed with itself)
+    perms = [LF.sample_mixup(6, 1.0, pairing="permutation", generator=_gen(seed)).index for seed in range(60)]
+    assert all(sorted(p.tolist()) == list(range(6)) for p in perms)
+    assert any(cyclic_shift(p) is None for p in perms)
+    assert LF.sample_mixup(1, 1.0, generator=_gen()).index.tolist() == [0]
+
+
+def test_out_receives_the_mixed_inputs():
+    x = torch.randn(4, 3, generator=_gen())
+    out = torch.empty_like(x)
+    index = torch.tensor([2, 0, 3, 1])
+    mixed, _ = LF.mixup(x, torch.eye(4), 0.3, index, out=out)
+    assert mixed.data_ptr() == out.data_ptr()
+    assert torch.allclose(out, 0.3 * x + 0.7 * x[index])
+    uint8 = torch.tensor([[0, 255], [10, 20]], dtype=torch.uint8)
+    out8 = torch.empty_like(uint8)
+    assert LF.mixup(uint8, torch.eye(2), 0.5, torch.tensor([1, 0]), out=out8)[0].tolist() == [[5, 138], [5, 138]]
+    assert out8.tolist() == [[5, 138], [5, 138]]
+
+
+def test_inputs_that_require_grad_keep_their_graph_with_a_shift_pairing():
+    x = torch.randn(4, 3, generator=_gen(), requires_grad=True)
+    mixed, _ = LF.mixup(x, torch.eye(4), 0.25, torch.arange(4).roll(-1))
+    mixed.sum().backward()
+    assert torch.allclose(x.grad, torch.ones(4, 3))  # each sample enters once with 0.25 and once with 0.75
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"inputs": [0.0, 1.0]}, TypeError, r"`inputs` to be a tensor of shape \(N, ...\)"),
+        ({"out": torch.empty(2, 2)}, ValueError, "Expected `out` like `inputs`"),
+        ({"out": "buffer"}, ValueError, "Expected `out` like `inputs`"),
+        ({"out": torch.empty(2, 1), "inplace": True}, ValueError, "either `inplace=True` or `out=`"),
+    ],
+)
+def test_mixup_rejects_bad_inputs_and_out(kwargs, error, match):
+    args = {"inputs": torch.zeros(2, 1), "targets": torch.eye(2), "lam": 0.5, "index": torch.tensor([1, 0])}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        LF.mixup(**args)
+
+
+def test_out_must_not_share_memory_with_inputs_or_serve_inputs_that_require_grad():
+    x = torch.zeros(2, 1)
+    with pytest.raises(ValueError, match=r"shares memory with `inputs`.*inplace=True"):
+        LF.mixup(x, torch.eye(2), 0.5, torch.tensor([1, 0]), out=x.view(2, 1))
+    with pytest.raises(ValueError, match="cannot record autograd history"):
+        LF.mixup(x.requires_grad_(), torch.eye(2), 0.5, torch.tensor([1, 0]), out=torch.empty(2, 1))
+
+
+def test_sample_mixup_rejects_an_unknown_pairing():
+    with pytest.raises(ValueError, match=r"`pairing` to be one of \['shift', 'permutation'\], but got 'flip'"):
+        LF.sample_mixup(4, 1.0, pairing="flip")
