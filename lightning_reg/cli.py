@@ -3,23 +3,60 @@
 ``lightning-reg fit|validate|test|predict`` take any zoo model (``--model``), DataModule (``--data``) and
 callbacks (``--trainer.callbacks+=...``) by class name or in a YAML config
 (``lightning-reg fit --config examples/configs/cnn_digits.yaml``); ``--print_config`` prints the full
-configuration. ``lightning-reg demo`` is the main job on the bundled digits (see
-:mod:`lightning_reg.demo`).
+configuration. Progress shows with Lightning's ``RichProgressBar`` unless the command names another progress
+bar or ``--trainer.enable_progress_bar false``. ``lightning-reg demo`` is the main job on the bundled digits
+(see :mod:`lightning_reg.demo`).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["cli", "main"]
+__all__ = ["LightningRegCLI", "cli", "main"]
+
+
+class LightningRegCLI(LightningCLI):
+    """``LightningCLI`` whose Trainer shows Lightning's ``RichProgressBar`` by default.
+
+    The bar is added when the instantiated ``trainer.callbacks`` hold no progress bar and
+    ``trainer.enable_progress_bar`` is not ``false``, so a user's ``--trainer.callbacks+=TQDMProgressBar`` (or
+    any ``ProgressBar``) replaces it and ``--trainer.enable_progress_bar false`` turns it off. (Lightning >= 2.6
+    picks ``RichProgressBar`` itself when ``rich`` is installed; this makes it independent of that version.)
+
+    Example:
+        >>> import zoo
+        >>> result = LightningRegCLI(
+        ...     zoo.ClassifierModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        ...     args=["--model=CNNClassifier", "--data=zoo.data.DigitsDataModule", "--trainer.logger=false"], run=False)
+        >>> type(result.trainer.progress_bar_callback).__name__
+        'RichProgressBar'
+    """
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Instantiate the Trainer, with a ``RichProgressBar`` appended where no progress bar was chosen."""
+        config = self.config_init[self.subcommand] if self.subcommand is not None else self.config_init
+        trainer_config = {**config.get("trainer", {}), **kwargs}
+        callbacks = trainer_config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+        # `None` (the Trainer's default) means enabled.
+        enabled = trainer_config.get("enable_progress_bar") is not False
+        if enabled and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def cli(args: Sequence[str] | None = None, *, run: bool = True) -> LightningCLI:
     """Build (and by default run) the ``LightningCLI`` over ``zoo.ClassifierModule`` subclasses.
+
+    Models, DataModules and callbacks are found by class path (``zoo.CNNClassifier``,
+    ``lightning_reg.MixUp``) or by the bare class name (``CNNClassifier``, ``MixUp``), because their modules
+    are imported here first.
 
     Args:
         args: command-line arguments; ``sys.argv[1:]`` when None.
@@ -28,11 +65,16 @@ def cli(args: Sequence[str] | None = None, *, run: bool = True) -> LightningCLI:
 
     Returns:
         The ``LightningCLI`` instance, whose ``trainer`` holds the logged metrics.
+
+    Example:
+        >>> result = cli(["--model=CNNClassifier", "--data=DigitsDataModule", "--trainer.logger=false"], run=False)
+        >>> type(result.model).__name__, type(result.datamodule).__name__
+        ('CNNClassifier', 'DigitsDataModule')
     """
     import lightning_reg.callbacks  # noqa: F401  (makes our callbacks resolvable by short name)
     import zoo
 
-    return LightningCLI(
+    return LightningRegCLI(
         zoo.ClassifierModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -52,7 +94,9 @@ def main(args: Sequence[str] | None = None) -> None:
 
         demo_cli(argv[1:])
         return
-    cli(argv)
+    # None lets LightningCLI read sys.argv itself: passing sys.argv[1:] again as `args` makes it warn that both
+    # were given.
+    cli(args)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision import datasets
 
 
 def make_classification(n: int = 64, features: int = 8, num_classes: int = 3, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -47,3 +54,30 @@ def make_loader(
     dataset: Dataset = DictDataset(inputs, targets) if as_dict else TensorDataset(inputs, targets)
     generator = torch.Generator().manual_seed(0) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def write_fake_cifar10(root: Path, monkeypatch: pytest.MonkeyPatch, per_batch: int = 4, n_test: int = 6) -> Path:
+    """Write a tiny CIFAR-10 in torchvision's on-disk format under ``root`` and make torchvision accept it.
+
+    ``root/cifar-10-batches-py/`` gets the five training batches (``per_batch`` images each), the test batch and
+    ``batches.meta``: pickled dicts with uint8 rows of 3072 values (R, G, B planes), labels ``i % 10``.
+    torchvision checks each file's md5 against the real dataset's (also with ``download=True``, which then
+    finds the files "already downloaded and verified"), so the check is pointed at these files' sums through
+    ``monkeypatch`` (undone after the test). Returns ``root``.
+    """
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)]
+    for name, n in [(name, per_batch) for name in names] + [("test_batch", n_test)]:
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)]}
+        (folder / name).write_bytes(pickle.dumps(entry))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+
+    def md5(path: Path) -> str:
+        return hashlib.md5(path.read_bytes()).hexdigest()
+
+    monkeypatch.setattr(datasets.CIFAR10, "train_list", [[n, md5(folder / n)] for n in names])
+    monkeypatch.setattr(datasets.CIFAR10, "test_list", [["test_batch", md5(folder / "test_batch")]])
+    monkeypatch.setattr(datasets.CIFAR10, "meta", {**datasets.CIFAR10.meta, "md5": md5(folder / "batches.meta")})
+    return root

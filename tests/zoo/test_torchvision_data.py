@@ -1,7 +1,5 @@
 """TorchvisionDataModule on tiny files written in each dataset's real on-disk format (no download)."""
 
-import hashlib
-import pickle
 import struct
 
 import numpy as np
@@ -9,28 +7,9 @@ import pytest
 import torch
 from torchvision import datasets
 
+from tests.helpers.data import write_fake_cifar10
 from zoo.data import TorchvisionDataModule
-
-
-def _md5(path):
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def write_cifar10(root, monkeypatch, per_batch=4, n_test=6):
-    """cifar-10-batches-py/: pickled dicts with uint8 rows of 3072 (R, G, B planes), md5-checked by torchvision."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    names = [f"data_batch_{i}" for i in range(1, 6)]
-    for name, n in [(name, per_batch) for name in names] + [("test_batch", n_test)]:
-        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)]}
-        (folder / name).write_bytes(pickle.dumps(entry))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
-    # torchvision checks each file's md5 against the real dataset's: point the check at these files' sums.
-    monkeypatch.setattr(datasets.CIFAR10, "train_list", [[n, _md5(folder / n)] for n in names])
-    monkeypatch.setattr(datasets.CIFAR10, "test_list", [["test_batch", _md5(folder / "test_batch")]])
-    meta = {**datasets.CIFAR10.meta, "md5": _md5(folder / "batches.meta")}
-    monkeypatch.setattr(datasets.CIFAR10, "meta", meta)
+from zoo.data.torchvision_data import rows_as_steps
 
 
 def write_idx(folder, n_train=20, n_test=6):
@@ -45,7 +24,7 @@ def write_idx(folder, n_train=20, n_test=6):
 
 
 def test_cifar10_reads_the_python_batches(tmp_path, monkeypatch):
-    write_cifar10(tmp_path, monkeypatch)
+    write_fake_cifar10(tmp_path, monkeypatch)
     dm = TorchvisionDataModule("cifar10", root=tmp_path, batch_size=4, val_fraction=0.2)
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (16, 4, 6)
@@ -54,6 +33,41 @@ def test_cifar10_reads_the_python_batches(tmp_path, monkeypatch):
     assert images.dtype == torch.float32
     assert targets.tolist() == [0, 1, 2, 3]
     assert dm.input_shape == (3, 32, 32)
+
+
+def test_cifar10_as_sequence_gives_rows_as_time_steps(tmp_path, monkeypatch):
+    write_fake_cifar10(tmp_path, monkeypatch)
+    images = TorchvisionDataModule("cifar10", root=tmp_path, batch_size=4, augment=False)
+    rows = TorchvisionDataModule("cifar10", root=tmp_path, batch_size=4, augment=False, as_sequence=True)
+    images.setup()
+    rows.setup()
+    x_img, y_img = next(iter(images.test_dataloader()))
+    x_seq, y_seq = next(iter(rows.test_dataloader()))
+    assert rows.input_shape == (32, 96)
+    assert x_seq.shape == (4, 32, 96)
+    assert type(x_seq) is torch.Tensor  # a plain tensor, not a tv_tensors.Image
+    assert torch.equal(y_seq, y_img)
+    # step h is row h of the R, G and B planes, side by side
+    torch.testing.assert_close(x_seq[:, 5, 32:64], x_img[:, 1, 5, :])
+    torch.testing.assert_close(x_seq, x_img.permute(0, 2, 1, 3).reshape(4, 32, 96))
+
+
+def test_as_sequence_keeps_the_training_augmentation(tmp_path, monkeypatch):
+    write_fake_cifar10(tmp_path, monkeypatch)
+    dm = TorchvisionDataModule("cifar10", root=tmp_path, as_sequence=True)
+    dm.setup()
+    index = dm.train_set.indices[0]
+    torch.manual_seed(0)
+    samples = torch.stack([dm.train_set.dataset[index][0] for _ in range(8)])
+    assert samples.shape == (8, 32, 96)
+    assert not all(torch.equal(samples[0], s) for s in samples)  # random crops/flips differ
+
+
+def test_rows_as_steps_inverts_to_the_image():
+    image = torch.randn(3, 4, 5)
+    rows = rows_as_steps(image)
+    assert rows.shape == (4, 15)
+    torch.testing.assert_close(rows.reshape(4, 3, 5).permute(1, 0, 2), image)
 
 
 @pytest.mark.parametrize(("name", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])

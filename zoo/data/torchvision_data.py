@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-__all__ = ["TorchvisionDataModule", "TorchvisionName"]
+__all__ = ["TorchvisionDataModule", "TorchvisionName", "rows_as_steps"]
 
 TorchvisionName = Literal["cifar10", "mnist", "fashion_mnist"]
 _NAMES: tuple[str, ...] = get_args(TorchvisionName)
@@ -24,6 +24,21 @@ _SPECS: dict[str, tuple[type[Any], int, int, tuple[float, ...], tuple[float, ...
 }
 
 
+def rows_as_steps(image: torch.Tensor) -> torch.Tensor:
+    """An image ``(C, H, W)`` as the sequence of its rows ``(H, C * W)``: step ``h`` holds row ``h`` of every channel.
+
+    A module-level function (not a lambda) so that the transform pickles into DataLoader worker processes.
+
+    Example:
+        >>> rows_as_steps(torch.arange(12.0).reshape(3, 2, 2))
+        tensor([[ 0.,  1.,  4.,  5.,  8.,  9.],
+                [ 2.,  3.,  6.,  7., 10., 11.]])
+    """
+    channels, height, width = image.shape
+    # (C, H, W) -> (H, C, W) -> (H, C * W); a plain tensor, not a tv_tensors.Image (it is no longer an image).
+    return image.as_subclass(torch.Tensor).permute(1, 0, 2).reshape(height, channels * width)
+
+
 class TorchvisionDataModule(L.LightningDataModule):
     """CIFAR-10, MNIST or Fashion-MNIST as a LightningDataModule, read by torchvision's own dataset classes.
 
@@ -32,7 +47,8 @@ class TorchvisionDataModule(L.LightningDataModule):
     the standard augmentation: a random crop after zero padding (4 pixels for CIFAR-10, 2 for the 28x28 sets)
     and, except for digits, horizontal flips. A fixed ``val_fraction`` of the training set is held out,
     without augmentation; the test split is the dataset's own. Batches are lists ``[images, targets]`` with
-    normalized float images ``(N, C, H, W)``.
+    normalized float images ``(N, C, H, W)``, or with ``as_sequence=True`` the image rows as time steps
+    ``(N, H, C * W)`` for sequence models (CIFAR-10: 32 steps of 96 features, each step a row's R, G and B values).
 
     Args:
         name: ``"cifar10"``, ``"mnist"`` or ``"fashion_mnist"``.
@@ -42,12 +58,16 @@ class TorchvisionDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         val_fraction: share of the training set held out for validation.
         augment: apply the training augmentation.
+        as_sequence: give each image as the sequence of its rows ``(H, C * W)`` (after augmentation and
+            normalization) instead of ``(C, H, W)``, for the zoo's RNN and Transformer.
         seed: seed of the validation split.
 
     Example:
         >>> dm = TorchvisionDataModule("cifar10", root="data")
         >>> dm.num_classes, dm.input_shape
         (10, (3, 32, 32))
+        >>> TorchvisionDataModule("cifar10", as_sequence=True).input_shape
+        (32, 96)
     """
 
     num_classes = 10
@@ -62,6 +82,7 @@ class TorchvisionDataModule(L.LightningDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         augment: bool = True,
+        as_sequence: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -81,19 +102,20 @@ class TorchvisionDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.augment = augment
+        self.as_sequence = as_sequence
         self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """Shape of one image ``(C, H, W)``."""
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample: ``(C, H, W)`` as images, ``(H, C * W)`` as sequences."""
         _, side, channels, *_ = _SPECS[self.dataset]
-        return (channels, side, side)
+        return (side, channels * side) if self.as_sequence else (channels, side, side)
 
     def transform(self, train: bool) -> v2.Compose:
-        """The image transform: augmentation (training only), float conversion, normalization."""
+        """The image transform: augmentation (training only), float conversion, normalization, [rows as steps]."""
         _, side, _, mean, std, flip = _SPECS[self.dataset]
         steps: list[Any] = [v2.ToImage()]
         if train and self.augment:
@@ -101,6 +123,8 @@ class TorchvisionDataModule(L.LightningDataModule):
             if flip:
                 steps.append(v2.RandomHorizontalFlip())
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        if self.as_sequence:
+            steps.append(v2.Lambda(rows_as_steps))
         return v2.Compose(steps)
 
     def _dataset(self, train: bool, transform: v2.Compose, download: bool = False) -> Dataset:
