@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry
 from lightning_reg.callbacks._mixing import MixingCallback
-from lightning_reg.functional.mixup import Pairing, _check_alpha, broadcast_lam, mixup_inputs, sample_mixup
+from lightning_reg.functional.mixup import MixingParams, Pairing, _check_alpha, apply_mixup, broadcast_lam, sample_mixup
 from lightning_reg.mixins import MixedTargets
 
 __all__ = ["MixUp"]
@@ -39,10 +39,11 @@ class MixUp(MixingCallback):
         layer: manifold mixing: the name of a submodule (as in ``named_modules()``) whose output is mixed
             during the training step instead of the raw inputs, e.g. the embedding of a sequence model whose
             inputs are token ids.
-        inplace: overwrite the batch's input tensor instead of writing a new one. Off by default, since it is
-            only safe when the DataLoader builds a new batch each step (the default collate does), not when the
-            dataset hands out tensors it keeps; and it is not needed for speed: by default the mixed inputs go to
-            an output tensor the callback reuses whenever nothing holds the previous one any more.
+        inplace: overwrite the batch's input tensor instead of writing a new one: saves the memory of one batch,
+            not time. Off by default, since it is only safe when the DataLoader builds a new batch each step
+            (the default collate does), not when the dataset hands out tensors it keeps (which the callback
+            cannot tell apart). By default the mixed inputs go to an output tensor the callback owns and reuses
+            whenever nothing holds the previous one any more, which costs no more than mixing in place.
         pairing: ``"shift"`` pairs sample ``i`` with ``(i + k) % N`` for a random ``k`` drawn per batch (one blend
             pass, no gather; needs batches in random order, as timm's and torchvision's pairings do);
             ``"permutation"`` draws a uniformly random permutation, robust to batches in a fixed order (e.g. an
@@ -131,17 +132,17 @@ class MixUp(MixingCallback):
         if inputs is None:
             self._hook_layer(params.lam, params.index)
         else:
-            self._write(batch, self.input_key, self._mix_inputs(inputs, params.lam, params.index), "input_key")
+            self._write(batch, self.input_key, self._mix_inputs(inputs, params), "input_key")
         mixed = self._mixed_targets(pl_module, targets, params.lam, params.index)
         self._write(batch, self.target_key, mixed, "target_key")
         self._record(params.lam)
 
-    def _mix_inputs(self, inputs: Tensor, lam: float | Tensor, index: Tensor) -> Tensor:
+    def _mix_inputs(self, inputs: Tensor, params: MixingParams) -> Tensor:
         if not self.inplace or inputs.requires_grad:
-            return mixup_inputs(inputs, lam, index, out=self._mix_out(inputs))
+            return apply_mixup(inputs, params, out=self._mix_out(inputs))
         if self._buffer is None or self._buffer.shape != inputs.shape or self._buffer.dtype != inputs.dtype:
             self._buffer = torch.empty_like(inputs) if torch.is_floating_point(inputs) else None
-        return mixup_inputs(inputs, lam, index, inplace=True, buffer=self._buffer)
+        return apply_mixup(inputs, params, inplace=True, buffer=self._buffer)
 
     def _hook_layer(self, lam: float | Tensor, index: Tensor) -> None:
         assert self._module is not None  # resolved in setup

@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_reg._batch import BatchKey
 from lightning_reg.callbacks.cutmix import CutMix
-from lightning_reg.functional.mixup import Pairing, _check_alpha, mixup_inputs, sample_mixup
+from lightning_reg.functional.mixup import Pairing, _check_alpha, apply_mixup, sample_mixup
 
 __all__ = ["MixUpCutMix"]
 
@@ -116,7 +116,7 @@ class MixUpCutMix(CutMix):
         )
         inplace = self.inplace and not inputs.requires_grad
         out = None if inplace else self._mix_out(inputs)
-        mixed = mixup_inputs(inputs, params.lam, params.index, inplace=inplace, out=out)
+        mixed = apply_mixup(inputs, params, inplace=inplace, out=out)
         self._write(batch, self.input_key, mixed, "input_key")
         self._write(
             batch, self.target_key, self._mixed_targets(pl_module, targets, params.lam, params.index), "target_key"

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from lightning_reg.functional.mixup import (
+    MixingParams,
+    check_inputs,
     check_inputs_args,
     check_mix_args,
     check_out,
@@ -29,7 +31,7 @@ from lightning_reg.functional.mixup import (
     tracks_grad,
 )
 
-__all__ = ["Box", "box_lam", "cutmix", "cutmix_inputs", "default_dims", "sample_box"]
+__all__ = ["Box", "apply_cutmix", "box_lam", "cutmix", "cutmix_inputs", "default_dims", "sample_box"]
 
 
 class Box(NamedTuple):
@@ -93,11 +95,9 @@ def sample_box(lam: float | Tensor, sizes: Sequence[int], *, generator: torch.Ge
     d = len(sizes)
     if d == 0 or any(s < 1 for s in sizes):
         raise ValueError(f"Expected `sizes` to be positive lengths, but got {tuple(sizes)!r}.")
-    lam_t = (
-        lam.detach().to(device, torch.float64)
-        if isinstance(lam, Tensor)
-        else torch.tensor([float(lam)], device=device, dtype=torch.float64)
-    )
+    if not isinstance(lam, Tensor):
+        return _sample_one_box(float(lam), [int(s) for s in sizes], generator, device)
+    lam_t = lam.detach().to(device, torch.float64)
     length = torch.tensor(list(sizes), device=device, dtype=torch.float64)  # (d,)
     ratio = (1.0 - lam_t).clamp(0.0, 1.0).pow(1.0 / d)  # (B,)
     cut = (length * ratio[:, None]).floor().long()  # (B, d), truncated as timm does
@@ -107,6 +107,19 @@ def sample_box(lam: float | Tensor, sizes: Sequence[int], *, generator: torch.Ge
     lo = (centre - cut // 2).clamp(min=0)
     hi = torch.minimum(centre + (cut + 1) // 2, upper)
     return Box(lo, hi)
+
+
+def _sample_one_box(lam: float, sizes: list[int], generator: torch.Generator | None, device: torch.device) -> Box:
+    """:func:`sample_box` for one box: the same draws and float64 arithmetic, in Python scalars (fewer tiny ops)."""
+    d = len(sizes)
+    # The side ratio through torch's pow, as for a tensor `lam`, so both paths round alike.
+    ratio = float((1.0 - torch.tensor(lam, dtype=torch.float64)).clamp(0.0, 1.0).pow(1.0 / d))
+    cut = [math.floor(length * ratio) for length in sizes]  # truncated as timm does
+    u = torch.rand((1, d), generator=generator, device=device, dtype=torch.float64).tolist()[0]
+    centre = [int(ui * length) for ui, length in zip(u, sizes, strict=True)]  # uniform in [0, L)
+    lo = [max(c - k // 2, 0) for c, k in zip(centre, cut, strict=True)]
+    hi = [min(c + (k + 1) // 2, length) for c, k, length in zip(centre, cut, sizes, strict=True)]
+    return Box(torch.tensor([lo], device=device), torch.tensor([hi], device=device))
 
 
 def box_lam(box: Box, sizes: Sequence[int]) -> Tensor:
@@ -193,6 +206,36 @@ def cutmix_inputs(
                 [1, 4]]), 0.5)
     """
     check_inputs_args(inputs, lam, index)
+    params = MixingParams(lam, index, cyclic_shift(index))
+    return apply_cutmix(inputs, params, generator=generator, box=box, dims=dims, inplace=inplace, out=out)
+
+
+def apply_cutmix(
+    inputs: Tensor,
+    params: MixingParams,
+    *,
+    generator: torch.Generator | None = None,
+    box: Box | None = None,
+    dims: Sequence[int] | int | None = None,
+    inplace: bool = False,
+    out: Tensor | None = None,
+) -> tuple[Tensor, float | Tensor]:
+    """:func:`cutmix_inputs` for a draw of ``sample_mixup``, trusted as drawn (what the callbacks call).
+
+    ``params.lam`` and ``params.index`` are not checked again and ``params.shift`` says whether the pairing is a
+    cyclic shift; ``inputs``, ``dims``, ``box`` and ``out`` are checked. Same results as :func:`cutmix_inputs`.
+
+    Example:
+        >>> from lightning_reg.functional.mixup import sample_mixup
+        >>> params = sample_mixup(2, 1.0, generator=torch.Generator().manual_seed(0))
+        >>> x = torch.arange(8.0).view(2, 1, 2, 2)
+        >>> a = apply_cutmix(x, params, generator=torch.Generator().manual_seed(1))
+        >>> b = cutmix_inputs(x, params.lam, params.index, generator=torch.Generator().manual_seed(1))
+        >>> torch.equal(a[0], b[0]) and a[1] == b[1]
+        True
+    """
+    check_inputs(inputs)
+    lam, index = params.lam, params.index
     axes = _resolve_dims(inputs, dims)
     sizes = [inputs.shape[d] for d in axes]
     n = inputs.shape[0]
@@ -214,22 +257,24 @@ def cutmix_inputs(
         check_out(out, inputs)
     # Partner rows: with a cyclic shift k, rows [0, N-k) pair with [k, N) and rows [N-k, N) with [0, k).
     grad = tracks_grad(inputs)  # `out=` kernels record no autograd history: then plain ops only
-    shift = None if inplace or grad else cyclic_shift(index)
+    shift = None if inplace or grad else params.shift
     runs = [(slice(0, n - shift), slice(shift, n)), (slice(n - shift, n), slice(0, shift))] if shift is not None else []
     index = index.to(inputs.device)
-    kept = box_lam(box, sizes)  # (B,) float64
     if box.lo.shape[0] == 1:
         # One box for the batch: copy the batch, then paste only the box region of the partners.
         mixed = inputs if inplace else (out.copy_(inputs) if out is not None else inputs.clone())
         region: list[slice] = [slice(None)] * inputs.ndim
-        for d, low, high in zip(axes, box.lo[0].tolist(), box.hi[0].tolist(), strict=True):
+        lows, highs = box.lo[0].tolist(), box.hi[0].tolist()
+        for d, low, high in zip(axes, lows, highs, strict=True):
             region[d] = slice(low, high)
         if runs:
             for rows, partners in runs:
                 mixed[tuple([rows, *region[1:]])] = inputs[tuple([partners, *region[1:]])]
         else:
             mixed[tuple(region)] = inputs[tuple(region)][index]
-        kept_lam: float | Tensor = float(kept[0])
+        # The area kept, as box_lam computes it (float64), from the Python ints at hand.
+        volume = math.prod(max(high - low, 0) for low, high in zip(lows, highs, strict=True))
+        kept_lam: float | Tensor = 1.0 - float(volume) / math.prod(sizes)
     else:
         # A box per sample: one boolean mask (N, 1.., L_d, ..) from broadcast aranges, no loop over samples.
         lo, hi = box.lo.to(inputs.device), box.hi.to(inputs.device)
@@ -252,5 +297,5 @@ def cutmix_inputs(
             # Gather the partners (into `out` when given), then keep the inputs outside the boxes.
             partner = torch.index_select(inputs, 0, index, out=out) if out is not None else inputs[index]
             mixed = torch.where(mask, partner, inputs, out=partner)
-        kept_lam = kept.to(torch.float32)
+        kept_lam = box_lam(box, sizes).to(torch.float32)
     return mixed, kept_lam

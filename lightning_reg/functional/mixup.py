@@ -7,7 +7,8 @@ sample: ``out = lam * x + (1 - lam) * x[index]``, and the same for the targets.
 Speed: a pairing that is a cyclic shift of the batch (``index[i] == (i + k) % N``, what ``sample_mixup`` draws
 by default, and torchvision's ``roll(1)``) is applied without gathering the partners: they are two contiguous
 runs of the batch, so the blend is one ``torch.lerp`` pass, the cost of blending two tensors. Any other
-permutation is gathered first (one extra copy of the batch). Both give bit-identical results.
+permutation is gathered first (one extra copy of the batch). Both give bit-identical results. The callbacks
+call :func:`apply_mixup` with the draw itself, which knows its shift and is not validated a second time.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-__all__ = ["MixingParams", "Pairing", "cyclic_shift", "mixup", "mixup_inputs", "sample_beta", "sample_mixup"]
+__all__ = [
+    "MixingParams",
+    "Pairing",
+    "apply_mixup",
+    "cyclic_shift",
+    "mixup",
+    "mixup_inputs",
+    "sample_beta",
+    "sample_mixup",
+]
 
 Pairing = Literal["shift", "permutation"]
 
@@ -30,10 +40,12 @@ class MixingParams:
     Attributes:
         lam: weight of the original sample: a float (one for the batch) or a ``(N,)`` tensor (per sample).
         index: the partner of every sample, a permutation ``(N,)`` of the batch.
+        shift: ``k`` when the pairing is the cyclic shift ``index[i] == (i + k) % N``, else ``None``.
     """
 
     lam: float | Tensor
     index: Tensor
+    shift: int | None = None
 
 
 def _check_alpha(alpha: float, name: str = "alpha") -> float:
@@ -105,7 +117,8 @@ def sample_mixup(
         generator: the source of randomness (CPU); the global RNG when ``None``.
 
     Returns:
-        :class:`MixingParams` ``(lam, index)``; ``index`` is int64 on the generator's device.
+        :class:`MixingParams` ``(lam, index, shift)``; ``index`` is int64 on the generator's device, ``shift``
+        is ``k`` for the shift pairing and ``None`` for a permutation.
 
     Example:
         >>> params = sample_mixup(4, 0.2, generator=torch.Generator().manual_seed(0))
@@ -122,11 +135,10 @@ def sample_mixup(
     else:
         lam = _sample_beta_float(_check_alpha(alpha), generator)
     if pairing == "permutation" or batch_size == 1:
-        index = torch.randperm(batch_size, generator=generator, device=device)
-    else:
-        shift = int(torch.randint(1, batch_size, (), generator=generator, device=device))
-        index = torch.arange(batch_size, device=device).roll(-shift)  # index[i] = (i + shift) % N
-    return MixingParams(lam=lam, index=index)
+        return MixingParams(lam=lam, index=torch.randperm(batch_size, generator=generator, device=device))
+    shift = int(torch.randint(1, batch_size, (), generator=generator, device=device))
+    index = torch.arange(batch_size, device=device).roll(-shift)  # index[i] = (i + shift) % N
+    return MixingParams(lam=lam, index=index, shift=shift)
 
 
 def cyclic_shift(index: Tensor) -> int | None:
@@ -165,12 +177,17 @@ def check_mix_args(inputs: Tensor, targets: Tensor, lam: float | Tensor, index: 
         )
 
 
-def check_inputs_args(inputs: Tensor, lam: float | Tensor, index: Tensor) -> None:
-    """Validate ``inputs``, ``lam`` and ``index``; raise with a fix in the message."""
+def check_inputs(inputs: Tensor) -> None:
+    """Raise ``TypeError`` unless ``inputs`` is a real-valued tensor ``(N, ...)``."""
     if not isinstance(inputs, Tensor) or inputs.ndim < 1:
         raise TypeError(f"Expected `inputs` to be a tensor of shape (N, ...), but got {inputs!r:.80}.")
     if inputs.dtype == torch.bool or torch.is_complex(inputs):
         raise TypeError(f"Expected real-valued `inputs` (float or integer), but got dtype {inputs.dtype}.")
+
+
+def check_inputs_args(inputs: Tensor, lam: float | Tensor, index: Tensor) -> None:
+    """Validate ``inputs``, ``lam`` and ``index``; raise with a fix in the message."""
+    check_inputs(inputs)
     n = inputs.shape[0]
     if not isinstance(index, Tensor) or index.shape != (n,) or index.dtype not in (torch.int64, torch.int32):
         got = f"shape {tuple(index.shape)} dtype {index.dtype}" if isinstance(index, Tensor) else repr(index)
@@ -313,6 +330,30 @@ def mixup_inputs(
                 [7.5000]])
     """
     check_inputs_args(inputs, lam, index)
+    return apply_mixup(inputs, MixingParams(lam, index, cyclic_shift(index)), inplace=inplace, buffer=buffer, out=out)
+
+
+def apply_mixup(
+    inputs: Tensor,
+    params: MixingParams,
+    *,
+    inplace: bool = False,
+    buffer: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """:func:`mixup_inputs` for a draw of :func:`sample_mixup`, trusted as drawn (what the callbacks call).
+
+    ``params.lam`` and ``params.index`` are not checked again, and ``params.shift`` says whether the pairing is
+    a cyclic shift; only ``inputs`` and ``out`` are checked. Same results as :func:`mixup_inputs`.
+
+    Example:
+        >>> params = sample_mixup(2, 1.0, generator=torch.Generator().manual_seed(0))
+        >>> x = torch.tensor([[0.0], [10.0]])
+        >>> torch.equal(apply_mixup(x, params), mixup_inputs(x, params.lam, params.index))
+        True
+    """
+    check_inputs(inputs)
+    lam, index = params.lam, params.index
     if out is not None:
         if inplace:
             raise ValueError("Pass either `inplace=True` or `out=`, not both.")
@@ -328,7 +369,7 @@ def mixup_inputs(
         check_out(buffer, inputs, "buffer")
     weight = broadcast_lam(lam, inputs)
     # `out=` kernels do not record autograd history: inputs that need a graph take the gather path.
-    shift = None if inplace or tracks_grad(inputs) else cyclic_shift(index)
+    shift = None if inplace or tracks_grad(inputs) else params.shift
     if shift is not None:
         return _lerp_shifted(inputs, shift, weight, out if out is not None else torch.empty_like(inputs))
     index = index.to(inputs.device)

@@ -157,11 +157,13 @@ def test_cyclic_shift_recognizes_rolls_only():
 def test_default_pairing_is_a_random_shift_without_self_pairs_and_permutation_is_available():
     from lightning_reg.functional.mixup import cyclic_shift
 
-    shifts = {cyclic_shift(LF.sample_mixup(6, 1.0, generator=_gen(seed)).index) for seed in range(60)}
-    assert shifts == {1, 2, 3, 4, 5}  # every k in 1..N-1, never 0 (a sample mixed with itself)
+    draws = [LF.sample_mixup(6, 1.0, generator=_gen(seed)) for seed in range(60)]
+    assert all(p.shift == cyclic_shift(p.index) for p in draws)
+    assert {p.shift for p in draws} == {1, 2, 3, 4, 5}  # every k in 1..N-1, never 0 (a sample mixed with itself)
     perms = [LF.sample_mixup(6, 1.0, pairing="permutation", generator=_gen(seed)).index for seed in range(60)]
     assert all(sorted(p.tolist()) == list(range(6)) for p in perms)
     assert any(cyclic_shift(p) is None for p in perms)
+    assert LF.sample_mixup(6, 1.0, pairing="permutation", generator=_gen()).shift is None
     assert LF.sample_mixup(1, 1.0, generator=_gen()).index.tolist() == [0]
 
 
