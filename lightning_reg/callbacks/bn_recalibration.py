@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal, get_args
 
 import lightning as L
@@ -20,7 +20,7 @@ from lightning_reg.functional.bn_recalibration import (
     tracking_norm_layers,
 )
 
-__all__ = ["BNRecalibration"]
+__all__ = ["BNRecalibration", "sharding_strategy"]
 
 When = Literal["fit_end", "test_start"]
 LoaderName = Literal["train", "val", "test"]
@@ -47,6 +47,13 @@ class BNRecalibration(Callback):
     - ``when="test_start"`` with ``dataloader="test"``: re-estimate the statistics on the test data before testing
       (test-time adaptation, AdaBN, Li et al., https://arxiv.org/abs/1603.04779). This changes the model's
       statistics for good; checkpoint first if you want the training statistics back.
+
+    Strategies: ``ddp`` (and ``ddp_spawn``, ``ddp_fork``), one device, and DeepSpeed ZeRO stages 1-2, where every
+    rank holds whole parameters. With ``sync_batchnorm=True`` the ``SyncBatchNorm`` layers run as local BatchNorm
+    during the pass (their own forward would all-reduce every call) and the exact pooling across ranks happens
+    once at the end, so nothing is counted twice. Strategies that shard the parameters (FSDP, ``ModelParallel``,
+    DeepSpeed ZeRO-3) are refused at setup with an error that names the alternative. Batches go through the
+    precision plugin (``convert_input`` and its forward context), so ``"64-true"``/``"bf16-true"`` work.
 
     The batches come straight from the dataloader, moved to the module's device with no transfer hooks: never
     mixed by the mixing callbacks, which act in ``on_train_batch_start``. The global torch RNG is forked around
@@ -134,6 +141,21 @@ class BNRecalibration(Callback):
 
     # --- hooks ---------------------------------------------------------------------------------------
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse strategies that shard the parameters: the pass forwards the module outside a training step."""
+        if stage != "fit" and not (stage == "test" and self.when == "test_start"):
+            return
+        name = sharding_strategy(trainer)
+        if name is not None:
+            raise ValueError(
+                f"`BNRecalibration` does not support `{name}`: it forwards batches through the LightningModule "
+                "outside the training step, which needs whole parameters on every rank, and this strategy shards "
+                "them. Use `strategy='ddp'` (the statistics are all-reduced across ranks; `sync_batchnorm=True` "
+                "works too), or recalibrate after training in one process: load the checkpoint and call "
+                "`lightning_reg.functional.recalibrate_bn(model, loader)`."
+            )
+
+    @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -186,10 +208,12 @@ class BNRecalibration(Callback):
 
     def _recalibrate(self, trainer: L.Trainer, pl_module: L.LightningModule, frozen: list[Any] | None) -> None:
         loader = self._resolve_loader(trainer)
-        with torch.random.fork_rng(devices=[]):  # a shuffled loader draws its order from the global CPU RNG
+        precision = trainer.precision_plugin
+        # a shuffled loader draws its order from the global CPU RNG: fork it so that training is unchanged
+        with torch.random.fork_rng(devices=[]), precision.forward_context():
             report = recalibrate_bn(
                 pl_module,
-                loader,
+                _converted(loader, precision.convert_input),
                 self.num_batches,
                 input_key=self.input_key,
                 frozen=frozen,
@@ -229,6 +253,33 @@ class BNRecalibration(Callback):
                 )
             loaders = items[0]
         return _fresh(loaders)
+
+
+def sharding_strategy(trainer: L.Trainer) -> str | None:
+    """The name of the trainer's strategy if it shards the parameters across ranks, else ``None``.
+
+    FSDP, ``ModelParallelStrategy`` and DeepSpeed ZeRO stage 3 keep only a shard of each parameter on a rank
+    between the steps they wrap, so a callback cannot call the LightningModule itself there.
+
+    Example:
+        >>> import lightning as L
+        >>> sharding_strategy(L.Trainer(accelerator="cpu", logger=False)) is None
+        True
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy | ModelParallelStrategy):
+        return type(strategy).__name__
+    if isinstance(strategy, DeepSpeedStrategy) and isinstance(strategy.config, dict) and strategy.zero_stage_3:
+        return f"{type(strategy).__name__} (ZeRO stage 3)"
+    return None
+
+
+def _converted(loader: Iterable[Any], convert: Any) -> Iterator[Any]:
+    """The loader's batches passed through the precision plugin's ``convert_input`` (float64, bf16, ...)."""
+    for batch in loader:
+        yield convert(batch)
 
 
 def _fresh(loader: Iterable[Any]) -> Iterable[Any]:

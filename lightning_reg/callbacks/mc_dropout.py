@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry, validate_key
 from lightning_reg._random import base_seed, rank_generator
+from lightning_reg.callbacks.bn_recalibration import sharding_strategy
 from lightning_reg.functional.mc_dropout import MCDropoutPrediction, mc_dropout_predict
 from lightning_reg.metrics import UncertaintyMetrics
 from lightning_reg.targets import hard_targets
@@ -53,6 +54,10 @@ class MCDropoutEvaluation(Callback):
 
     Training is unchanged: the callback draws from its own per-rank generator (seeded from
     ``seed_everything``'s seed, the global rank, the stage and the global step), never from the global RNG.
+
+    Strategies: one device, ``ddp`` (``ddp_spawn``, ``ddp_fork``) and DeepSpeed ZeRO stages 1-2; the extra forward
+    passes run in the precision plugin's forward context, like the evaluation step. Strategies that shard the
+    parameters (FSDP, ``ModelParallel``, DeepSpeed ZeRO-3) are refused at setup, naming the alternative.
 
     Args:
         n_samples: Monte-Carlo samples per input.
@@ -119,6 +124,22 @@ class MCDropoutEvaluation(Callback):
         self.predictions: list[dict[str, Tensor]] = []
         self._generator: torch.Generator | None = None
         self._metrics: dict[str, tuple[UncertaintyMetrics, UncertaintyMetrics]] = {}  # stage -> (mc, det)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse strategies that shard the parameters where this run would sample (predict always samples)."""
+        sampled = {"fit": "validate", "validate": "validate", "test": "test"}.get(stage)
+        if sampled is not None and sampled not in self.stages:
+            return
+        name = sharding_strategy(trainer)
+        if name is not None:
+            raise ValueError(
+                f"`MCDropoutEvaluation` does not support `{name}`: it runs extra forward passes of the "
+                "LightningModule outside the evaluation step, which needs whole parameters on every rank, and this "
+                "strategy shards them. Train with this strategy without the callback, then evaluate the checkpoint "
+                "with `MCDropoutEvaluation` under `strategy='ddp'` or in one process "
+                "(or call `lightning_reg.functional.mc_dropout_predict`)."
+            )
 
     # --- validate ----------------------------------------------------------------------------------
     @override
@@ -221,15 +242,17 @@ class MCDropoutEvaluation(Callback):
     def _predict(
         self, pl_module: L.LightningModule, inputs: Tensor, deterministic: bool = False
     ) -> MCDropoutPrediction:
-        return mc_dropout_predict(
-            pl_module,
-            inputs,
-            self.n_samples,
-            generator=self._generator,
-            chunk_size=self.chunk_size,
-            include_drop_path=self.include_drop_path,
-            deterministic=deterministic,
-        )
+        # the hooks run outside the step's precision context (autocast, default dtype): enter it as the step does
+        with pl_module.trainer.precision_plugin.forward_context():
+            return mc_dropout_predict(
+                pl_module,
+                inputs,
+                self.n_samples,
+                generator=self._generator,
+                chunk_size=self.chunk_size,
+                include_drop_path=self.include_drop_path,
+                deterministic=deterministic,
+            )
 
     def _evaluate_batch(self, stage: Stage, pl_module: L.LightningModule, batch: Any) -> None:
         inputs = get_entry(batch, self.input_key, "input_key")

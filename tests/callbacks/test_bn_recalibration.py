@@ -262,3 +262,14 @@ def test_example_runs_and_recalibrates(tmp_path: Path, monkeypatch: pytest.Monke
     assert metrics["bn_mean_abs_change_var"] > 0
     saved = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert int(saved["state_dict"]["net.features.1.num_batches_tracked"]) > 2  # set by the recalibration
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("64-true", torch.float64), ("bf16-true", torch.bfloat16)])
+def test_batches_go_through_the_precision_plugin(tmp_path: Path, precision: str, dtype: torch.dtype) -> None:
+    # The module is cast to `dtype`; raw loader batches are float32 and would fail the first conv without it.
+    model = _model()
+    callback = BNRecalibration(num_batches=None)
+    fast_trainer(tmp_path, precision=precision, callbacks=[callback]).fit(model, _loader())
+    assert callback.num_recalibrations == 1
+    assert _bn(model).running_mean.dtype == dtype
+    assert int(_bn(model).num_batches_tracked) == 3  # every batch of the loader

@@ -225,3 +225,26 @@ def test_ddp_metrics_equal_single_process_metrics_on_the_union(tmp_path: Path) -
     )
     for name, value in union.compute().items():
         assert logged[f"mc/val/{name}"] == pytest.approx(float(value), abs=1e-6), name
+
+
+class _AutocastRecorder(UserClassifier):
+    """Records whether CPU autocast is on whenever it is called in eval mode (its step or the callback's passes)."""
+
+    def __init__(self) -> None:
+        super().__init__(TinyMLP(batch_norm=True, dropout=0.3))
+        self.autocast_in_eval: list[bool] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            self.autocast_in_eval.append(torch.is_autocast_enabled("cpu"))
+        return super().forward(x)
+
+
+def test_mc_passes_run_in_the_precision_context_of_the_evaluation_step(tmp_path: Path) -> None:
+    model = _AutocastRecorder()
+    trainer = fast_trainer(tmp_path, precision="bf16-mixed", callbacks=[MCDropoutEvaluation(4, plot=False)])
+    (results,) = trainer.validate(model, _loader())
+    # 3 batches: the step's forward, then the callback's deterministic and MC passes, each under autocast.
+    assert len(model.autocast_in_eval) > 3
+    assert all(model.autocast_in_eval)
+    assert torch.isfinite(torch.tensor(results["mc/val/nll"]))
