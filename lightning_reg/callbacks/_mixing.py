@@ -10,11 +10,11 @@ targets reach it (indices or probabilities) exactly once, before or after a mixi
 smoothing (a ``LabelSmoothing`` callback and a mixing callback's ``label_smoothing``, or the module's own
 ``label_smoothing``) would smooth twice: :func:`check_single_smoothing` rejects that at fit start.
 
-Speed: the mixed inputs are written into a callback-owned output tensor (:class:`ReusableOutput`) that is reused
-on the next batch only when nothing else refers to its memory any more (the training step, its autograd graph,
-views, a user who kept the batch): so a batch someone still holds is never overwritten, and in the usual loop
-(batch consumed, graph freed) no new batch is allocated: on a large batch a fresh allocation costs more than
-the blend itself (page faults).
+Speed: the mixed inputs and the dense mixed targets are written into callback-owned tensors
+(:class:`ReusableOutput`) that are reused on the next batch only when nothing else refers to their memory any
+more (the training step, its autograd graph, views, a user who kept the batch): so a batch someone still holds
+is never overwritten, and in the usual loop (batch consumed, graph freed) nothing new is allocated: on a large
+batch a fresh allocation costs more than the blend itself (page faults).
 
 Logging: at the end of every training epoch a mixing callback logs through ``pl_module.log`` (``on_step=False,
 on_epoch=True``, averaged over ranks) ``{name}/mixed_fraction``, the fraction of training batches it mixed, and
@@ -73,7 +73,7 @@ class ReusableOutput:
         self._tensor: Tensor | None = None
 
     def take(self, like: Tensor) -> Tensor | None:
-        """A tensor like ``like`` that nobody else holds; ``None`` when ``like`` requires grad.
+        """A tensor like ``like`` (its memory layout too) that nobody else holds; ``None`` if ``like`` requires grad.
 
         (``out=`` kernels record no autograd history, so inputs that require grad are mixed into new tensors.)
         """
@@ -82,6 +82,13 @@ class ReusableOutput:
         t = self._tensor
         if t is None or t.shape != like.shape or t.dtype != like.dtype or t.device != like.device or self._shared(t):
             t = self._tensor = torch.empty_like(like)
+        return t.view(t.shape)
+
+    def take_empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A contiguous tensor of ``shape``, ``dtype`` and ``device`` that nobody else holds."""
+        t = self._tensor
+        if t is None or t.shape != shape or t.dtype != dtype or t.device != device or self._shared(t):
+            t = self._tensor = torch.empty(shape, dtype=dtype, device=device)
         return t.view(t.shape)
 
     @staticmethod
@@ -181,7 +188,8 @@ class MixingCallback(L.Callback):
         self._generator: torch.Generator | None = None
         self._pending_state: dict[str, Any] | None = None
         self._warned_small_batch = False
-        self._output = ReusableOutput()
+        self._output = ReusableOutput()  # mixed inputs
+        self._target_output = ReusableOutput()  # dense mixed targets
         self._stats = {"batches": 0.0, "mixed": 0.0, "lambda": 0.0, "cutmix": 0.0}
 
     # --- identity and state ------------------------------------------------------------------------
@@ -287,7 +295,10 @@ class MixingCallback(L.Callback):
             assert isinstance(base, MixedTargets)
             lam_t = lam.to(base.lam) if isinstance(lam, Tensor) else torch.full_like(base.lam, lam)
             return base._replace(targets_b=base.targets_a[index.to(base.targets_a.device)], lam=lam_t)
-        return mixed_one_hot(targets, self._num_classes, lam, index, self.label_smoothing)
+        out = None
+        if targets.ndim == 1:  # index targets are built into a reused (N, K) tensor (see the module notes)
+            out = self._target_output.take_empty((targets.shape[0], self._num_classes), torch.float32, targets.device)
+        return mixed_one_hot(targets, self._num_classes, lam, index, self.label_smoothing, out=out)
 
     def _write(self, batch: Any, key: BatchKey, value: Any, name: str) -> None:
         set_entry(batch, key, value, name)
@@ -325,6 +336,7 @@ class MixingCallback(L.Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._output.release()
+        self._target_output.release()
 
     def _mix_out(self, inputs: Tensor) -> Tensor | None:
         """Where to write the mixed inputs: the reusable output (see the module notes), or ``None`` to allocate."""

@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry
 from lightning_reg.callbacks._mixing import MixingCallback
-from lightning_reg.functional.cutmix import apply_cutmix
+from lightning_reg.functional.cutmix import apply_cutmix, sample_cutmix_box
 from lightning_reg.functional.mixup import Pairing, _check_alpha, sample_mixup
 from lightning_reg.mixins import MixedTargets
 
@@ -106,12 +106,14 @@ class CutMix(MixingCallback):
     ) -> None:
         n = inputs.shape[0]
         params = sample_mixup(n, alpha, per_sample=self.per_sample, pairing=self.pairing, generator=self.generator)
+        box, kept = sample_cutmix_box(inputs, params.lam, generator=self.generator, dims=dims)
+        # Targets first (mixed by the fraction actually kept after the box is clipped), inputs last: the forward
+        # pass reads the inputs next, while they are still in cache.
+        self._write(batch, self.target_key, self._mixed_targets(pl_module, targets, kept, params.index), "target_key")
         inplace = self.inplace and not inputs.requires_grad
         out = None if inplace else self._mix_out(inputs)
-        mixed, kept = apply_cutmix(inputs, params, generator=self.generator, dims=dims, inplace=inplace, out=out)
+        mixed, _ = apply_cutmix(inputs, params, box=box, dims=dims, inplace=inplace, out=out)
         self._write(batch, self.input_key, mixed, "input_key")
-        # Targets are mixed by the fraction actually kept after the box is clipped.
-        self._write(batch, self.target_key, self._mixed_targets(pl_module, targets, kept, params.index), "target_key")
         self._record(kept, cutmix=True)
 
     @override

@@ -129,12 +129,13 @@ class MixUp(MixingCallback):
             self._record()
             return
         params = sample_mixup(n, self.alpha, per_sample=self.per_sample, pairing=self.pairing, generator=self.generator)
+        # Targets first, inputs last: the forward pass reads the inputs next, while they are still in cache.
+        mixed = self._mixed_targets(pl_module, targets, params.lam, params.index)
+        self._write(batch, self.target_key, mixed, "target_key")
         if inputs is None:
             self._hook_layer(params.lam, params.index)
         else:
             self._write(batch, self.input_key, self._mix_inputs(inputs, params), "input_key")
-        mixed = self._mixed_targets(pl_module, targets, params.lam, params.index)
-        self._write(batch, self.target_key, mixed, "target_key")
         self._record(params.lam)
 
     def _mix_inputs(self, inputs: Tensor, params: MixingParams) -> Tensor:

@@ -114,13 +114,13 @@ class MixUpCutMix(CutMix):
             pairing=self.pairing,
             generator=self.generator,
         )
-        inplace = self.inplace and not inputs.requires_grad
-        out = None if inplace else self._mix_out(inputs)
-        mixed = apply_mixup(inputs, params, inplace=inplace, out=out)
-        self._write(batch, self.input_key, mixed, "input_key")
+        # Targets first, inputs last (see MixUp).
         self._write(
             batch, self.target_key, self._mixed_targets(pl_module, targets, params.lam, params.index), "target_key"
         )
+        inplace = self.inplace and not inputs.requires_grad
+        out = None if inplace else self._mix_out(inputs)
+        self._write(batch, self.input_key, apply_mixup(inputs, params, inplace=inplace, out=out), "input_key")
         self._record(params.lam)
 
     def _epoch_metrics(self) -> dict[str, float]:

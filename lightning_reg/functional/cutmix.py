@@ -31,7 +31,16 @@ from lightning_reg.functional.mixup import (
     tracks_grad,
 )
 
-__all__ = ["Box", "apply_cutmix", "box_lam", "cutmix", "cutmix_inputs", "default_dims", "sample_box"]
+__all__ = [
+    "Box",
+    "apply_cutmix",
+    "box_lam",
+    "cutmix",
+    "cutmix_inputs",
+    "default_dims",
+    "sample_box",
+    "sample_cutmix_box",
+]
 
 
 class Box(NamedTuple):
@@ -110,10 +119,13 @@ def sample_box(lam: float | Tensor, sizes: Sequence[int], *, generator: torch.Ge
 
 
 def _sample_one_box(lam: float, sizes: list[int], generator: torch.Generator | None, device: torch.device) -> Box:
-    """:func:`sample_box` for one box: the same draws and float64 arithmetic, in Python scalars (fewer tiny ops)."""
+    """:func:`sample_box` for one box: the same draws and formula in Python floats (fewer tiny tensor ops).
+
+    ``x ** (1 / d)`` in Python and in torch may differ in the last bit (torch's pow is not correctly rounded);
+    that moves a box side by one pixel only when ``L * ratio`` lies within one rounding step of an integer.
+    """
     d = len(sizes)
-    # The side ratio through torch's pow, as for a tensor `lam`, so both paths round alike.
-    ratio = float((1.0 - torch.tensor(lam, dtype=torch.float64)).clamp(0.0, 1.0).pow(1.0 / d))
+    ratio = min(max(1.0 - lam, 0.0), 1.0) ** (1.0 / d)
     cut = [math.floor(length * ratio) for length in sizes]  # truncated as timm does
     u = torch.rand((1, d), generator=generator, device=device, dtype=torch.float64).tolist()[0]
     centre = [int(ui * length) for ui, length in zip(u, sizes, strict=True)]  # uniform in [0, L)
@@ -131,6 +143,41 @@ def box_lam(box: Box, sizes: Sequence[int]) -> Tensor:
     """
     volume = (box.hi - box.lo).clamp(min=0).prod(dim=1).to(torch.float64)
     return 1.0 - volume / math.prod(sizes)
+
+
+def _kept_one(lows: list[int], highs: list[int], sizes: Sequence[int]) -> float:
+    """:func:`box_lam` of one box given as Python ints: the same float64 arithmetic, no tensor ops."""
+    volume = math.prod(max(high - low, 0) for low, high in zip(lows, highs, strict=True))
+    return 1.0 - float(volume) / math.prod(sizes)
+
+
+def sample_cutmix_box(
+    inputs: Tensor,
+    lam: float | Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    dims: Sequence[int] | int | None = None,
+) -> tuple[Box, float | Tensor]:
+    """Draw the box :func:`cutmix` would draw for ``inputs``, and the fraction it keeps.
+
+    Lets a caller mix the targets (with the returned fraction) before pasting the box with
+    ``cutmix(..., box=box)``: the same draws as ``cutmix(..., generator=generator)``.
+
+    Returns:
+        ``(box, kept_lam)``: a float for one box, a float32 ``(N,)`` tensor for per-sample boxes.
+
+    Example:
+        >>> x = torch.zeros(2, 3, 8, 8)
+        >>> box, kept = sample_cutmix_box(x, 0.75, generator=torch.Generator().manual_seed(0))
+        >>> box.lo.shape, 0.0 <= kept <= 1.0
+        (torch.Size([1, 2]), True)
+    """
+    check_inputs(inputs)
+    sizes = [inputs.shape[d] for d in _resolve_dims(inputs, dims)]
+    box = sample_box(lam, sizes, generator=generator)
+    if box.lo.shape[0] == 1 and not isinstance(lam, Tensor):
+        return box, _kept_one(box.lo[0].tolist(), box.hi[0].tolist(), sizes)
+    return box, box_lam(box, sizes).to(torch.float32)
 
 
 def _shape_along(n: int, ndim: int, dim: int, length: int) -> list[int]:
@@ -272,9 +319,7 @@ def apply_cutmix(
                 mixed[tuple([rows, *region[1:]])] = inputs[tuple([partners, *region[1:]])]
         else:
             mixed[tuple(region)] = inputs[tuple(region)][index]
-        # The area kept, as box_lam computes it (float64), from the Python ints at hand.
-        volume = math.prod(max(high - low, 0) for low, high in zip(lows, highs, strict=True))
-        kept_lam: float | Tensor = 1.0 - float(volume) / math.prod(sizes)
+        kept_lam: float | Tensor = _kept_one(lows, highs, sizes)
     else:
         # A box per sample: one boolean mask (N, 1.., L_d, ..) from broadcast aranges, no loop over samples.
         lo, hi = box.lo.to(inputs.device), box.hi.to(inputs.device)

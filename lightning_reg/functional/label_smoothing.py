@@ -7,6 +7,8 @@ Smoothing is linear, so it commutes with mixing: smoothing then mixing equals mi
 
 from __future__ import annotations
 
+import struct
+
 import torch
 from torch import Tensor
 
@@ -37,6 +39,11 @@ def check_targets(targets: object, name: str = "targets") -> Tensor:
         f"with a float dtype, but got shape {tuple(targets.shape)} and dtype {targets.dtype}. "
         "Squeeze (N, 1) targets to (N,), cast float indices with `.long()`, or pass one-hot rows as float."
     )
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (to nearest, ties to even) as torch rounds a float64 scalar."""
+    return float(struct.unpack("f", struct.pack("f", x))[0])
 
 
 def _check_range(targets: Tensor, num_classes: int) -> None:
@@ -117,7 +124,13 @@ def one_hot(targets: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor
 
 
 def mixed_one_hot(
-    targets: Tensor, num_classes: int, lam: float | Tensor, index: Tensor, smoothing: float = 0.0
+    targets: Tensor,
+    num_classes: int,
+    lam: float | Tensor,
+    index: Tensor,
+    smoothing: float = 0.0,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``smooth(lam * one_hot(targets) + (1 - lam) * one_hot(targets[index]))`` in one pass for index targets.
 
@@ -130,6 +143,8 @@ def mixed_one_hot(
         lam: the weight of each sample's own class: a float or ``(N,)``.
         index: the partner of each sample ``(N,)``.
         smoothing: label smoothing in ``[0, 1)``.
+        out: optional float32 tensor ``(N, K)`` that receives the result for index targets (so that repeated
+            calls allocate nothing); probability targets ignore it.
 
     Example:
         >>> mixed_one_hot(torch.tensor([0, 1]), 3, 0.75, torch.tensor([1, 0]))
@@ -141,17 +156,35 @@ def mixed_one_hot(
         weight = lam.to(probs)[:, None] if isinstance(lam, Tensor) else float(lam)
         return probs[index.to(probs.device)].lerp_(probs, weight)
     _check_smoothing(smoothing)
-    _check_range(check_targets(targets), num_classes)
+    check_targets(targets)
     n = targets.shape[0]
-    own = (
-        lam.to(targets.device, torch.float32)
-        if isinstance(lam, Tensor)
-        else torch.tensor([float(lam)], dtype=torch.float32, device=targets.device)
-    )
-    # Weights of the own class and of the partner's class, (N, 2) or (1, 2) broadcast to (N, 2); the same
-    # float32 arithmetic as mixing the smoothed one-hot rows.
-    weights = torch.stack([own, 1.0 - own], dim=1).mul_(1.0 - smoothing).expand(n, 2)
-    classes = torch.stack([targets.long(), targets.long()[index.to(targets.device)]], dim=1)  # (N, 2)
-    out = torch.full((n, num_classes), smoothing / num_classes, device=targets.device)
+    device = targets.device
+    if device.type != "cpu":  # on CPU the scatter below checks the range itself (a GPU kernel would assert)
+        _check_range(targets, num_classes)
+    # Weights of the own class and of the partner's class, (N, 2) or (1, 2) broadcast to (N, 2), in the float32
+    # arithmetic of mixing the smoothed one-hot rows: (1 - s) * lam and (1 - s) * (1 - lam).
+    if isinstance(lam, Tensor):
+        own = lam.to(device, torch.float32)
+        weights = torch.stack([own, 1.0 - own], dim=1).mul_(1.0 - smoothing)
+    else:
+        keep, lam32 = _f32(1.0 - smoothing), _f32(float(lam))
+        pair = [_f32(keep * lam32), _f32(keep * _f32(1.0 - lam32))]
+        weights = torch.tensor([pair], dtype=torch.float32, device=device).expand(n, 2)
+    labels = targets if targets.dtype == torch.int64 else targets.long()
+    partners = labels[index if index.device == device else index.to(device)]
+    classes = torch.stack([labels, partners], dim=1)  # (N, 2)
+    if out is None:
+        out = torch.full((n, num_classes), smoothing / num_classes, device=targets.device)
+    elif out.shape != (n, num_classes) or out.dtype != torch.float32 or out.device != targets.device:
+        raise ValueError(
+            f"Expected `out` as float32 of shape ({n}, {num_classes}) on {targets.device}, but got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device}. Pass `out=torch.empty({n}, {num_classes})`."
+        )
+    else:
+        out.fill_(smoothing / num_classes)
     # One scatter for both classes: they add up when a sample and its partner share the class.
-    return out.scatter_add_(1, classes, weights)
+    try:
+        return out.scatter_add_(1, classes, weights)
+    except RuntimeError:
+        _check_range(targets, num_classes)  # raises the error that says how to fix it
+        raise

@@ -266,26 +266,28 @@ def test_pairings_train_alike_and_inplace_gives_the_same_batches(tmp_path):
     assert all(torch.isfinite(torch.tensor(losses["permutation"])))
 
 
-class _KeepsInputs(UserClassifier):
-    """A user who keeps every training batch's inputs (and a copy of their values at the time)."""
+class _KeepsBatches(UserClassifier):
+    """A user who keeps every training batch's inputs and targets (and copies of their values at the time)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.kept = []
 
     def training_step(self, batch, batch_idx):
-        self.kept.append((batch[0], batch[0].clone()))
+        self.kept.append([(t, t.clone()) for t in batch[:2]])
         return super().training_step(batch, batch_idx)
 
 
 @pytest.mark.parametrize("make_callback", [lambda: MixUp(1.0), lambda: CutMix(1.0, per_sample=True)])
-def test_inputs_a_user_keeps_are_never_overwritten_by_later_batches(tmp_path, make_callback):
+def test_batches_a_user_keeps_are_never_overwritten_by_later_batches(tmp_path, make_callback):
     L.seed_everything(0, verbose=False)
-    model = _KeepsInputs(net=TinyCNN())
+    model = _KeepsBatches(net=TinyCNN())
     fast_trainer(tmp_path, max_epochs=2, callbacks=[make_callback()]).fit(model, make_loader(*make_images(32), 8))
     assert len(model.kept) == 8
-    assert all(torch.equal(kept, copy) for kept, copy in zip(*zip(*model.kept, strict=True), strict=True))
-    assert len({kept.data_ptr() for kept, _ in model.kept}) == 8  # each batch got its own memory
+    for entry in range(2):  # inputs, then the (N, K) targets
+        pairs = [step[entry] for step in model.kept]
+        assert all(torch.equal(kept, copy) for kept, copy in pairs)
+        assert len({kept.data_ptr() for kept, _ in pairs}) == 8  # each batch got its own memory
 
 
 def test_reusable_output_reuses_memory_only_when_nobody_holds_it():

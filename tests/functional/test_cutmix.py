@@ -134,3 +134,18 @@ def test_cutmix_rejects_out_together_with_inplace():
     x = torch.zeros(2, 1, 4, 4)
     with pytest.raises(ValueError, match="either `inplace=True` or `out=`"):
         LF.cutmix(x, torch.eye(2), 0.5, torch.tensor([1, 0]), inplace=True, out=torch.empty_like(x))
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_sample_cutmix_box_draws_the_box_cutmix_draws(per_sample):
+    from lightning_reg.functional.cutmix import sample_cutmix_box
+
+    x = torch.randn(5, 2, 7, 9, generator=_gen())
+    lam = torch.rand(5, generator=_gen(1)) if per_sample else 0.42
+    index = torch.tensor([3, 0, 4, 1, 2])
+    box, kept = sample_cutmix_box(x, lam, generator=_gen(7))
+    direct, _, kept_direct = LF.cutmix(x, torch.eye(5), lam, index, generator=_gen(7))
+    with_box, _, kept_box = LF.cutmix(x, torch.eye(5), lam, index, box=box)
+    assert torch.equal(direct, with_box)
+    assert torch.equal(torch.as_tensor(kept), torch.as_tensor(kept_direct))
+    assert torch.equal(torch.as_tensor(kept), torch.as_tensor(kept_box))
