@@ -46,6 +46,11 @@ def test_every_zoo_model_has_a_plain_and_a_regularized_config_on_each_dataset():
     assert set(DIGITS) | set(CIFAR10) == set(ALL)
 
 
+def test_readme_lists_every_config():
+    readme = (CONFIGS / "README.md").read_text()
+    assert [name for name in ALL if f"`{name}`" not in readme] == []
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_config_builds_the_registry_model_of_its_name(name):
     model_name = name.split(f"_{'digits' if name in DIGITS else 'cifar10'}")[0]
