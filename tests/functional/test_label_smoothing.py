@@ -69,3 +69,15 @@ def test_mixed_one_hot_equals_mixing_the_one_hot_rows(per_sample):
     assert torch.allclose(mixed_one_hot(LF.one_hot(y, 5), 5, lam, index, smoothing=0.1), expected, atol=1e-6)
     with pytest.raises(ValueError, match=r"indices in \[0, 3\)"):
         mixed_one_hot(y, 3, lam, index)
+
+
+def test_mixed_one_hot_writes_into_out_and_rejects_a_wrong_out():
+    from lightning_reg.functional.label_smoothing import mixed_one_hot
+
+    y, index = torch.tensor([0, 2, 1]), torch.tensor([1, 2, 0])
+    out = torch.full((3, 3), 7.0)  # stale values must not leak into the result
+    result = mixed_one_hot(y, 3, 0.25, index, smoothing=0.1, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    assert torch.equal(result, mixed_one_hot(y, 3, 0.25, index, smoothing=0.1))
+    with pytest.raises(ValueError, match=r"Expected `out` as float32 of shape \(3, 3\)"):
+        mixed_one_hot(y, 3, 0.25, index, out=torch.empty(3, 4))
