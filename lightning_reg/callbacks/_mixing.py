@@ -37,6 +37,7 @@ from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry, set_entry, validate_key
 from lightning_reg._random import base_seed, rank_generator
+from lightning_reg.callbacks._strategy import data_parallel_rank
 from lightning_reg.functional.label_smoothing import check_targets, mixed_one_hot, one_hot
 from lightning_reg.functional.mixup import Pairing, check_pairing
 from lightning_reg.mixins import MixedTargets
@@ -225,7 +226,7 @@ class MixingCallback(L.Callback):
         check_single_smoothing(trainer, pl_module)
         self._seed = base_seed()
         salt = zlib.crc32(self.state_key.encode())
-        self._generator = rank_generator(self._seed, trainer.global_rank, stream=salt)
+        self._generator = rank_generator(self._seed, data_parallel_rank(trainer), stream=salt)
         if self._pending_state is not None:
             self._generator.set_state(self._pending_state["generator_state"])
             self._pending_state = None

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, validate_key
+from lightning_reg.callbacks._strategy import sharding_strategy
 from lightning_reg.functional.bn_recalibration import (
     BNRecalibrationReport,
     is_frozen_norm,
@@ -20,7 +21,7 @@ from lightning_reg.functional.bn_recalibration import (
     tracking_norm_layers,
 )
 
-__all__ = ["BNRecalibration", "sharding_strategy"]
+__all__ = ["BNRecalibration"]
 
 When = Literal["fit_end", "test_start"]
 LoaderName = Literal["train", "val", "test"]
@@ -253,27 +254,6 @@ class BNRecalibration(Callback):
                 )
             loaders = items[0]
         return _fresh(loaders)
-
-
-def sharding_strategy(trainer: L.Trainer) -> str | None:
-    """The name of the trainer's strategy if it shards the parameters across ranks, else ``None``.
-
-    FSDP, ``ModelParallelStrategy`` and DeepSpeed ZeRO stage 3 keep only a shard of each parameter on a rank
-    between the steps they wrap, so a callback cannot call the LightningModule itself there.
-
-    Example:
-        >>> import lightning as L
-        >>> sharding_strategy(L.Trainer(accelerator="cpu", logger=False)) is None
-        True
-    """
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
-    strategy = trainer.strategy
-    if isinstance(strategy, FSDPStrategy | ModelParallelStrategy):
-        return type(strategy).__name__
-    if isinstance(strategy, DeepSpeedStrategy) and isinstance(strategy.config, dict) and strategy.zero_stage_3:
-        return f"{type(strategy).__name__} (ZeRO stage 3)"
-    return None
 
 
 def _converted(loader: Iterable[Any], convert: Any) -> Iterator[Any]:

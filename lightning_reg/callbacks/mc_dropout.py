@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry, validate_key
 from lightning_reg._random import base_seed, rank_generator
-from lightning_reg.callbacks.bn_recalibration import sharding_strategy
+from lightning_reg.callbacks._strategy import data_parallel_rank, sharding_strategy
 from lightning_reg.functional.mc_dropout import MCDropoutPrediction, mc_dropout_predict
 from lightning_reg.metrics import UncertaintyMetrics
 from lightning_reg.targets import hard_targets
@@ -233,7 +233,7 @@ class MCDropoutEvaluation(Callback):
         # `seed_everything`, ranks draw independent masks, and a resumed run needs no stored state.
         stage_index = ("validate", "test", "predict").index(stage)
         stream = (_STREAM * 4 + stage_index) * (1 << 32) + trainer.global_step
-        return rank_generator(base_seed(), trainer.global_rank, stream)
+        return rank_generator(base_seed(), data_parallel_rank(trainer), stream)
 
     def _begin(self, trainer: L.Trainer, stage: Stage) -> None:
         self._generator = self._make_generator(trainer, stage)

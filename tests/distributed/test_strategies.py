@@ -25,7 +25,7 @@ import pytest
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from lightning_reg import BNRecalibration, MCDropoutEvaluation
-from lightning_reg.callbacks.bn_recalibration import sharding_strategy
+from lightning_reg.callbacks._strategy import data_parallel_rank, sharding_strategy
 from tests.helpers.ddp import DDP_ENV_VARS, free_port
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_matrix.py"
