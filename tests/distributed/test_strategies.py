@@ -166,3 +166,11 @@ def test_strategies_with_whole_parameters_on_every_rank_are_accepted(strategy: A
     assert sharding_strategy(trainer) is None  # type: ignore[arg-type]
     BNRecalibration().setup(trainer, None, "fit")  # type: ignore[arg-type]
     MCDropoutEvaluation().setup(trainer, None, "fit")  # type: ignore[arg-type]
+
+
+def test_random_streams_follow_the_data_parallel_rank_not_the_global_rank() -> None:
+    # Under tensor parallelism two global ranks of one model-parallel group share a data-parallel rank.
+    strategy = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 1})
+    trainer = SimpleNamespace(strategy=strategy, global_rank=3)
+    assert data_parallel_rank(trainer) == 1  # type: ignore[arg-type]
+    assert data_parallel_rank(SimpleNamespace(strategy=object(), global_rank=3)) == 3  # type: ignore[arg-type]
