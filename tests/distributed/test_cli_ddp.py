@@ -24,7 +24,8 @@ CLI = Path(sys.executable).with_name("lightning-reg")
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="DDP subprocess launch on POSIX")
 
 
-def test_cli_fit_under_ddp_with_all_callbacks_saves_a_checkpoint_that_reproduces_the_logged_metrics(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("ddp_spawn", marks=pytest.mark.slow)])
+def test_cli_fit_under_ddp_with_all_callbacks_saves_a_checkpoint_that_reproduces_the_logged_metrics(tmp_path, strategy):
     env = {k: v for k, v in os.environ.items() if k not in DDP_ENV_VARS}
     env["MASTER_PORT"] = str(free_port())
     cmd = [
@@ -34,7 +35,7 @@ def test_cli_fit_under_ddp_with_all_callbacks_saves_a_checkpoint_that_reproduces
         str(ROOT / "examples/configs/cnn_digits_regularized.yaml"),
         "--trainer.accelerator=cpu",
         "--trainer.devices=2",
-        "--trainer.strategy=ddp",
+        f"--trainer.strategy={strategy}",
         "--trainer.max_epochs=1",
         "--trainer.enable_progress_bar=false",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
