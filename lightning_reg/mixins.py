@@ -31,6 +31,12 @@ class MixedTargets(NamedTuple):
         lam: float ``(N,)``, the weight of ``targets_a``.
         smoothing: label smoothing in ``[0, 1)``, PyTorch's convention.
         num_classes: ``K``.
+
+    Example:
+        >>> import torch
+        >>> t = MixedTargets(torch.tensor([0]), torch.tensor([1]), torch.tensor([0.75]), 0.0, 2)
+        >>> t.lam
+        tensor([0.7500])
     """
 
     targets_a: Tensor

@@ -53,6 +53,14 @@ class BNRecalibrationReport:
         num_skipped: batches of size 1 skipped (BatchNorm cannot forward them in training mode).
         mean_abs_change_mean: mean over all channels of ``|new running_mean - old running_mean|``.
         mean_abs_change_var: mean over all channels of ``|new running_var - old running_var|``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        >>> report = recalibrate_bn(model, [torch.randn(8, 3), torch.randn(5, 3)])
+        >>> report.layers, report.num_batches, report.num_samples
+        (['1'], 2, 13)
     """
 
     layers: list[str] = field(default_factory=list)

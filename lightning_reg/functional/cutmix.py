@@ -50,6 +50,12 @@ class Box(NamedTuple):
         lo: int64 ``(B, d)``: the first index of the box along each of the ``d`` dims; ``B`` is 1 (one box
             for the batch) or ``N`` (one per sample).
         hi: int64 ``(B, d)``: one past the last index.
+
+    Example:
+        >>> import torch
+        >>> box = Box(lo=torch.tensor([[0, 0]]), hi=torch.tensor([[2, 4]]))  # rows 0-1, columns 0-3
+        >>> box_lam(box, (4, 4)).tolist()  # the share of the image kept from the original sample
+        [0.5]
     """
 
     lo: Tensor

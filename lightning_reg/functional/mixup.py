@@ -41,6 +41,13 @@ class MixingParams:
         lam: weight of the original sample: a float (one for the batch) or a ``(N,)`` tensor (per sample).
         index: the partner of every sample, a permutation ``(N,)`` of the batch.
         shift: ``k`` when the pairing is the cyclic shift ``index[i] == (i + k) % N``, else ``None``.
+
+    Example:
+        >>> import torch
+        >>> params = MixingParams(lam=0.7, index=torch.tensor([1, 2, 0]), shift=1)
+        >>> x, y = mixup(torch.eye(3), torch.eye(3), params.lam, params.index)
+        >>> y[0]
+        tensor([0.7000, 0.3000, 0.0000])
     """
 
     lam: float | Tensor
