@@ -98,7 +98,8 @@ def main() -> None:
             "",
             "Goals: head-dropout CNN <= 1.2x one eval pass (the naive loop is about n_samples x); Transformer <= 1.0x "
             "the naive loop. `cached`: the trunk (`forward_features`) runs once and only the head is sampled; "
-            "`batched`: the inputs are repeated n_samples times along the batch in one forward pass.",
+            "`batched`: the inputs are repeated along the batch, `max(N, 256)` rows per forward pass by default "
+            "(one sample per pass from batch 256 on).",
             "",
         ]
     )

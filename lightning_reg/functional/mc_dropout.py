@@ -336,6 +336,10 @@ def _logits_of(output: Any, rows: int) -> Tensor:
     return output
 
 
+# Rows per forward pass on the batched path when `chunk_size` is None (see `mc_dropout_predict`).
+_AUTO_BATCHED_ROWS = 256
+
+
 def _sample_rows(fn: Callable[[Tensor], Any], x: Tensor, n_samples: int, chunk_size: int | None) -> Tensor:
     """``fn`` on ``n_samples`` copies of ``x`` stacked along the batch, ``chunk_size`` rows at a time.
 
@@ -350,6 +354,8 @@ def _sample_rows(fn: Callable[[Tensor], Any], x: Tensor, n_samples: int, chunk_s
     n = x.shape[0]
     total = n_samples * n
     step = total if chunk_size is None else chunk_size
+    if step == n:  # one sample per pass: the rows are `x` itself, no gather needed
+        return torch.stack([_logits_of(fn(x), n) for _ in range(n_samples)])
     outputs = []
     for start in range(0, total, step):
         rows = torch.arange(start, min(start + step, total), device=x.device) % n  # item of each row
@@ -394,7 +400,12 @@ def mc_dropout_predict(
             draws from the global RNG, so it is forked and seeded from this generator). ``None`` draws from the
             global RNG as a training forward pass would (reproducible under ``seed_everything``).
         chunk_size: the most rows (copies of input items) per forward pass on the batched path, or per head
-            call on the cached path, to cap memory; ``None``: all ``n_samples * N`` rows at once.
+            call on the cached path, to cap memory. ``None``: automatic: the cached path samples the head on all
+            ``n_samples * N`` rows at once; the batched path forwards ``max(N, 256)`` rows at a time, so small
+            batches share a forward pass and batches of 256 or more run one sample per pass. (Measured on CPU
+            with the zoo Transformer, 30 x 256 rows: one forward of all 7,680 rows took 1.4x the naive loop and
+            time grew with the chunk; past a few hundred rows the per-call overhead is paid off and larger
+            chunks only cost memory and cache.)
         include_drop_path: also sample timm's ``DropPath``/``DropBlock2d``.
         method: ``"auto"``, ``"batched"`` (never cache) or ``"naive"`` (the reference loop).
         deterministic: also return the eval-mode probabilities in ``deterministic_probs`` (computed from the
@@ -450,7 +461,8 @@ def mc_dropout_predict(
         if logits is None and taken == "naive":
             logits = torch.stack([_logits_of(model(inputs), inputs.shape[0]) for _ in range(n_samples)])
         elif logits is None:
-            logits = _sample_rows(model, inputs, n_samples, chunk_size)
+            rows = chunk_size if chunk_size is not None else max(inputs.shape[0], _AUTO_BATCHED_ROWS)
+            logits = _sample_rows(model, inputs, n_samples, rows)
         if deterministic and det_logits is None:
             with _eval_mode(model):
                 det_logits = _logits_of(model(inputs), inputs.shape[0])

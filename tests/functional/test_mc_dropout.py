@@ -221,7 +221,13 @@ def test_dropout_with_p_zero_gives_the_eval_output_on_every_path() -> None:
 
 @pytest.mark.parametrize(
     ("method", "chunk_size", "taken"),
-    [("auto", None, "cached"), ("auto", 37, "cached"), ("batched", None, "batched"), ("batched", 37, "batched")],
+    [
+        ("auto", None, "cached"),
+        ("auto", 37, "cached"),
+        ("batched", None, "batched"),
+        ("batched", 37, "batched"),
+        ("batched", 6, "batched"),  # one sample per pass
+    ],
 )
 def test_large_sample_mean_matches_the_naive_loop(method: str, chunk_size: int | None, taken: str) -> None:
     torch.manual_seed(0)
@@ -238,6 +244,18 @@ def test_large_sample_mean_matches_the_naive_loop(method: str, chunk_size: int |
     tolerance = 5 * (2 * naive.probs.var(dim=0) / n).sqrt() + 1e-6
     assert ((ours.mean_probs - naive.mean_probs).abs() <= tolerance).all()
     assert not torch.equal(ours.mean_probs, naive.mean_probs)
+
+
+def test_batched_path_on_batches_of_256_or_more_is_the_naive_loop_draw_for_draw() -> None:
+    # From 256 rows on, `chunk_size=None` forwards one sample per pass (larger chunks measured slower on CPU).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)).eval()
+    inputs = torch.randn(256, 8)
+    naive = mc_dropout_predict(model, inputs, 5, method="naive", generator=torch.Generator().manual_seed(1))
+    batched = mc_dropout_predict(model, inputs, 5, method="batched", generator=torch.Generator().manual_seed(1))
+    assert batched.method == "batched"
+    assert torch.equal(batched.probs, naive.probs)
+    assert not torch.equal(batched.probs[0], batched.probs[1])
 
 
 def test_cached_path_for_head_dropout_batched_when_dropout_is_in_the_trunk() -> None:
