@@ -46,11 +46,17 @@ def worker(accelerator: str, devices: int, threads: int, steps: int, batch_size:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == WARMUP:
                 self.start = time.perf_counter()
+                self.samples = 0
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step <= WARMUP:
+                return
+            # The samples this rank actually trained on: an epoch's last batch is partial. Every rank gets the
+            # same number (the DistributedSampler pads), so the world's count is this one times the world size.
+            self.samples += len(batch[0])
             if trainer.global_step == steps and trainer.is_global_zero:
                 elapsed = time.perf_counter() - self.start
-                samples = (steps - WARMUP) * batch_size * trainer.world_size
+                samples = self.samples * trainer.world_size
                 out.write_text(json.dumps({"samples_per_s": samples / elapsed, "world_size": trainer.world_size}))
 
     L.seed_everything(0, verbose=False)
@@ -150,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# Data-parallel scaling (zoo cnn_small on digits, MixUp + LabelSmoothing + BNRecalibration)",
         "",
-        f"`python benchmarks/scaling.py --steps {args.steps} --repeats {args.repeats}`: strategy `ddp` (gloo on CPU), "
+        f"`python benchmarks/scaling.py --steps {args.steps} --batch-size {args.batch_size} "
+        f"--repeats {args.repeats}`: strategy `ddp` (gloo on CPU), "
         f"per-process batch {args.batch_size}, {args.steps} optimizer steps of which the first {WARMUP} are not timed; "
         f"median of {args.repeats} interleaved runs; speed-up against 1 process of the same kind with "
         f"{args.threads} thread(s).",
