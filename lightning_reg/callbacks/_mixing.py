@@ -80,24 +80,25 @@ class ReusableOutput:
         """
         if like.requires_grad:
             return None
-        t = self._tensor
-        if t is None or t.shape != like.shape or t.dtype != like.dtype or t.device != like.device or self._shared(t):
-            t = self._tensor = torch.empty_like(like)
-        return t.view(t.shape)
+        if not self._reusable(like.shape, like.dtype, like.device):
+            self._tensor = torch.empty_like(like)
+        assert self._tensor is not None
+        return self._tensor.view(self._tensor.shape)
 
     def take_empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """A contiguous tensor of ``shape``, ``dtype`` and ``device`` that nobody else holds."""
-        t = self._tensor
-        if t is None or t.shape != shape or t.dtype != dtype or t.device != device or self._shared(t):
-            t = self._tensor = torch.empty(shape, dtype=dtype, device=device)
-        return t.view(t.shape)
+        if not self._reusable(shape, dtype, device):
+            self._tensor = torch.empty(shape, dtype=dtype, device=device)
+        assert self._tensor is not None
+        return self._tensor.view(self._tensor.shape)
 
-    @staticmethod
-    def _shared(t: Tensor) -> bool:
-        if _storage_use_count is None:
-            return True
+    def _reusable(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether the owned tensor has this shape, dtype and device, and nothing but this object holds it."""
+        t = self._tensor
+        if t is None or t.shape != shape or t.dtype != dtype or t.device != device or _storage_use_count is None:
+            return False
         storage = t.untyped_storage()  # holds one reference while we count
-        return int(_storage_use_count(storage._cdata)) != 2  # `t` itself and `storage`
+        return int(_storage_use_count(storage._cdata)) == 2  # `t` itself and `storage`
 
     def release(self) -> None:
         """Drop the owned tensor (its memory goes back once its other holders let go)."""

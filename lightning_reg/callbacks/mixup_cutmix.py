@@ -66,7 +66,7 @@ class MixUpCutMix(CutMix):
         inplace: bool = False,
         pairing: Pairing = "shift",
     ) -> None:
-        _check_alpha(cutmix_alpha, "cutmix_alpha")  # before CutMix's own check, which would call it `alpha`
+        cutmix_alpha = _check_alpha(cutmix_alpha, "cutmix_alpha")  # before CutMix's check, which says `alpha`
         super().__init__(
             cutmix_alpha,
             num_classes=num_classes,
@@ -81,7 +81,7 @@ class MixUpCutMix(CutMix):
             pairing=pairing,
         )
         self.mixup_alpha = _check_alpha(mixup_alpha, "mixup_alpha")
-        self.cutmix_alpha = _check_alpha(cutmix_alpha, "cutmix_alpha")
+        self.cutmix_alpha = cutmix_alpha
         if isinstance(switch_prob, bool) or not isinstance(switch_prob, int | float) or not 0 <= switch_prob <= 1:
             raise ValueError(f"Expected `switch_prob` to be a float in [0, 1], but got {switch_prob!r}.")
         self.switch_prob = float(switch_prob)
