@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 
-__all__ = ["data_parallel_rank", "sharding_strategy"]
+__all__ = ["data_parallel_rank", "refuse_sharding_strategy", "sharding_strategy"]
 
 
 def sharding_strategy(trainer: L.Trainer) -> str | None:
@@ -26,6 +26,24 @@ def sharding_strategy(trainer: L.Trainer) -> str | None:
     if isinstance(strategy, DeepSpeedStrategy) and isinstance(strategy.config, dict) and strategy.zero_stage_3:
         return f"{type(strategy).__name__} (ZeRO stage 3)"
     return None
+
+
+def refuse_sharding_strategy(trainer: L.Trainer, owner: str, why: str, fix: str) -> None:
+    """Raise ``ValueError`` at setup when the strategy shards the parameters that ``owner`` needs whole.
+
+    The message reads: ``owner`` does not support the strategy: ``why``, which needs whole parameters on every rank,
+    and this strategy shards them. ``fix``.
+
+    Example:
+        >>> import lightning as L
+        >>> refuse_sharding_strategy(L.Trainer(accelerator="cpu", logger=False), "X", "it forwards", "Use ddp.")
+    """
+    name = sharding_strategy(trainer)
+    if name is not None:
+        raise ValueError(
+            f"`{owner}` does not support `{name}`: {why}, which needs whole parameters on every rank, and this "
+            f"strategy shards them. {fix}"
+        )
 
 
 def data_parallel_rank(trainer: L.Trainer) -> int:

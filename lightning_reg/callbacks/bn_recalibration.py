@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, validate_key
-from lightning_reg.callbacks._strategy import sharding_strategy
+from lightning_reg.callbacks._strategy import refuse_sharding_strategy
 from lightning_reg.functional.bn_recalibration import (
     BNRecalibrationReport,
     is_frozen_norm,
@@ -146,15 +146,14 @@ class BNRecalibration(Callback):
         """Refuse strategies that shard the parameters: the pass forwards the module outside a training step."""
         if stage != "fit" and not (stage == "test" and self.when == "test_start"):
             return
-        name = sharding_strategy(trainer)
-        if name is not None:
-            raise ValueError(
-                f"`BNRecalibration` does not support `{name}`: it forwards batches through the LightningModule "
-                "outside the training step, which needs whole parameters on every rank, and this strategy shards "
-                "them. Use `strategy='ddp'` (the statistics are all-reduced across ranks; `sync_batchnorm=True` "
-                "works too), or recalibrate after training in one process: load the checkpoint and call "
-                "`lightning_reg.functional.recalibrate_bn(model, loader)`."
-            )
+        refuse_sharding_strategy(
+            trainer,
+            "BNRecalibration",
+            "it forwards batches through the LightningModule outside the training step",
+            "Use `strategy='ddp'` (the statistics are all-reduced across ranks; `sync_batchnorm=True` works too), or "
+            "recalibrate after training in one process: load the checkpoint and call "
+            "`lightning_reg.functional.recalibrate_bn(model, loader)`.",
+        )
 
     @override
     def on_train_batch_end(

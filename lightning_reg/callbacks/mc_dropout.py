@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry, validate_key
 from lightning_reg._random import base_seed, rank_generator
-from lightning_reg.callbacks._strategy import data_parallel_rank, sharding_strategy
+from lightning_reg.callbacks._strategy import data_parallel_rank, refuse_sharding_strategy
 from lightning_reg.functional.mc_dropout import MCDropoutPrediction, mc_dropout_predict
 from lightning_reg.metrics import UncertaintyMetrics
 from lightning_reg.targets import hard_targets
@@ -131,15 +131,13 @@ class MCDropoutEvaluation(Callback):
         sampled = {"fit": "validate", "validate": "validate", "test": "test"}.get(stage)
         if sampled is not None and sampled not in self.stages:
             return
-        name = sharding_strategy(trainer)
-        if name is not None:
-            raise ValueError(
-                f"`MCDropoutEvaluation` does not support `{name}`: it runs extra forward passes of the "
-                "LightningModule outside the evaluation step, which needs whole parameters on every rank, and this "
-                "strategy shards them. Train with this strategy without the callback, then evaluate the checkpoint "
-                "with `MCDropoutEvaluation` under `strategy='ddp'` or in one process "
-                "(or call `lightning_reg.functional.mc_dropout_predict`)."
-            )
+        refuse_sharding_strategy(
+            trainer,
+            "MCDropoutEvaluation",
+            "it runs extra forward passes of the LightningModule outside the evaluation step",
+            "Train with this strategy without the callback, then evaluate the checkpoint with `MCDropoutEvaluation` "
+            "under `strategy='ddp'` or in one process (or call `lightning_reg.functional.mc_dropout_predict`).",
+        )
 
     # --- validate ----------------------------------------------------------------------------------
     @override
