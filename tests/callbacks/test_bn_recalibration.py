@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-import copy
 import importlib.util
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_reg import BNRecalibration
-from lightning_reg import functional as LF
 from lightning_reg._batch import get_entry, set_entry
 from tests.helpers import TinyCNN, UserClassifier, fast_trainer, make_images, make_loader
 from tests.helpers.ddp import ddp_fork_trainer, scrubbed_ddp_env, skip_on_windows
@@ -33,11 +32,21 @@ def _bn(model: UserClassifier) -> torch.nn.BatchNorm2d:
     return model.net.body[1]
 
 
-def _expected(model: UserClassifier, loader: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Statistics an independent ``recalibrate_bn`` on the same weights and clean batches gives."""
-    ref = copy.deepcopy(model).train()
-    LF.recalibrate_bn(ref, loader, **kwargs)
-    return _bn(ref).running_mean, _bn(ref).running_var
+def _expected(
+    model: UserClassifier, loader: Any, num_batches: int | None = None, input_key: Any = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact statistics of the BN layer's inputs, in closed form: TinyCNN's BN normalizes its first conv's output,
+    so they are the per-channel mean and unbiased variance of ``conv(all clean inputs)`` over (N, H, W)."""
+    batches = list(itertools.islice(loader, num_batches))
+    inputs = torch.cat([b if isinstance(b, torch.Tensor) else get_entry(b, input_key) for b in batches])
+    return _conv_stats(model.net.body[0], inputs)
+
+
+def _conv_stats(conv: torch.nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        h = conv(inputs)  # (N, C, H, W)
+    var, mean = torch.var_mean(h.transpose(0, 1).reshape(h.shape[1], -1), dim=1)
+    return mean, var
 
 
 class _CorruptBatch(L.Callback):
@@ -183,10 +192,75 @@ def test_val_dataloader_from_the_trainer(tmp_path: Path) -> None:
     model, val = _model(), _loader(n=16, batch_size=8)
     trainer = fast_trainer(tmp_path, callbacks=[BNRecalibration(None, dataloader="val")], limit_val_batches=0)
     with pytest.raises(RuntimeError, match="found no val dataloader"):
-        trainer.fit(model, _loader())
+        trainer.fit(model, _loader())  # no val loader anywhere
     trainer = fast_trainer(tmp_path, callbacks=[BNRecalibration(None, dataloader="val", every_n_epochs=1)])
     trainer.fit(model, _loader(), val_dataloaders=val)
     torch.testing.assert_close(_bn(model).running_var, _expected(model, val)[1])
+
+
+class _ValData(L.LightningDataModule):
+    def __init__(self, val: Any) -> None:
+        super().__init__()
+        self.val = val
+
+    def train_dataloader(self) -> Any:
+        return _loader()
+
+    def val_dataloader(self) -> Any:
+        return self.val
+
+
+@pytest.mark.parametrize("source", ["fit-argument", "datamodule"])
+def test_val_dataloader_is_found_when_limit_val_batches_is_zero(tmp_path: Path, source: str) -> None:
+    """`limit_val_batches=0` turns validation off; the val loader still exists and is the one recalibrated on."""
+    model, val = _model(), _loader(n=24, batch_size=8)
+    recal = BNRecalibration(None, dataloader="val")
+    trainer = fast_trainer(tmp_path, callbacks=[recal], limit_val_batches=0)
+    if source == "datamodule":
+        trainer.fit(model, datamodule=_ValData(val))
+    else:
+        trainer.fit(model, _loader(), val_dataloaders=val)
+    mean, var = _expected(model, val)
+    torch.testing.assert_close(_bn(model).running_mean, mean)
+    torch.testing.assert_close(_bn(model).running_var, var)
+    assert recal.last_report is not None
+    assert recal.last_report.num_batches == 3
+
+
+def test_limit_val_batches_caps_the_val_loader(tmp_path: Path) -> None:
+    model, val = _model(), _loader(n=24, batch_size=8)
+    recal = BNRecalibration(100, dataloader="val")
+    fast_trainer(tmp_path, callbacks=[recal], limit_val_batches=2).fit(model, _loader(), val_dataloaders=val)
+    assert recal.last_report is not None
+    assert recal.last_report.num_batches == 2
+    torch.testing.assert_close(_bn(model).running_var, _expected(model, val, num_batches=2)[1])
+
+
+# --- the batches the trainer runs: limit_train_batches, fast_dev_run ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [({"limit_train_batches": 2}, 2), ({"limit_train_batches": 0.5}, 3), ({"fast_dev_run": True}, 1)],
+    ids=["limit-int", "limit-fraction", "fast-dev-run"],
+)
+def test_the_pass_takes_no_more_batches_than_the_trainer_runs(tmp_path: Path, flags: dict, expected: int) -> None:
+    model, loader = _model(), _loader(n=48, batch_size=8)  # 6 batches
+    recal = BNRecalibration(num_batches=100)
+    fast_trainer(tmp_path, callbacks=[recal], **flags).fit(model, loader)
+    assert recal.num_recalibrations == 1
+    assert recal.last_report is not None
+    assert recal.last_report.num_batches == expected
+    assert int(_bn(model).num_batches_tracked) == expected
+    torch.testing.assert_close(_bn(model).running_var, _expected(model, loader, num_batches=expected)[1])
+
+
+def test_fast_dev_run_also_caps_a_loader_passed_by_the_user(tmp_path: Path) -> None:
+    model, mine = _model(), _loader(n=48, batch_size=8)
+    recal = BNRecalibration(None, dataloader=mine)
+    fast_trainer(tmp_path, callbacks=[recal], fast_dev_run=2).fit(model, _loader())
+    assert recal.last_report is not None
+    assert recal.last_report.num_batches == 2
 
 
 def test_state_dict_round_trip_keeps_the_frozen_layers() -> None:
@@ -211,6 +285,7 @@ def test_state_dict_round_trip_keeps_the_frozen_layers() -> None:
         ({"when": None}, ValueError, "would never run"),
         ({"dataloader": "test"}, ValueError, "only available at test time"),
         ({"input_key": 1.5}, TypeError, "`input_key` to be an int"),
+        ({"forward_fn": "forward"}, TypeError, "`forward_fn` to be None or a callable"),
     ],
 )
 def test_invalid_arguments_raise_with_the_fix(kwargs: dict, error: type[Exception], match: str) -> None:
@@ -261,7 +336,8 @@ def test_example_runs_and_recalibrates(tmp_path: Path, monkeypatch: pytest.Monke
     assert 0.0 <= metrics["test_acc"] <= 1.0
     assert metrics["bn_mean_abs_change_var"] > 0
     saved = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert int(saved["state_dict"]["net.features.1.num_batches_tracked"]) > 2  # set by the recalibration
+    # `limit_train_batches=2` in the fast run: the recalibration took those 2 batches, not `num_batches=100`
+    assert int(saved["state_dict"]["net.features.1.num_batches_tracked"]) == 2
 
 
 @pytest.mark.parametrize(("precision", "dtype"), [("64-true", torch.float64), ("bf16-true", torch.bfloat16)])
