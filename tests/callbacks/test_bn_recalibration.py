@@ -323,6 +323,43 @@ def test_two_ranks_get_the_statistics_of_the_union_of_their_shards(tmp_path: Pat
     torch.testing.assert_close(torch.tensor(ranks[0]["var"]), var, rtol=1e-5, atol=1e-5)
 
 
+class _WriteFinal(L.Callback):
+    """Each rank writes its final BN statistics and conv weights."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        conv, bn = pl_module.net.body[0], _bn(pl_module)  # type: ignore[arg-type]
+        stats = {
+            "mean": bn.running_mean.tolist(),
+            "var": bn.running_var.tolist(),
+            "weight": conv.weight.tolist(),
+            "bias": conv.bias.tolist(),
+        }
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(stats))
+
+
+@skip_on_windows
+def test_two_ranks_split_a_val_loader_lightning_did_not_load_and_recalibrate_the_averaged_weights(
+    tmp_path: Path,
+) -> None:
+    """DDP, `limit_val_batches=0` (Lightning shards no val loader then) and EMA: the ranks split the val batches
+    between them, and end with the exact statistics of the whole val set under the final averaged weights."""
+    model, val = _model(), _loader(n=40, batch_size=8)  # 5 val batches: 3 on rank 0, 2 on rank 1
+    callbacks = [BNRecalibration(None, dataloader="val"), EMAWeightAveraging(decay=0.5), _WriteFinal(tmp_path)]
+    with scrubbed_ddp_env():
+        trainer = ddp_fork_trainer(tmp_path, callbacks=callbacks, limit_val_batches=0, max_epochs=2)
+        trainer.fit(model, _loader(n=48, batch_size=8), val_dataloaders=val)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    conv = TinyCNN().body[0]
+    conv.load_state_dict({"weight": torch.tensor(ranks[0]["weight"]), "bias": torch.tensor(ranks[0]["bias"])})
+    mean, var = _conv_stats(conv, torch.cat([x for x, _ in val]))  # each val sample counted once
+    torch.testing.assert_close(torch.tensor(ranks[0]["mean"]), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(ranks[0]["var"]), var, rtol=1e-6, atol=1e-7)
+
+
 # --- the example ---------------------------------------------------------------------------------
 
 
