@@ -184,7 +184,7 @@ class BNRecalibration(Callback):
                 # average: recalibrate the averaged weights at the next hook, before validation and checkpoint.
                 self._open_averaged_window()
             else:
-                self._recalibrate(trainer, pl_module, pl_module, frozen=None)
+                self._recalibrate(trainer, pl_module, frozen=None)
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -219,7 +219,7 @@ class BNRecalibration(Callback):
             if _weight_averagers(trainer):
                 self._open_averaged_window()
             else:
-                self._recalibrate(trainer, pl_module, pl_module, frozen=None)
+                self._recalibrate(trainer, pl_module, frozen=None)
         if not self._averaged_due:
             return
         self._recalibrate_averaged(trainer)
@@ -231,6 +231,8 @@ class BNRecalibration(Callback):
                 for name, value in _norm_buffers(averaged.module).items():
                     if name in buffers:
                         buffers[name].copy_(value)
+        # fit is over: a later save holds the averaged copy, whose statistics were recalibrated in place
+        self._averaged_due = False
 
     @override
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -238,7 +240,7 @@ class BNRecalibration(Callback):
             return
         modules = dict(pl_module.named_modules())
         frozen = [modules[name] for name in (self._frozen or []) if name in modules]
-        self._recalibrate(trainer, pl_module, pl_module, frozen=frozen)
+        self._recalibrate(trainer, pl_module, frozen=frozen)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -271,12 +273,10 @@ class BNRecalibration(Callback):
             # frozen layers as recorded on the training module (the averaged copy's train/eval flags are stale)
             modules = dict(averaged.module.named_modules())
             frozen = [modules[name] for name in (self._frozen or []) if name in modules]
-            self._recalibrate(trainer, trainer.lightning_module, averaged.module, frozen=frozen)
+            self._recalibrate(trainer, averaged.module, frozen=frozen)
             self._averaged_versions[id(averaged)] = version
 
-    def _recalibrate(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, model: nn.Module, frozen: list[Any] | None
-    ) -> None:
+    def _recalibrate(self, trainer: L.Trainer, model: nn.Module, frozen: list[Any] | None) -> None:
         loader = self._resolve_loader(trainer)
         precision = trainer.precision_plugin
         device = next(itertools.chain(model.parameters(), model.buffers())).device

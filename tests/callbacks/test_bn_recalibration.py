@@ -620,3 +620,16 @@ def test_forward_fn_forwards_each_batch_on_the_module_device(tmp_path: Path) -> 
     mean, var = _valid_step_stats(model, [[b["ids"], b["label"], b["lengths"]] for b in loader])
     torch.testing.assert_close(model.bn.running_mean, mean)
     torch.testing.assert_close(model.bn.running_var, var)
+
+
+def test_with_weight_averaging_a_second_fit_on_the_same_trainer_ends_recalibrated_again(tmp_path: Path) -> None:
+    model, loader = _model(), _loader()
+    recal = BNRecalibration(None)
+    trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[recal, EMAWeightAveraging(decay=0.5)])
+    trainer.fit(model, loader)
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(model, loader)  # continue to epoch 2
+    assert recal.num_recalibrations == 2
+    mean, var = _expected(model, loader)
+    torch.testing.assert_close(_bn(model).running_mean, mean)
+    torch.testing.assert_close(_bn(model).running_var, var)

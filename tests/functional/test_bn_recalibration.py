@@ -586,3 +586,16 @@ def test_statistics_are_accumulated_in_the_dtype_that_accumulation_dtype_picks(m
     for name, layer in tracking_norm_layers(model):
         torch.testing.assert_close(layer.running_mean.double(), expected[name][0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(layer.running_var.double(), expected[name][1], rtol=1e-4, atol=1e-4)
+
+
+def test_torchvision_resnet18_with_single_images_counts_each_layer_as_far_as_torch_can() -> None:
+    """At 32x32 a single image reaches layer4 as a 1x1 map: those layers count only the two-image batch."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3)
+    batches = [torch.randn(1, 3, 32, 32) for _ in range(3)] + [torch.randn(2, 3, 32, 32)]
+    one_by_one = {name for name, _ in tracking_norm_layers(model) if name.startswith("layer4")}
+    calls = {name: (1 if name in one_by_one else 4) for name, _ in tracking_norm_layers(model)}
+    report = _assert_exact(model, batches, calls=calls)
+    assert len(one_by_one) == 5
+    assert report.num_skipped == 3
