@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -396,7 +397,7 @@ def _val_source_loaders(trainer: L.Trainer) -> Any:
     if source is not None and source.is_defined() and source.instance is not None:
         return source.dataloader()
     datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None and hasattr(datamodule, "val_dataloader"):
+    if datamodule is not None and is_overridden("val_dataloader", datamodule):
         return datamodule.val_dataloader()
     return None
 
