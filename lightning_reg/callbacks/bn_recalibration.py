@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import math
+import random
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, validate_key
 from lightning_reg.callbacks._strategy import refuse_sharding_strategy
+from lightning_reg.forward import ForwardFn, validate_forward_fn
 from lightning_reg.functional.bn_recalibration import (
     BNRecalibrationReport,
     is_frozen_norm,
@@ -30,51 +38,43 @@ LoaderName = Literal["train", "val", "test"]
 class BNRecalibration(Callback):
     """Precise BatchNorm (Wu & Johnson, https://arxiv.org/abs/2105.07576): exact running statistics on clean data.
 
-    Calls :func:`lightning_reg.functional.recalibrate_bn` on the LightningModule: the running statistics of every
-    BatchNorm-like layer become the exact mean and unbiased variance of its inputs over ``num_batches`` batches,
-    computed with the current weights, dropout off. Statistics from the moving average of training were
-    collected while the weights changed, often on augmented or mixed inputs; after weight averaging, pruning or
-    fine-tuning they are stale.
+    Calls :func:`lightning_reg.functional.recalibrate_bn`: the running statistics of every BatchNorm-like layer
+    become the exact mean and unbiased variance of its inputs over ``num_batches`` batches, computed with the
+    current weights, dropout off. See the documentation page "BatchNorm recalibration" for when it helps and its
+    pitfalls.
 
     When it runs:
 
-    - ``when="fit_end"`` (default): after the optimizer step of the last training batch of ``fit`` (last epoch of
-      ``max_epochs``, or ``max_steps`` reached), so *before* the final validation and before ``ModelCheckpoint``
-      saves: the checkpoint written at the end of fit holds the recalibrated statistics. (Lightning's
-      ``on_fit_end`` runs after the last save.) If fit stops earlier than planned (``EarlyStopping``,
-      ``max_time``), it recalibrates in ``on_train_end`` with a warning: the last checkpoint then predates it; use
-      ``every_n_epochs=1`` to make every validation and checkpoint see recalibrated statistics.
+    - ``when="fit_end"`` (default): after the last training batch of ``fit``, so *before* the final validation and
+      the checkpoint saved at the end of fit. If fit stops earlier than planned (``EarlyStopping``, ``max_time``),
+      it recalibrates in ``on_train_end`` with a warning (the last checkpoint then predates it).
     - ``every_n_epochs=N``: also after the last batch of every N-th epoch, before that epoch's validation.
     - ``when="test_start"`` with ``dataloader="test"``: re-estimate the statistics on the test data before testing
-      (test-time adaptation, AdaBN, Li et al., https://arxiv.org/abs/1603.04779). This changes the model's
-      statistics for good; checkpoint first if you want the training statistics back.
+      (AdaBN, https://arxiv.org/abs/1603.04779); the model keeps them.
 
-    Strategies: ``ddp`` (and ``ddp_spawn``, ``ddp_fork``), one device, and DeepSpeed ZeRO stages 1-2, where every
-    rank holds whole parameters. With ``sync_batchnorm=True`` the ``SyncBatchNorm`` layers run as local BatchNorm
-    during the pass (their own forward would all-reduce every call) and the exact pooling across ranks happens
-    once at the end, so nothing is counted twice. Strategies that shard the parameters (FSDP, ``ModelParallel``,
-    DeepSpeed ZeRO-3) are refused at setup with an error that names the alternative. Batches go through the
-    precision plugin (``convert_input`` and its forward context), so ``"64-true"``/``"bf16-true"`` work.
+    With a Lightning ``WeightAveraging`` callback (``EMAWeightAveraging``, SWA), in either order in the callback
+    list, the *averaged* weights are recalibrated once they are final: validation, the checkpoint and the model
+    at the end of fit hold the statistics of the weights they hold. Batches are forwarded through the protocol of
+    :mod:`lightning_reg.forward` (``forward_fn``, else ``pl_module.forward_inputs(batch)``, else
+    ``batch[input_key]``), through the precision plugin, never mixed by the mixing callbacks. The pass changes no
+    random stream training draws from: the global CPU and device RNGs, Python's and NumPy's, and the generators of
+    the loader, its sampler and its dataset are restored after it. It takes at most as many batches as the trainer
+    runs (``limit_train_batches``/``limit_val_batches``/``limit_test_batches``, ``fast_dev_run``). Under DDP each
+    rank forwards its shard and the statistics of the union are all-reduced; sharding strategies (FSDP, ZeRO-3)
+    are refused at setup.
 
-    The batches come straight from the dataloader, moved to the module's device with no transfer hooks: never
-    mixed by the mixing callbacks, which act in ``on_train_batch_start``. The global torch RNG is forked around
-    the pass, so drawing a shuffled loader's order does not change training. Under DDP each rank forwards its
-    shard of the training loader and the statistics are all-reduced: every rank gets those of the union.
-
-    Frozen layers keep their statistics: layers with ``track_running_stats=False`` (Lightning's
-    ``BaseFinetuning.freeze``) and layers in eval mode while the module trains (the frozen-BN idiom). At
-    ``test_start`` the loop has put every layer in eval mode, so the callback uses the frozen layers it recorded
-    during training (saved in its ``state_dict``).
-
-    Logs ``bn_recalibration/mean_abs_change_mean`` and ``bn_recalibration/mean_abs_change_var`` (mean absolute change
-    of the running statistics over all channels) to the trainer's loggers; the last report is ``last_report``.
+    Logs ``bn_recalibration/mean_abs_change_mean`` and ``bn_recalibration/mean_abs_change_var``; the last report is
+    ``last_report``.
 
     Args:
         num_batches: batches per recalibration (per rank under DDP); ``None`` takes the whole loader.
-        dataloader: ``"train"`` (the training loader, as it comes), ``"val"``, ``"test"``, or any iterable of batches.
+        dataloader: ``"train"`` (the training loader, as it comes), ``"val"``, ``"test"``, or any iterable of batches
+            (forwarded as it is on every rank: shard it yourself under DDP).
         when: ``"fit_end"``, ``"test_start"`` or ``None`` (only ``every_n_epochs``).
         every_n_epochs: also recalibrate at the end of every N-th training epoch, before its validation.
-        input_key: where the inputs are in a batch: a position (list/tuple batch) or key (dict batch).
+        input_key: where the inputs are in a batch, for modules without ``forward_inputs``.
+        forward_fn: ``forward_fn(module, batch)`` runs the module on one batch (on the module's device); the output
+            is ignored.
 
     Example:
         >>> from lightning_reg import BNRecalibration
@@ -90,6 +90,7 @@ class BNRecalibration(Callback):
         when: When | None = "fit_end",
         every_n_epochs: int | None = None,
         input_key: BatchKey = 0,
+        forward_fn: ForwardFn | None = None,
     ) -> None:
         if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)):
             raise ValueError(f"Expected `num_batches` to be a positive int or None, but got {num_batches!r}.")
@@ -123,15 +124,21 @@ class BNRecalibration(Callback):
                 f"`every_n_epochs=None`, but got when={when!r}, every_n_epochs={every_n_epochs!r}."
             )
         validate_key(input_key, "input_key")
+        validate_forward_fn(forward_fn)
         self.num_batches = num_batches
         self.dataloader = dataloader
         self.when = when
         self.every_n_epochs = every_n_epochs
         self.input_key = input_key
+        self.forward_fn = forward_fn
         self.last_report: BNRecalibrationReport | None = None
         self.num_recalibrations = 0
         self._frozen: list[str] | None = None  # qualified names of frozen norm layers seen during training
         self._last_step: int | None = None
+        # With weight averaging: from a recalibration point to the next training batch, the averaged weights are
+        # recalibrated whenever they changed since (the `n_averaged` of each AveragedModel when last done).
+        self._averaged_due = False
+        self._averaged_versions: dict[int, int] = {}
 
     def __repr__(self) -> str:
         loader = self.dataloader if isinstance(self.dataloader, str) else type(self.dataloader).__name__
@@ -156,6 +163,12 @@ class BNRecalibration(Callback):
         )
 
     @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._averaged_due = False  # training moves the averaged weights on: the last recalibration point is past
+
+    @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -166,19 +179,61 @@ class BNRecalibration(Callback):
             self.every_n_epochs is not None and end_of_epoch and (trainer.current_epoch + 1) % self.every_n_epochs == 0
         )
         if periodic or (self.when == "fit_end" and self._is_last_batch_of_fit(trainer, end_of_epoch)):
-            self._recalibrate(trainer, pl_module, frozen=None)
+            self._last_step = trainer.global_step
+            if _weight_averagers(trainer):
+                # A WeightAveraging callback after this one in the list has not yet taken this step into its
+                # average: recalibrate the averaged weights at the next hook, before validation and checkpoint.
+                self._open_averaged_window()
+            else:
+                self._recalibrate(trainer, pl_module, frozen=None)
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # runs before WeightAveraging swaps the averaged weights in (`on_validation_epoch_start`)
+        if self._averaged_due:
+            self._recalibrate_averaged(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._averaged_due:
+            self._recalibrate_averaged(trainer)
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if not self._averaged_due:
+            return
+        self._recalibrate_averaged(trainer)
+        if "current_model_state" in checkpoint:  # WeightAveraging ran first: its averaged state is the state_dict
+            for averaged in _averaged_models(trainer):
+                checkpoint["state_dict"].update(_norm_buffers(averaged.module))
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.when != "fit_end" or self._last_step == trainer.global_step:
+        if self.when == "fit_end" and self._last_step != trainer.global_step:
+            rank_zero_warn(
+                "`BNRecalibration`: fit stopped before its planned last batch (early stopping, `max_time`, ...), so "
+                "the statistics are recalibrated now, in `on_train_end`, after the last validation and checkpoint: "
+                "those still hold the old statistics. Use `BNRecalibration(every_n_epochs=1)` so that every "
+                "validation and checkpoint sees recalibrated statistics."
+            )
+            self._last_step = trainer.global_step
+            if _weight_averagers(trainer):
+                self._open_averaged_window()
+            else:
+                self._recalibrate(trainer, pl_module, frozen=None)
+        if not self._averaged_due:
             return
-        rank_zero_warn(
-            "`BNRecalibration`: fit stopped before its planned last batch (early stopping, `max_time`, ...), so the "
-            "statistics are recalibrated now, in `on_train_end`, after the last validation and checkpoint: those "
-            "still hold the old statistics. Use `BNRecalibration(every_n_epochs=1)` so that every validation and "
-            "checkpoint sees recalibrated statistics."
-        )
-        self._recalibrate(trainer, pl_module, frozen=None)
+        self._recalibrate_averaged(trainer)
+        # WeightAveraging copies the averaged weights into the module in its own `on_train_end`; if it ran first,
+        # the module holds the averaged weights with the statistics from before: hand it the recalibrated ones.
+        for averaged in _averaged_models(trainer):
+            buffers = dict(pl_module.named_buffers())
+            with torch.no_grad():
+                for name, value in _norm_buffers(averaged.module).items():
+                    if name in buffers:
+                        buffers[name].copy_(value)
+        # fit is over: a later save holds the averaged copy, whose statistics were recalibrated in place
+        self._averaged_due = False
 
     @override
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -206,22 +261,38 @@ class BNRecalibration(Callback):
         max_epochs = trainer.max_epochs
         return end_of_epoch and max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs
 
-    def _recalibrate(self, trainer: L.Trainer, pl_module: L.LightningModule, frozen: list[Any] | None) -> None:
+    def _open_averaged_window(self) -> None:
+        self._averaged_due = True
+        self._averaged_versions = {}
+
+    def _recalibrate_averaged(self, trainer: L.Trainer) -> None:
+        """Recalibrate each WeightAveraging callback's averaged weights if they changed since the last time."""
+        for averaged in _averaged_models(trainer):
+            version = int(averaged.n_averaged)
+            if self._averaged_versions.get(id(averaged)) == version:
+                continue
+            # frozen layers as recorded on the training module (the averaged copy's train/eval flags are stale)
+            modules = dict(averaged.module.named_modules())
+            frozen = [modules[name] for name in (self._frozen or []) if name in modules]
+            self._recalibrate(trainer, averaged.module, frozen=frozen)
+            self._averaged_versions[id(averaged)] = version
+
+    def _recalibrate(self, trainer: L.Trainer, model: nn.Module, frozen: list[Any] | None) -> None:
         loader = self._resolve_loader(trainer)
         precision = trainer.precision_plugin
-        # a shuffled loader draws its order from the global CPU RNG: fork it so that training is unchanged
-        with torch.random.fork_rng(devices=[]), precision.forward_context():
+        device = next(itertools.chain(model.parameters(), model.buffers())).device
+        with _isolated_rng(loader, device), precision.forward_context():
             report = recalibrate_bn(
-                pl_module,
+                model,
                 _converted(loader, precision.convert_input),
-                self.num_batches,
+                self._batch_limit(trainer),
                 input_key=self.input_key,
+                forward_fn=self.forward_fn,
                 frozen=frozen,
-                device=pl_module.device,
+                device=device,
             )
         self.last_report = report
         self.num_recalibrations += 1
-        self._last_step = trainer.global_step
         metrics = {
             "bn_recalibration/mean_abs_change_mean": report.mean_abs_change_mean,
             "bn_recalibration/mean_abs_change_var": report.mean_abs_change_var,
@@ -230,6 +301,21 @@ class BNRecalibration(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
 
+    def _batch_limit(self, trainer: L.Trainer) -> int | None:
+        """``num_batches``, capped by the batches the trainer itself runs of that loader (limits, fast_dev_run)."""
+        caps: list[float] = [] if self.num_batches is None else [self.num_batches]
+        fast_dev_run = getattr(trainer, "fast_dev_run", False)
+        if fast_dev_run:
+            caps.append(int(fast_dev_run))  # True runs 1 batch
+        if self.dataloader == "train":
+            caps.append(trainer.num_training_batches)
+        elif self.dataloader == "val" and trainer.val_dataloaders is not None:
+            caps.extend(trainer.num_val_batches[:1])  # limit_val_batches=0 turns validation off, not this loader
+        elif self.dataloader == "test" and trainer.test_dataloaders is not None:
+            caps.extend(trainer.num_test_batches[:1])
+        finite = [int(c) for c in caps if c > 0 and not math.isinf(c)]
+        return min(finite) if finite else None
+
     def _resolve_loader(self, trainer: L.Trainer) -> Iterable[Any]:
         if not isinstance(self.dataloader, str):
             return _fresh(self.dataloader)
@@ -237,12 +323,14 @@ class BNRecalibration(Callback):
         loaders: Any = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders}.get(name)
         if name == "test":
             loaders = trainer.test_dataloaders
-        if loaders is None and trainer.datamodule is not None:  # type: ignore[attr-defined]
-            loaders = getattr(trainer.datamodule, f"{name}_dataloader")()  # type: ignore[attr-defined]
+        sharded = True  # the trainer's loaders carry Lightning's DistributedSampler under DDP
+        if loaders is None and name == "val":
+            # `limit_val_batches=0` (or no `validation_step`) keeps Lightning from loading it: ask its source
+            loaders, sharded = _val_source_loaders(trainer), False
         if loaders is None:
             raise RuntimeError(
-                f"`BNRecalibration(dataloader={name!r})` found no {name} dataloader on the trainer or its datamodule. "
-                "Pass the loader itself: `BNRecalibration(dataloader=my_loader)`."
+                f"`BNRecalibration(dataloader={name!r})` found no {name} dataloader on the trainer, its datamodule or "
+                f"its LightningModule. Pass the loader itself: `BNRecalibration(dataloader=my_loader)`."
             )
         if isinstance(loaders, list | tuple | Mapping):
             items = list(loaders.values() if isinstance(loaders, Mapping) else loaders)
@@ -252,7 +340,83 @@ class BNRecalibration(Callback):
                     "which to use. Pass one: `BNRecalibration(dataloader=my_loader)`."
                 )
             loaders = items[0]
-        return _fresh(loaders)
+        loader = _fresh(loaders)
+        if not sharded and trainer.world_size > 1 and not _distributed(loader):
+            return _RankShard(loader, trainer.global_rank, trainer.world_size)
+        return loader
+
+
+# --- weight averaging ------------------------------------------------------------------------------
+
+
+def _weight_averagers(trainer: L.Trainer) -> list[WeightAveraging]:
+    return [cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)]  # type: ignore[attr-defined]
+
+
+def _averaged_models(trainer: L.Trainer) -> list[AveragedModel]:
+    """The ``AveragedModel`` of each ``WeightAveraging`` callback (created in its ``setup`` for fit).
+
+    Lightning 2.6 exposes it only as the private ``_average_model``; this is the one place that reads it, and a
+    test fails loudly if Lightning renames it.
+    """
+    models = []
+    for callback in _weight_averagers(trainer):
+        if not hasattr(callback, "_average_model"):
+            raise RuntimeError(
+                f"`BNRecalibration` cannot reach the averaged weights of {type(callback).__name__}: this Lightning "
+                "version has no `WeightAveraging._average_model`. Recalibrate after fit instead: "
+                "`lightning_reg.functional.recalibrate_bn(model, loader)`."
+            )
+        averaged = callback._average_model
+        if isinstance(averaged, AveragedModel):
+            models.append(averaged)
+    return models
+
+
+def _norm_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the running statistics (and batch counts) of every tracking norm layer, by state-dict name."""
+    out = {}
+    for name, layer in tracking_norm_layers(module):
+        prefix = f"{name}." if name else ""
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            value = getattr(layer, key, None)
+            if isinstance(value, torch.Tensor):
+                out[prefix + key] = value.detach().clone()
+    return out
+
+
+# --- loaders ---------------------------------------------------------------------------------------
+
+
+def _val_source_loaders(trainer: L.Trainer) -> Any:
+    """The val dataloader(s) from where fit got them (passed to ``fit``, the datamodule or the module), or None.
+
+    Lightning's loop keeps that source as the private ``_data_source``; this is the one place that reads it.
+    """
+    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+    if source is not None and source.is_defined() and source.instance is not None:
+        return source.dataloader()
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and is_overridden("val_dataloader", datamodule):
+        return datamodule.val_dataloader()
+    return None
+
+
+def _distributed(loader: Iterable[Any]) -> bool:
+    if not isinstance(loader, DataLoader):
+        return False
+    samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
+    return any(isinstance(s, DistributedSampler) for s in samplers)
+
+
+class _RankShard:
+    """Batches ``rank, rank + world_size, ...`` of a loader no DistributedSampler shards: the ranks split it."""
+
+    def __init__(self, loader: Iterable[Any], rank: int, world_size: int) -> None:
+        self.loader, self.rank, self.world_size = loader, rank, world_size
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.loader), self.rank, None, self.world_size)
 
 
 def _converted(loader: Iterable[Any], convert: Any) -> Iterator[Any]:
@@ -266,3 +430,68 @@ def _fresh(loader: Iterable[Any]) -> Iterable[Any]:
     if isinstance(loader, DataLoader) and loader.persistent_workers and loader.batch_sampler is not None:
         return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
     return loader
+
+
+# --- random streams --------------------------------------------------------------------------------
+
+
+def _generators(root: Any) -> list[torch.Generator]:
+    """Every ``torch.Generator`` a loader draws from: its own, its sampler's and batch sampler's, its dataset's.
+
+    Walks the attributes of DataLoaders, samplers and datasets (Lightning's sampler wrappers included), a few
+    levels deep.
+    """
+    found: list[torch.Generator] = []
+    seen: set[int] = set()
+
+    def walkable(obj: Any) -> bool:
+        return isinstance(obj, DataLoader | Sampler | Dataset | _RankShard) or "sampler" in type(obj).__name__.lower()
+
+    def visit(obj: Any, depth: int) -> None:
+        if id(obj) in seen or depth > 5:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Generator):
+            found.append(obj)
+        elif isinstance(obj, list | tuple | Mapping):
+            for item in obj.values() if isinstance(obj, Mapping) else obj:
+                visit(item, depth + 1)
+        elif walkable(obj):
+            for item in getattr(obj, "__dict__", {}).values():
+                if isinstance(item, torch.Generator | list | tuple | Mapping) or walkable(item):
+                    visit(item, depth + 1)
+
+    visit(root, 0)
+    return found
+
+
+@contextlib.contextmanager
+def _isolated_rng(loader: Iterable[Any], device: torch.device) -> Iterator[None]:
+    """Run a pass over ``loader`` that leaves every random stream of training as it was.
+
+    Iterating a loader draws its base seed and its shuffled order from the loader's (or sampler's) generator, or
+    from the global RNG; a dataset's transforms may draw from the global torch, Python or NumPy RNGs. Their states
+    are saved before and restored after, so training draws exactly what it would have drawn without the pass.
+    """
+    generators = _generators(loader)
+    states = [g.get_state() for g in generators]
+    python_state = random.getstate()
+    try:
+        import numpy as np
+
+        numpy_state: Any = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is optional for torch
+        np, numpy_state = None, None  # type: ignore[assignment]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=[]))  # the CPU generator
+        if device.type != "cpu" and device.type != "meta":
+            index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+            stack.enter_context(torch.random.fork_rng(devices=[index], device_type=device.type))
+        try:
+            yield
+        finally:
+            for generator, state in zip(generators, states, strict=True):
+                generator.set_state(state)
+            random.setstate(python_state)
+            if np is not None:
+                np.random.set_state(numpy_state)

@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
@@ -49,7 +50,8 @@ class BNStatsMonitor(Callback):
     In training BatchNorm normalizes with the statistics of the batch; at evaluation with the running statistics,
     a moving average. Every ``log_every_n_steps`` optimizer steps this callback measures, for each BatchNorm layer
     with running statistics, how far the current batch's per-channel mean and variance are from the running ones
-    (see :func:`batch_vs_running`), just before the layer updates them, and logs the channel averages:
+    (see :func:`batch_vs_running`), just before the layer updates them, and logs the channel averages once per
+    optimizer step (under ``accumulate_grad_batches`` it measures the first micro-batch of the step):
 
     - ``bn_stats/<layer>/mean_shift``: mean over channels of ``|batch mean - running mean| / running std``;
     - ``bn_stats/<layer>/var_log_ratio``: mean over channels of ``|log(batch var / running var)|``.
@@ -58,7 +60,9 @@ class BNStatsMonitor(Callback):
     mixing, small batches, a drifting network): a case for :class:`~lightning_reg.BNRecalibration`. With a logger
     that takes histograms (TensorBoard's ``add_histogram``) it also writes per-layer histograms of
     ``running_mean``, ``running_var`` and the per-channel ``mean_shift``. The last values are in ``last_stats``.
-    Under DDP each rank measures its own batch; rank 0 logs.
+    Under DDP each rank measures its own batch; rank 0 logs. The measurement stays on the device inside the forward
+    (no host sync per layer); the values move to the host once per logged step. A model without BatchNorm layers
+    gets one warning.
 
     Args:
         log_every_n_steps: measure at every N-th step (``trainer.global_step % N == 0``).
@@ -79,17 +83,31 @@ class BNStatsMonitor(Callback):
         self._handles: list[RemovableHandle] = []
         self._measured: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._step = 0
+        self._measured_step: int | None = None  # the optimizer step measured last (one micro-batch per step)
+        self._warned_no_bn = False
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._warned_no_bn or any(_monitored(m) for m in pl_module.modules()):
+            return
+        self._warned_no_bn = True
+        rank_zero_warn(
+            f"`BNStatsMonitor` found no BatchNorm layer with running statistics in {type(pl_module).__name__}: it "
+            "will log nothing. Remove the callback, or check that the model's BatchNorm layers keep running "
+            "statistics (`track_running_stats=True`)."
+        )
 
     @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._remove_hooks()
-        if trainer.global_step % self.log_every_n_steps != 0:
+        step = trainer.global_step  # optimizer steps done: the same for every micro-batch of one step
+        if step % self.log_every_n_steps != 0 or step == self._measured_step:
             return
-        self._step = trainer.global_step
+        self._step = self._measured_step = step
         for name, module in pl_module.named_modules():
-            if isinstance(module, _BatchNorm) and module.running_mean is not None:
+            if _monitored(module):
                 self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
 
     @override
@@ -101,21 +119,28 @@ class BNStatsMonitor(Callback):
         step = self._step
         self._remove_hooks()
         measured, self._measured = self._measured, {}
-        metrics: dict[str, float] = {}
-        for name, (shift, ratio, _, _) in measured.items():
-            metrics[f"bn_stats/{name}/mean_shift"] = float(shift.mean())
-            metrics[f"bn_stats/{name}/var_log_ratio"] = float(ratio.mean())
-        self.last_stats = metrics
-        if not metrics or not trainer.is_global_zero:
+        if not measured:
+            self.last_stats = {}
             return
+        names = list(measured)
+        # one device-to-host copy for all layers: (L, 2) channel means of mean_shift and var_log_ratio
+        means = torch.stack([torch.stack([shift.mean(), ratio.mean()]) for shift, ratio, _, _ in measured.values()])
+        values = means.tolist()  # (L, 2) on the host
+        metrics: dict[str, float] = {}
+        for name, (shift_mean, ratio_mean) in zip(names, values, strict=True):
+            metrics[f"bn_stats/{name}/mean_shift"] = shift_mean
+            metrics[f"bn_stats/{name}/var_log_ratio"] = ratio_mean
+        self.last_stats = metrics
+        if not trainer.is_global_zero:
+            return
+        histograms: dict[str, Tensor] | None = None
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             experiment: Any = getattr(logger, "experiment", None)
             if self.histograms and hasattr(experiment, "add_histogram"):
-                for name, (shift, _, running_mean, running_var) in measured.items():
-                    experiment.add_histogram(f"bn_stats/{name}/running_mean", running_mean, step)
-                    experiment.add_histogram(f"bn_stats/{name}/running_var", running_var, step)
-                    experiment.add_histogram(f"bn_stats/{name}/mean_shift", shift, step)
+                histograms = histograms if histograms is not None else _on_host(measured)
+                for tag, values_ in histograms.items():
+                    experiment.add_histogram(tag, values_, step)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -129,15 +154,15 @@ class BNStatsMonitor(Callback):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if name in self._measured or not isinstance(module, _BatchNorm) or not isinstance(args[0], Tensor):
                 return  # a layer called twice: keep its first call
-            with torch.no_grad():
+            with torch.no_grad():  # all on the device: the host sees the values once, at the end of the batch
                 shift, ratio = batch_vs_running(args[0], module)
                 assert module.running_mean is not None
                 assert module.running_var is not None
                 self._measured[name] = (
-                    shift.cpu(),
-                    ratio.cpu(),
-                    module.running_mean.detach().float().cpu(),
-                    module.running_var.detach().float().cpu(),
+                    shift,
+                    ratio,
+                    module.running_mean.detach().to(torch.float32, copy=True),  # the layer updates it in place next
+                    module.running_var.detach().to(torch.float32, copy=True),
                 )
 
         return hook
@@ -146,3 +171,21 @@ class BNStatsMonitor(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _monitored(module: nn.Module) -> bool:
+    return isinstance(module, _BatchNorm) and module.running_mean is not None
+
+
+def _on_host(measured: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]) -> dict[str, Tensor]:
+    """The histogram tensors of every layer, moved to the CPU in one copy: ``bn_stats/<layer>/<name>`` -> values."""
+    keys = ("mean_shift", "var_log_ratio", "running_mean", "running_var")
+    tags: list[str] = []
+    parts: list[Tensor] = []
+    for name, tensors in measured.items():
+        for key, tensor in zip(keys, tensors, strict=True):
+            if key != "var_log_ratio":
+                tags.append(f"bn_stats/{name}/{key}")
+                parts.append(tensor.flatten().float())
+    flat = torch.cat(parts).cpu()
+    return dict(zip(tags, flat.split([p.numel() for p in parts]), strict=True))

@@ -7,8 +7,9 @@ holding every sample would give.
 
 How, in one pass with no extra reduction over activations: each recalibrated layer runs in training mode with
 ``momentum=1``, so after every call its ``running_mean``/``running_var`` hold exactly that call's batch mean and
-unbiased batch variance. A forward hook reads them with the call's sample count and folds them into per-channel
-shifted sums (float64); at the end the batches are pooled exactly::
+unbiased batch variance. A forward hook reads them with the call's count of values per channel (samples times
+spatial positions, as fvcore's ``update_bn_stats`` counts them) and folds them into per-channel shifted sums (in
+``lightning_reg._device.accumulation_dtype``: float64, float32 on MPS); at the end the batches are pooled exactly::
 
     mean = sum_b n_b * mean_b / N
     M2   = sum_b [(n_b - 1) * var_b + n_b * (mean_b - mean)^2]      (Chan et al., 1979)
@@ -16,7 +17,11 @@ shifted sums (float64); at the end the batches are pooled exactly::
 
 ``torch.optim.swa_utils.update_bn`` (a cumulative average, each batch weighted equally, of batch variances) and
 fvcore's ``update_bn_stats`` (the same, weighted by batch) both leave out the ``n_b * (mean_b - mean)^2`` term:
-they differ from the exact statistics whenever batch means differ. Under ``torch.distributed`` the per-layer
+they differ from the exact statistics whenever batch means differ (fvcore's newer ``_PopulationVarianceEstimator``
+pools exactly too, with the biased ``1/N`` variance). A call in which a layer would get one value per channel (a
+batch of one sample for BatchNorm1d, a 1x1 feature map of one image for BatchNorm2d) cannot run in training mode:
+the decision is taken per layer and per call from the values per channel, so a batch of one image still counts
+for every BatchNorm2d/3d it reaches. Under ``torch.distributed`` the per-layer
 counts, sums and centred sums of squares are all-reduced (two ``all_reduce`` calls of one flat tensor each), so
 N ranks get the statistics of the union of their batches.
 """
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +41,9 @@ from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm, _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.parameter import is_lazy
 
-from lightning_reg._batch import BatchKey, get_entry, validate_key
+from lightning_reg import _device
+from lightning_reg._batch import BatchKey, validate_key
+from lightning_reg.forward import ForwardFn, batch_inputs, validate_forward_fn
 
 __all__ = ["BNRecalibrationReport", "is_frozen_norm", "recalibrate_bn", "tracking_norm_layers"]
 
@@ -49,8 +56,10 @@ class BNRecalibrationReport:
         layers: qualified names of the recalibrated layers.
         frozen: qualified names of the tracking layers left alone because they count as frozen.
         num_batches: batches forwarded.
-        num_samples: samples forwarded (first dimension of the inputs).
-        num_skipped: batches of size 1 skipped (BatchNorm cannot forward them in training mode).
+        num_samples: samples forwarded (first dimension of the inputs, or of the first tensor in the batch).
+        num_skipped: batches whose forward stopped at a layer that would have got one value per channel (which
+            BatchNorm cannot normalize in training mode): that layer and the layers after it did not count the
+            batch, the layers before it did.
         mean_abs_change_mean: mean over all channels of ``|new running_mean - old running_mean|``.
         mean_abs_change_var: mean over all channels of ``|new running_var - old running_var|``.
 
@@ -109,8 +118,8 @@ def is_frozen_norm(layer: nn.Module, model: nn.Module) -> bool:
     return model.training and not layer.training
 
 
-def _stats_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+class _StopForward(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """Raised by a layer's pre-hook to end a forward: the layer would get one value per channel."""
 
 
 class _LayerAccumulator:
@@ -127,24 +136,39 @@ class _LayerAccumulator:
     def __init__(self, layer: _NormBase) -> None:
         self.layer = layer
         self.instance = isinstance(layer, _InstanceNorm)
-        self.count = 0  # samples per channel (BatchNorm) or instances (InstanceNorm)
+        self.count = 0  # values per channel (BatchNorm) or instances (InstanceNorm), over all counted calls
         self.calls = 0
+        self.stops = 0  # calls refused: one value per channel
         self.shift: Tensor | None = None
         self.s1: Tensor | None = None
         self.s2: Tensor | None = None
         self._means: list[Tensor] = []
         self._vars: list[Tensor] = []
         self._ns: list[int] = []
+        self._n = 0  # the weight of the call in progress, set by the pre-hook
 
-    def hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _values_per_channel(self, x: Tensor) -> int:
+        if self.instance:  # statistics per instance and channel, over the spatial positions
+            spatial = self.layer._get_no_batch_dim() - 1  # type: ignore[operator]
+            return int(torch.Size(x.shape[-spatial:]).numel())
+        return x.numel() // x.shape[1]
+
+    def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Decide for this layer and this call: one value per channel cannot run in training mode, stop there."""
         x = args[0]
+        if self._values_per_channel(x) <= 1:
+            self.stops += 1
+            raise _StopForward
         if self.instance:
             batched = x.dim() > self.layer._get_no_batch_dim()  # type: ignore[operator]
-            n = x.shape[0] if batched else 1
+            self._n = x.shape[0] if batched else 1
         else:
-            n = x.numel() // x.shape[1]
+            self._n = x.numel() // x.shape[1]
+
+    def hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         assert self.layer.running_mean is not None
         assert self.layer.running_var is not None
+        n = self._n
         self._means.append(self.layer.running_mean.clone())  # (C,): the call's batch mean, as momentum is 1
         self._vars.append(self.layer.running_var.clone())  # (C,): the call's unbiased batch variance
         self._ns.append(n)
@@ -154,10 +178,10 @@ class _LayerAccumulator:
             self.fold()
 
     def fold(self) -> None:
-        """Add the buffered calls to the float64 sums."""
+        """Add the buffered calls to the sums (in the accumulation dtype of the device)."""
         if not self._ns:
             return
-        dtype = _stats_dtype(self._means[0].device)
+        dtype = _device.accumulation_dtype(self._means[0].device)
         means = torch.stack(self._means).to(dtype)  # (B, C)
         variances = torch.stack(self._vars).to(dtype)  # (B, C)
         ns = torch.tensor(self._ns, dtype=dtype, device=means.device).unsqueeze(1)  # (B, 1)
@@ -179,7 +203,7 @@ class _LayerAccumulator:
     def local_moments(self, channels: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """``(count, sum of x, second-moment part)``: see :func:`_pool`."""
         self.fold()
-        dtype = _stats_dtype(device)
+        dtype = _device.accumulation_dtype(device)
         count = torch.tensor(float(self.count), dtype=dtype, device=device)
         if self.s1 is None or self.shift is None or self.s2 is None:
             zeros = torch.zeros(channels, dtype=dtype, device=device)
@@ -201,7 +225,7 @@ def _pool(
     accs: list[_LayerAccumulator], counters: list[int], device: torch.device, distributed: bool
 ) -> tuple[list[tuple[int, Tensor, Tensor, int]], list[int]]:
     """Exact pooled ``(count, mean, var, calls)`` per layer and the summed ``counters``; two all-reduces under DDP."""
-    dtype = _stats_dtype(device)
+    dtype = _device.accumulation_dtype(device)
     moments = [acc.local_moments(_channels(acc.layer), device) for acc in accs]
     # stage 1, one flat tensor: [counters..., then per layer: count, calls, sum of x (C,)]
     parts = [torch.tensor([float(c) for c in counters], dtype=dtype, device=device)]
@@ -240,14 +264,29 @@ def _channels(layer: _NormBase) -> int:
     return layer.running_mean.numel()
 
 
-def _input_of(batch: Any, input_key: BatchKey) -> Any:
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (in lists, tuples and dicts, nested) moved to ``device``."""
     if isinstance(batch, Tensor):
-        return batch
-    return get_entry(batch, input_key, "input_key")
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(_to_device(v, device) for v in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
 
 
-def _batch_size(x: Any) -> int | None:
-    return int(x.shape[0]) if isinstance(x, Tensor) and x.dim() > 0 else None
+def _leading_size(batch: Any) -> int:
+    """The first dimension of the first batched tensor in ``batch`` (0 if there is none)."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 0
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, list | tuple) else ()
+    for value in values:
+        size = _leading_size(value)
+        if size:
+            return size
+    return 0
 
 
 def _local_forward(layer: SyncBatchNorm) -> Any:
@@ -266,6 +305,7 @@ def recalibrate_bn(
     num_batches: int | None = None,
     *,
     input_key: BatchKey = 0,
+    forward_fn: ForwardFn | None = None,
     frozen: Iterable[nn.Module] | None = None,
     device: torch.device | str | None = None,
     distributed: bool | None = None,
@@ -275,10 +315,18 @@ def recalibrate_bn(
     Resets the running statistics of every normalization layer that tracks them (see
     :func:`tracking_norm_layers`) and is not frozen (see :func:`is_frozen_norm`), forwards up to ``num_batches``
     batches with those layers in training mode and every other module in eval mode (dropout off) under
-    ``torch.no_grad()``, and writes each layer's exact statistics over all samples seen: the population mean and
+    ``torch.no_grad()``, and writes each layer's exact statistics over all values it saw: the population mean and
     unbiased variance per channel, the numbers one batch holding all samples would give, also for unequal batch
-    sizes. ``num_batches_tracked`` becomes the number of batches the layer saw. Wu & Johnson, "Rethinking 'Batch'
+    sizes. ``num_batches_tracked`` becomes the number of calls the layer counted. Wu & Johnson, "Rethinking 'Batch'
     in BatchNorm", 2021 (https://arxiv.org/abs/2105.07576).
+
+    Each batch is forwarded the way the callbacks forward it (``lightning_reg.forward``): ``forward_fn(model,
+    batch)`` if given, else ``model(*model.forward_inputs(batch))`` when the model defines ``forward_inputs``
+    (sequence lengths, attention masks), else ``model(batch[input_key])``; a tensor batch is the inputs. Tensors
+    are moved to ``device`` first. Whether a call counts is decided per layer from its values per channel: a layer
+    that would get one value per channel (which training-mode BatchNorm refuses) ends that forward, so it and the
+    layers after it do not count the batch while the layers before it do. A batch of one image counts for
+    BatchNorm2d/3d (H x W values per channel).
 
     Only those buffers change: parameters, other buffers, momentum and every module's train/eval mode are as
     before. If the forward raises, the running statistics are restored too and the error propagates. Under
@@ -286,13 +334,16 @@ def recalibrate_bn(
     the statistics are those of the union of all ranks' batches.
 
     Args:
-        model: the network (a LightningModule is a network); it is called as ``model(inputs)``.
+        model: the network (a LightningModule is a network).
         batches: an iterable of batches: tensors, lists/tuples with the inputs at ``input_key``, or dicts.
         num_batches: take at most this many batches from ``batches``; ``None`` takes all.
-        input_key: position (list/tuple batch) or key (dict batch) of the inputs; ignored for tensor batches.
+        input_key: position (list/tuple batch) or key (dict batch) of the inputs, for models without
+            ``forward_inputs`` and without ``forward_fn``.
+        forward_fn: ``forward_fn(model, batch)`` runs the model on one batch (already on ``device``); its
+            output is ignored.
         frozen: layers to leave alone in addition to those with ``track_running_stats=False``. ``None`` detects
             them: layers in eval mode while ``model`` is in train mode. Pass them when ``model`` is in eval mode.
-        device: move tensor inputs here; ``None`` uses the device of the model's first parameter or buffer.
+        device: move tensors of the batches here; ``None`` uses the device of the model's first parameter or buffer.
         distributed: all-reduce the statistics across ranks; ``None`` does when a process group of more than one
             rank is initialized.
 
@@ -300,10 +351,10 @@ def recalibrate_bn(
         A :class:`BNRecalibrationReport` with the layers, counts and the mean absolute change of the statistics.
 
     Raises:
-        ValueError: ``batches`` is empty or every batch had size 1; ``num_batches`` is not a positive int.
-        KeyError, TypeError: the batch has no entry ``input_key``.
+        ValueError: ``batches`` is empty, or no layer got more than one value per channel in any batch;
+            ``num_batches`` is not a positive int.
+        KeyError, TypeError: the batch has no entry ``input_key``; ``forward_fn`` is not callable.
 
-    Batches of size 1 (which BatchNorm cannot forward in training mode) are skipped and counted in the report.
     A model without such layers gets a warning and is left unchanged.
 
     Example:
@@ -318,6 +369,7 @@ def recalibrate_bn(
         (8, 2)
     """
     validate_key(input_key, "input_key")
+    validate_forward_fn(forward_fn)
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)):
         raise ValueError(f"Expected `num_batches` to be a positive int or None, but got {num_batches!r}.")
     if num_batches is not None and num_batches < 1:
@@ -368,7 +420,7 @@ def recalibrate_bn(
     momenta = [m.momentum for m in layers]
     accs = [_LayerAccumulator(m) for m in layers]
     handles = []
-    counters = [0, 0, 0]  # batches, samples, skipped
+    counters = [0, 0, 0]  # batches, samples, stopped early
     try:
         model.eval()
         for layer, acc, snapshot in zip(layers, accs, saved, strict=True):
@@ -378,35 +430,47 @@ def recalibrate_bn(
                 layer.reset_running_stats()
             if isinstance(layer, SyncBatchNorm):
                 layer.forward = _local_forward(layer)  # type: ignore[method-assign]
+            handles.append(layer.register_forward_pre_hook(acc.pre_hook))
             handles.append(layer.register_forward_hook(acc.hook))
         with torch.no_grad():
             for batch in stream:
-                x = _input_of(batch, input_key)
-                size = _batch_size(x)
-                if size == 1:
-                    counters[2] += 1
-                    continue
-                if isinstance(x, Tensor):
-                    x = x.to(device, non_blocking=True)
-                model(x)
+                if forward_fn is not None:
+                    batch = _to_device(batch, device)
+                    size = _leading_size(batch)
+                    run: Any = lambda batch=batch: forward_fn(model, batch)  # noqa: E731
+                else:
+                    inputs = batch_inputs(model, batch, input_key).map(lambda t: t.to(device, non_blocking=True))
+                    size = _leading_size(list(inputs.args) + list(inputs.kwargs.values()))
+                    run = lambda inputs=inputs: inputs(model)  # noqa: E731
                 counters[0] += 1
-                counters[1] += size or 0
+                counters[1] += size
+                try:
+                    run()
+                except _StopForward:
+                    counters[2] += 1
         results, totals = _pool(accs, counters, device, distributed)
         if totals[0] == 0:
             raise ValueError(
-                f"Expected at least one batch of size >= 2, but got "
-                f"{'none' if totals[2] == 0 else 'only batches of size 1'} ({totals[2]} skipped); no statistics were "
-                "changed. Pass a non-empty iterable of batches of size >= 2 (BatchNorm cannot compute a variance from "
-                "one sample)."
+                "Expected `batches` to yield at least one batch on some rank, but every rank's was empty; no "
+                "statistics were changed."
+            )
+        if all(n == 0 for n, _, _, _ in results):
+            raise ValueError(
+                f"Expected at least one batch in which a normalization layer gets more than one value per channel, "
+                f"but every one of the {totals[0]} batches stopped at a layer with one value per channel (batches of "
+                "one sample for BatchNorm1d, or 1x1 feature maps); no statistics were changed. Use batches of at "
+                "least 2 samples (BatchNorm cannot compute a variance from one value)."
             )
         unused: list[str] = []
+        starved: list[str] = []
         changes_mean: list[Tensor] = []
         changes_var: list[Tensor] = []
-        for (name, layer), (n, mean, var, calls), snapshot in zip(targets, results, saved, strict=True):
+        dtype = _device.accumulation_dtype(device)
+        for (name, layer), acc, (n, mean, var, calls), snapshot in zip(targets, accs, results, saved, strict=True):
             assert layer.running_mean is not None
             assert layer.running_var is not None
-            if n == 0:  # the forward never reached this layer: keep what it had
-                unused.append(name)
+            if n == 0:  # the forward never reached this layer with two values per channel: keep what it had
+                (starved if acc.stops else unused).append(name)
                 if snapshot is not None:
                     _restore(layer, snapshot)
                 continue
@@ -415,8 +479,8 @@ def recalibrate_bn(
             if layer.num_batches_tracked is not None:
                 layer.num_batches_tracked.fill_(calls)
             if snapshot is not None:
-                changes_mean.append((layer.running_mean - snapshot[0]).abs().flatten().double())
-                changes_var.append((layer.running_var - snapshot[1]).abs().flatten().double())
+                changes_mean.append((layer.running_mean - snapshot[0]).abs().flatten().to(dtype))
+                changes_var.append((layer.running_var - snapshot[1]).abs().flatten().to(dtype))
     except BaseException:
         for layer, snapshot in zip(layers, saved, strict=True):
             if snapshot is not None:
@@ -437,8 +501,15 @@ def recalibrate_bn(
             UserWarning,
             stacklevel=2,
         )
+    if starved:
+        warnings.warn(
+            f"`recalibrate_bn`: {starved} got one value per channel in every batch that reached them (batches of one "
+            "sample?); their statistics were left as they were. Use batches of at least 2 samples.",
+            UserWarning,
+            stacklevel=2,
+        )
     return BNRecalibrationReport(
-        layers=[name for name, _ in targets if name not in unused],
+        layers=[name for name, _ in targets if name not in unused and name not in starved],
         frozen=frozen_names,
         num_batches=totals[0],
         num_samples=totals[1],

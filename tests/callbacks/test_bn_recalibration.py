@@ -1,18 +1,19 @@
 from __future__ import annotations
 
-import copy
 import importlib.util
+import itertools
 import json
+import random
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, WeightAveraging
 
 from lightning_reg import BNRecalibration
-from lightning_reg import functional as LF
 from lightning_reg._batch import get_entry, set_entry
 from tests.helpers import TinyCNN, UserClassifier, fast_trainer, make_images, make_loader
 from tests.helpers.ddp import ddp_fork_trainer, scrubbed_ddp_env, skip_on_windows
@@ -33,11 +34,21 @@ def _bn(model: UserClassifier) -> torch.nn.BatchNorm2d:
     return model.net.body[1]
 
 
-def _expected(model: UserClassifier, loader: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Statistics an independent ``recalibrate_bn`` on the same weights and clean batches gives."""
-    ref = copy.deepcopy(model).train()
-    LF.recalibrate_bn(ref, loader, **kwargs)
-    return _bn(ref).running_mean, _bn(ref).running_var
+def _expected(
+    model: UserClassifier, loader: Any, num_batches: int | None = None, input_key: Any = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact statistics of the BN layer's inputs, in closed form: TinyCNN's BN normalizes its first conv's output,
+    so they are the per-channel mean and unbiased variance of ``conv(all clean inputs)`` over (N, H, W)."""
+    batches = list(itertools.islice(loader, num_batches))
+    inputs = torch.cat([b if isinstance(b, torch.Tensor) else get_entry(b, input_key) for b in batches])
+    return _conv_stats(model.net.body[0], inputs)
+
+
+def _conv_stats(conv: torch.nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        h = conv(inputs)  # (N, C, H, W)
+    var, mean = torch.var_mean(h.transpose(0, 1).reshape(h.shape[1], -1), dim=1)
+    return mean, var
 
 
 class _CorruptBatch(L.Callback):
@@ -183,10 +194,75 @@ def test_val_dataloader_from_the_trainer(tmp_path: Path) -> None:
     model, val = _model(), _loader(n=16, batch_size=8)
     trainer = fast_trainer(tmp_path, callbacks=[BNRecalibration(None, dataloader="val")], limit_val_batches=0)
     with pytest.raises(RuntimeError, match="found no val dataloader"):
-        trainer.fit(model, _loader())
+        trainer.fit(model, _loader())  # no val loader anywhere
     trainer = fast_trainer(tmp_path, callbacks=[BNRecalibration(None, dataloader="val", every_n_epochs=1)])
     trainer.fit(model, _loader(), val_dataloaders=val)
     torch.testing.assert_close(_bn(model).running_var, _expected(model, val)[1])
+
+
+class _ValData(L.LightningDataModule):
+    def __init__(self, val: Any) -> None:
+        super().__init__()
+        self.val = val
+
+    def train_dataloader(self) -> Any:
+        return _loader()
+
+    def val_dataloader(self) -> Any:
+        return self.val
+
+
+@pytest.mark.parametrize("source", ["fit-argument", "datamodule"])
+def test_val_dataloader_is_found_when_limit_val_batches_is_zero(tmp_path: Path, source: str) -> None:
+    """`limit_val_batches=0` turns validation off; the val loader still exists and is the one recalibrated on."""
+    model, val = _model(), _loader(n=24, batch_size=8)
+    recal = BNRecalibration(None, dataloader="val")
+    trainer = fast_trainer(tmp_path, callbacks=[recal], limit_val_batches=0)
+    if source == "datamodule":
+        trainer.fit(model, datamodule=_ValData(val))
+    else:
+        trainer.fit(model, _loader(), val_dataloaders=val)
+    mean, var = _expected(model, val)
+    torch.testing.assert_close(_bn(model).running_mean, mean)
+    torch.testing.assert_close(_bn(model).running_var, var)
+    assert recal.last_report is not None
+    assert recal.last_report.num_batches == 3
+
+
+def test_limit_val_batches_caps_the_val_loader(tmp_path: Path) -> None:
+    model, val = _model(), _loader(n=24, batch_size=8)
+    recal = BNRecalibration(100, dataloader="val")
+    fast_trainer(tmp_path, callbacks=[recal], limit_val_batches=2).fit(model, _loader(), val_dataloaders=val)
+    assert recal.last_report is not None
+    assert recal.last_report.num_batches == 2
+    torch.testing.assert_close(_bn(model).running_var, _expected(model, val, num_batches=2)[1])
+
+
+# --- the batches the trainer runs: limit_train_batches, fast_dev_run ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [({"limit_train_batches": 2}, 2), ({"limit_train_batches": 0.5}, 3), ({"fast_dev_run": True}, 1)],
+    ids=["limit-int", "limit-fraction", "fast-dev-run"],
+)
+def test_the_pass_takes_no_more_batches_than_the_trainer_runs(tmp_path: Path, flags: dict, expected: int) -> None:
+    model, loader = _model(), _loader(n=48, batch_size=8)  # 6 batches
+    recal = BNRecalibration(num_batches=100)
+    fast_trainer(tmp_path, callbacks=[recal], **flags).fit(model, loader)
+    assert recal.num_recalibrations == 1
+    assert recal.last_report is not None
+    assert recal.last_report.num_batches == expected
+    assert int(_bn(model).num_batches_tracked) == expected
+    torch.testing.assert_close(_bn(model).running_var, _expected(model, loader, num_batches=expected)[1])
+
+
+def test_fast_dev_run_also_caps_a_loader_passed_by_the_user(tmp_path: Path) -> None:
+    model, mine = _model(), _loader(n=48, batch_size=8)
+    recal = BNRecalibration(None, dataloader=mine)
+    fast_trainer(tmp_path, callbacks=[recal], fast_dev_run=2).fit(model, _loader())
+    assert recal.last_report is not None
+    assert recal.last_report.num_batches == 2
 
 
 def test_state_dict_round_trip_keeps_the_frozen_layers() -> None:
@@ -211,6 +287,7 @@ def test_state_dict_round_trip_keeps_the_frozen_layers() -> None:
         ({"when": None}, ValueError, "would never run"),
         ({"dataloader": "test"}, ValueError, "only available at test time"),
         ({"input_key": 1.5}, TypeError, "`input_key` to be an int"),
+        ({"forward_fn": "forward"}, TypeError, "`forward_fn` to be None or a callable"),
     ],
 )
 def test_invalid_arguments_raise_with_the_fix(kwargs: dict, error: type[Exception], match: str) -> None:
@@ -246,6 +323,43 @@ def test_two_ranks_get_the_statistics_of_the_union_of_their_shards(tmp_path: Pat
     torch.testing.assert_close(torch.tensor(ranks[0]["var"]), var, rtol=1e-5, atol=1e-5)
 
 
+class _WriteFinal(L.Callback):
+    """Each rank writes its final BN statistics and conv weights."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        conv, bn = pl_module.net.body[0], _bn(pl_module)  # type: ignore[arg-type]
+        stats = {
+            "mean": bn.running_mean.tolist(),
+            "var": bn.running_var.tolist(),
+            "weight": conv.weight.tolist(),
+            "bias": conv.bias.tolist(),
+        }
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(stats))
+
+
+@skip_on_windows
+def test_two_ranks_split_a_val_loader_lightning_did_not_load_and_recalibrate_the_averaged_weights(
+    tmp_path: Path,
+) -> None:
+    """DDP, `limit_val_batches=0` (Lightning shards no val loader then) and EMA: the ranks split the val batches
+    between them, and end with the exact statistics of the whole val set under the final averaged weights."""
+    model, val = _model(), _loader(n=40, batch_size=8)  # 5 val batches: 3 on rank 0, 2 on rank 1
+    callbacks = [BNRecalibration(None, dataloader="val"), EMAWeightAveraging(decay=0.5), _WriteFinal(tmp_path)]
+    with scrubbed_ddp_env():
+        trainer = ddp_fork_trainer(tmp_path, callbacks=callbacks, limit_val_batches=0, max_epochs=2)
+        trainer.fit(model, _loader(n=48, batch_size=8), val_dataloaders=val)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    conv = TinyCNN().body[0]
+    conv.load_state_dict({"weight": torch.tensor(ranks[0]["weight"]), "bias": torch.tensor(ranks[0]["bias"])})
+    mean, var = _conv_stats(conv, torch.cat([x for x, _ in val]))  # each val sample counted once
+    torch.testing.assert_close(torch.tensor(ranks[0]["mean"]), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(ranks[0]["var"]), var, rtol=1e-6, atol=1e-7)
+
+
 # --- the example ---------------------------------------------------------------------------------
 
 
@@ -261,7 +375,8 @@ def test_example_runs_and_recalibrates(tmp_path: Path, monkeypatch: pytest.Monke
     assert 0.0 <= metrics["test_acc"] <= 1.0
     assert metrics["bn_mean_abs_change_var"] > 0
     saved = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert int(saved["state_dict"]["net.features.1.num_batches_tracked"]) > 2  # set by the recalibration
+    # `limit_train_batches=2` in the fast run: the recalibration took those 2 batches, not `num_batches=100`
+    assert int(saved["state_dict"]["net.features.1.num_batches_tracked"]) == 2
 
 
 @pytest.mark.parametrize(("precision", "dtype"), [("64-true", torch.float64), ("bf16-true", torch.bfloat16)])
@@ -273,3 +388,248 @@ def test_batches_go_through_the_precision_plugin(tmp_path: Path, precision: str,
     assert callback.num_recalibrations == 1
     assert _bn(model).running_mean.dtype == dtype
     assert int(_bn(model).num_batches_tracked) == 3  # every batch of the loader
+
+
+# --- weight averaging: the statistics of the weights the model ends with ----------------------------
+
+
+@pytest.mark.parametrize("validation", [True, False], ids=["with-val", "no-val"])
+@pytest.mark.parametrize("order", ["recal-first", "averaging-first"])
+def test_with_ema_weight_averaging_the_final_model_and_checkpoint_hold_the_averaged_weights_statistics(
+    tmp_path: Path, order: str, validation: bool
+) -> None:
+    model, loader = _model(), _loader()
+    recal = BNRecalibration(None)
+    ema = EMAWeightAveraging(decay=0.5)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="final")
+    callbacks = [recal, ema] if order == "recal-first" else [ema, recal]
+    trainer = fast_trainer(tmp_path, max_epochs=2, callbacks=[*callbacks, ckpt], enable_checkpointing=True)
+    trainer.fit(model, loader, val_dataloaders=_loader(n=16) if validation else None)
+    # the final model: its (averaged) conv weights' exact statistics over the training batches
+    mean, var = _expected(model, loader)
+    torch.testing.assert_close(_bn(model).running_mean, mean)
+    torch.testing.assert_close(_bn(model).running_var, var)
+    assert int(_bn(model).num_batches_tracked) == 3
+    # the final checkpoint: the same weights, and the statistics of those weights
+    saved = torch.load(ckpt.best_model_path, weights_only=True)["state_dict"]
+    torch.testing.assert_close(saved["net.body.0.weight"], model.net.body[0].weight)
+    conv = TinyCNN().body[0]
+    conv.load_state_dict({"weight": saved["net.body.0.weight"], "bias": saved["net.body.0.bias"]})
+    inputs = torch.cat([x for x, _ in loader])
+    saved_mean, saved_var = _conv_stats(conv, inputs)
+    torch.testing.assert_close(saved["net.body.1.running_mean"], saved_mean)
+    torch.testing.assert_close(saved["net.body.1.running_var"], saved_var)
+
+
+def test_with_weight_averaging_without_buffer_averaging_the_final_statistics_are_recalibrated(tmp_path: Path) -> None:
+    """`use_buffers=False` keeps the averaged copy's statistics from setup time: recalibration replaces them."""
+    model, loader = _model(), _loader()
+    trainer = fast_trainer(
+        tmp_path, max_epochs=2, callbacks=[WeightAveraging(use_buffers=False), BNRecalibration(None)]
+    )
+    trainer.fit(model, loader)
+    mean, var = _expected(model, loader)
+    torch.testing.assert_close(_bn(model).running_mean, mean)
+    torch.testing.assert_close(_bn(model).running_var, var)
+
+
+class _ValidationStats(L.Callback):
+    """The BN running mean that each validation batch sees (after WeightAveraging swapped its weights in)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.seen.append((pl_module.net.body[0].weight.detach().clone(), _bn(pl_module).running_var.clone()))
+
+
+def test_with_weight_averaging_every_n_epochs_each_validation_sees_the_averaged_weights_statistics(
+    tmp_path: Path,
+) -> None:
+    model, loader = _model(), _loader()
+    probe = _ValidationStats()
+    callbacks = [probe, BNRecalibration(None, when=None, every_n_epochs=1), EMAWeightAveraging(decay=0.5)]
+    fast_trainer(tmp_path, max_epochs=2, callbacks=callbacks).fit(model, loader, val_dataloaders=_loader(n=8))
+    inputs = torch.cat([x for x, _ in loader])
+    assert len(probe.seen) == 2
+    for weight, running_var in probe.seen:
+        conv = TinyCNN().body[0]
+        conv.load_state_dict({"weight": weight, "bias": model.net.body[0].bias.detach() * 0})
+        # the bias shifts the mean only: the variance identifies the weights' statistics
+        torch.testing.assert_close(running_var, _conv_stats(conv, inputs)[1])
+
+
+def test_lightning_weight_averaging_still_keeps_its_averaged_model_where_we_read_it() -> None:
+    """`BNRecalibration` reads `WeightAveraging._average_model` (no public accessor in Lightning 2.6)."""
+    callback = EMAWeightAveraging()
+    assert hasattr(callback, "_average_model")
+
+
+# --- the pass changes no random stream that training draws from ------------------------------------
+
+
+class _DrawingDataset(torch.utils.data.Dataset):
+    """Images whose `__getitem__` adds noise drawn from Python's or NumPy's global RNG (as some augmentations do)."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, rng: str) -> None:
+        self.inputs, self.targets, self.rng = inputs, targets, rng
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = random.random() if self.rng == "python" else float(np.random.rand())
+        return self.inputs[i] + noise, self.targets[i]
+
+
+def _rng_loader(source: str) -> torch.utils.data.DataLoader:
+    inputs, targets = make_images(n=48)
+    dataset = torch.utils.data.TensorDataset(inputs, targets)
+    if source == "loader-generator":
+        return torch.utils.data.DataLoader(dataset, 8, shuffle=True, generator=torch.Generator().manual_seed(1))
+    if source == "sampler-generator":
+        sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(1))
+        return torch.utils.data.DataLoader(dataset, 8, sampler=sampler)
+    if source == "global":
+        return torch.utils.data.DataLoader(dataset, 8, shuffle=True)  # order and base seed from the global RNG
+    return torch.utils.data.DataLoader(_DrawingDataset(inputs, targets, source), 8)
+
+
+def _train(tmp_path: Path, source: str, callbacks: list[L.Callback]) -> tuple[UserClassifier, Any]:
+    L.seed_everything(0)
+    random.seed(0)
+    np.random.seed(0)
+    model = UserClassifier(net=TinyCNN(dropout=0.3), lr=0.5)  # dropout draws from the global RNG
+    loader = _rng_loader(source)
+    fast_trainer(tmp_path, max_epochs=3, callbacks=callbacks).fit(model, loader)
+    return model, loader
+
+
+@pytest.mark.parametrize("source", ["loader-generator", "sampler-generator", "global", "python", "numpy"])
+def test_training_draws_the_same_with_and_without_the_recalibration_pass(tmp_path: Path, source: str) -> None:
+    """Running statistics do not enter a training-mode forward, so with the RNG untouched the weights are equal.
+
+    Each epoch's pass iterates the shuffled training loader (drawing its order and base seed) and runs the dataset's
+    transforms; after it, training must draw exactly what it would have drawn without the callback.
+    """
+    recal = BNRecalibration(None, when=None, every_n_epochs=1)
+    with_pass, loader_a = _train(tmp_path / "a", source, [recal])
+    without, loader_b = _train(tmp_path / "b", source, [])
+    assert recal.num_recalibrations == 3
+    # the same training batches, in the same order (targets and the inputs' sums identify them)
+    assert len(with_pass.seen_targets["train"]) == 18
+    for a, b in zip(with_pass.seen_targets["train"], without.seen_targets["train"], strict=True):
+        assert torch.equal(a, b)
+    for (name, a), (_, b) in zip(with_pass.named_parameters(), without.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    # and the loader's own generators are where training alone leaves them
+    for gen_a, gen_b in zip(_loader_generators(loader_a), _loader_generators(loader_b), strict=True):
+        assert torch.equal(gen_a.get_state(), gen_b.get_state())
+
+
+def _loader_generators(loader: torch.utils.data.DataLoader) -> list[torch.Generator]:
+    candidates = [loader.generator, getattr(loader.sampler, "generator", None)]
+    return [g for g in candidates if isinstance(g, torch.Generator)]
+
+
+# --- batches through the forward protocol: forward_inputs, forward_fn ---------------------------------
+
+
+class _SequenceClassifier(L.LightningModule):
+    """Padded sequences with lengths, batches ``[x, y, lengths]``: mean over the valid steps, BatchNorm1d, a head.
+
+    ``forward(x)`` alone reads every step (padding included); ``forward_inputs`` passes the lengths, as the zoo's
+    RNN does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(3, 4)
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def features(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.proj(x)  # (N, T, 4)
+        if lengths is None:
+            return h.mean(1)
+        valid = (torch.arange(x.shape[1])[None, :] < lengths[:, None]).to(h.dtype)  # (N, T)
+        return (h * valid[..., None]).sum(1) / lengths[:, None].to(h.dtype)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.bn(self.features(x, lengths)))
+
+    def forward_inputs(self, batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch[0], batch[2]
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y, lengths = batch
+        return torch.nn.functional.cross_entropy(self(x, lengths), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _sequence_loader(as_dict: bool = False) -> Any:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 7, (24,), generator=g)
+    x = torch.randn(24, 6, 3, generator=g)
+    x[torch.arange(6)[None, :] >= lengths[:, None]] = 10.0  # padding far from the data
+    y = torch.arange(24) % 2
+    if as_dict:
+        rows = [{"ids": x[i], "label": y[i], "lengths": lengths[i]} for i in range(24)]
+        return torch.utils.data.DataLoader(rows, batch_size=8)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, lengths), batch_size=8)
+
+
+def _valid_step_stats(model: _SequenceClassifier, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The BN layer's exact statistics, from a naive loop over each sample's valid steps."""
+    with torch.no_grad():
+        rows = [model.proj(x[i, : int(n[i])]).mean(0) for x, _, n in loader for i in range(len(x))]
+    var, mean = torch.var_mean(torch.stack(rows), dim=0)
+    return mean, var
+
+
+def test_a_module_with_forward_inputs_is_recalibrated_with_its_lengths(tmp_path: Path) -> None:
+    model, loader = _SequenceClassifier(), _sequence_loader()
+    fast_trainer(tmp_path, callbacks=[BNRecalibration(None)]).fit(model, loader)
+    mean, var = _valid_step_stats(model, loader)
+    torch.testing.assert_close(model.bn.running_mean, mean)
+    torch.testing.assert_close(model.bn.running_var, var)
+
+
+class _DictSequenceClassifier(_SequenceClassifier):
+    """The same network fed HuggingFace-style dict batches, with no `forward_inputs`: the user passes `forward_fn`."""
+
+    forward_inputs = None  # type: ignore[assignment]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self(batch["ids"], batch["lengths"]), batch["label"])
+
+
+def test_forward_fn_forwards_each_batch_on_the_module_device(tmp_path: Path) -> None:
+    model, loader = _DictSequenceClassifier(), _sequence_loader(as_dict=True)
+    calls: list[str] = []
+
+    def forward_fn(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        calls.append(batch["ids"].device.type)
+        return module(batch["ids"], batch["lengths"])
+
+    fast_trainer(tmp_path, callbacks=[BNRecalibration(None, forward_fn=forward_fn)]).fit(model, loader)
+    assert calls == ["cpu"] * 3
+    mean, var = _valid_step_stats(model, [[b["ids"], b["label"], b["lengths"]] for b in loader])
+    torch.testing.assert_close(model.bn.running_mean, mean)
+    torch.testing.assert_close(model.bn.running_var, var)
+
+
+def test_with_weight_averaging_a_second_fit_on_the_same_trainer_ends_recalibrated_again(tmp_path: Path) -> None:
+    model, loader = _model(), _loader()
+    recal = BNRecalibration(None)
+    trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[recal, EMAWeightAveraging(decay=0.5)])
+    trainer.fit(model, loader)
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(model, loader)  # continue to epoch 2
+    assert recal.num_recalibrations == 2
+    mean, var = _expected(model, loader)
+    torch.testing.assert_close(_bn(model).running_mean, mean)
+    torch.testing.assert_close(_bn(model).running_var, var)

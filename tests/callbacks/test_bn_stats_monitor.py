@@ -1,15 +1,19 @@
 from __future__ import annotations
 
+import copy
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lightning_reg import BNStatsMonitor
 from lightning_reg.callbacks.bn_stats_monitor import batch_vs_running
-from tests.helpers import TinyCNN, UserClassifier, fast_trainer, make_images, make_loader
+from tests.helpers import TinyCNN, TinyMLP, UserClassifier, fast_trainer, make_classification, make_images, make_loader
 from tests.helpers.loggers import MemoryLogger
 
 
@@ -81,3 +85,103 @@ def test_writes_histograms_to_tensorboard(tmp_path: Path) -> None:
 def test_invalid_log_every_n_steps_raises(value: object) -> None:
     with pytest.raises(ValueError, match="`log_every_n_steps` to be a positive int"):
         BNStatsMonitor(log_every_n_steps=value)  # type: ignore[arg-type]
+
+
+def test_under_gradient_accumulation_it_logs_once_per_optimizer_step(tmp_path: Path) -> None:
+    """8 micro-batches, `accumulate_grad_batches=4`: 2 optimizer steps, 2 logs (the first micro-batch of each)."""
+    model, loader = _model(), _loader(n=64)
+    conv = copy.deepcopy(model.net.body[0])  # the initial weights, which the first micro-batch sees
+    logger = MemoryLogger()
+    trainer = fast_trainer(
+        tmp_path, callbacks=[BNStatsMonitor(log_every_n_steps=1)], logger=logger, accumulate_grad_batches=4
+    )
+    trainer.fit(model, loader)
+    assert trainer.global_step == 2
+    assert [step for step, _ in logger.values("bn_stats/net.body.1/mean_shift")] == [0, 1]
+    assert [step for step, _ in logger.values("bn_stats/net.body.1/var_log_ratio")] == [0, 1]
+    # step 0 measured micro-batch 0 against the initial running statistics (mean 0, variance 1), in closed form
+    with torch.no_grad():
+        h = conv(next(iter(loader))[0])  # (8, C, 8, 8)
+    var, mean = torch.var_mean(h.transpose(0, 1).reshape(h.shape[1], -1), dim=1)
+    eps = model.net.body[1].eps
+    expected_shift = float((mean.abs() / (1 + eps) ** 0.5).mean())
+    expected_ratio = float(((var + eps) / (1 + eps)).log().abs().mean())
+    assert logger.values("bn_stats/net.body.1/mean_shift")[0][1] == pytest.approx(expected_shift, rel=1e-5)
+    assert logger.values("bn_stats/net.body.1/var_log_ratio")[0][1] == pytest.approx(expected_ratio, rel=1e-5)
+
+
+def test_a_model_without_batchnorm_gets_one_warning(tmp_path: Path) -> None:
+    monitor = BNStatsMonitor(log_every_n_steps=1)
+    logger = MemoryLogger()
+    model = UserClassifier(net=TinyMLP(batch_norm=False))
+    loader = make_loader(*make_classification(n=32), batch_size=8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fast_trainer(tmp_path, max_epochs=2, callbacks=[monitor], logger=logger).fit(model, loader)
+        fast_trainer(tmp_path, max_epochs=1, callbacks=[monitor], logger=logger).fit(model, loader)  # a second fit
+    assert sum("found no BatchNorm layer" in str(w.message) for w in record) == 1
+    assert not any(key.startswith("bn_stats/") for _, metrics in logger.logged for key in metrics)
+
+
+_HOST_SYNCS = {"cpu", "item", "tolist", "numpy", "__float__", "__int__", "__bool__"}
+
+
+class _HostSyncCounter(TorchFunctionMode):
+    """Counts calls of tensor methods that copy a device tensor to the host (each a CUDA stream sync on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", "") in _HOST_SYNCS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+class _ThreeBN(UserClassifier):
+    """Three BatchNorm layers; the forward runs under a host-sync counter."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.Flatten(),
+            nn.Linear(256, 6),
+            nn.BatchNorm1d(6),
+            nn.Linear(6, 3),
+        )
+        super().__init__(net=net, lr=0.1)
+        self.forward_syncs = _HostSyncCounter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.forward_syncs:
+            return super().forward(x)
+
+
+class _CountedMonitor(BNStatsMonitor):
+    """Counts the host copies the monitor makes when it logs."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.logging_syncs: list[list[str]] = []
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        with _HostSyncCounter() as counter:
+            super().on_train_batch_end(*args)
+        self.logging_syncs.append(counter.calls)
+
+
+def test_no_host_copy_inside_the_forward_and_one_per_logged_step(tmp_path: Path) -> None:
+    model = _ThreeBN()
+    monitor = _CountedMonitor(log_every_n_steps=2)
+    logger = MemoryLogger()
+    fast_trainer(tmp_path, callbacks=[monitor], logger=logger).fit(model, _loader())  # 6 steps, logs at 0, 2, 4
+    assert model.forward_syncs.calls == []
+    assert [len(calls) for calls in monitor.logging_syncs] == [1, 0, 1, 0, 1, 0]
+    assert len(logger.values("bn_stats/net.6/mean_shift")) == 3
+    # the values are those of the hooks' measurement: step 0 against the initial statistics is positive
+    assert all(v > 0 for _, v in logger.values("bn_stats/net.1/var_log_ratio"))

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
+from torch.overrides import TorchFunctionMode
 
 from lightning_reg import functional as LF
 from lightning_reg.functional.bn_recalibration import is_frozen_norm, tracking_norm_layers
@@ -23,16 +25,22 @@ def _reference(model: nn.Module, batches: list[Any]) -> dict[str, tuple[Tensor, 
     """Mean and unbiased variance per channel of each norm layer's inputs, concatenated over all batches.
 
     The inputs are captured by hooks in the regime "norm layers in training mode, everything else in eval", the
-    pass ``recalibrate_bn`` makes; the statistics are computed here independently with ``torch.var_mean``.
+    pass ``recalibrate_bn`` makes; the statistics are computed here independently with ``torch.var_mean``. The
+    hooks run after each call, so only the calls torch itself runs count: a call with one value per channel raises
+    torch's own "Expected more than 1 value per channel" and ends that forward, the calls before it count.
     """
     ref = copy.deepcopy(model).eval()
     seen: dict[str, list[Tensor]] = {}
     for name, layer in tracking_norm_layers(ref):
         layer.train()
-        layer.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(args[0].clone()))
+        layer.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, []).append(args[0].clone()))
     with torch.no_grad():
         for x in batches:
-            ref(x)
+            try:
+                ref(x)
+            except ValueError as error:  # torch refuses one value per channel in training mode
+                if "more than 1 value per channel" not in str(error):
+                    raise
     out = {}
     for name, xs in seen.items():
         flat = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in xs], dim=1).double()  # (C, all)
@@ -41,15 +49,19 @@ def _reference(model: nn.Module, batches: list[Any]) -> dict[str, tuple[Tensor, 
     return out
 
 
-def _assert_exact(model: nn.Module, batches: list[Any]) -> None:
+def _assert_exact(
+    model: nn.Module, batches: list[Any], calls: dict[str, int] | None = None
+) -> LF.BNRecalibrationReport:
+    """``recalibrate_bn`` gives the reference statistics; each layer counted ``calls[name]`` calls (all batches)."""
     expected = _reference(model, batches)
-    LF.recalibrate_bn(model, batches)
+    report = LF.recalibrate_bn(model, batches)
     layers = dict(tracking_norm_layers(model))
     assert set(expected) == set(layers)
     for name, (mean, var) in expected.items():
         torch.testing.assert_close(layers[name].running_mean.double(), mean, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layers[name].running_var.double(), var, rtol=1e-5, atol=1e-5)
-        assert int(layers[name].num_batches_tracked) == len(batches)
+        assert int(layers[name].num_batches_tracked) == (calls or {}).get(name, len(batches))
+    return report
 
 
 def _cnn() -> nn.Module:
@@ -237,22 +249,112 @@ def test_an_empty_iterable_raises_before_any_statistic_changes() -> None:
     assert torch.equal(model[0].running_mean, torch.ones(3))
 
 
-def test_batches_of_size_one_are_skipped_and_counted() -> None:
+def test_batchnorm1d_batches_of_one_sample_stop_the_forward_and_are_counted() -> None:
     batches = _batches((3,), [4, 1, 5, 1])
     model = nn.Sequential(nn.BatchNorm1d(3))
     report = LF.recalibrate_bn(model, batches)
-    assert (report.num_batches, report.num_samples, report.num_skipped) == (2, 9, 2)
+    assert (report.num_batches, report.num_samples, report.num_skipped) == (4, 11, 2)
     var, mean = torch.var_mean(torch.cat([batches[0], batches[2]]), dim=0)
     torch.testing.assert_close(model[0].running_mean, mean)
     torch.testing.assert_close(model[0].running_var, var)
+    assert int(model[0].num_batches_tracked) == 2
 
 
-def test_only_batches_of_size_one_raise_and_restore() -> None:
+def test_only_one_value_per_channel_raises_and_restores() -> None:
     model = nn.Sequential(nn.BatchNorm1d(3))
     model[0].running_var.fill_(5.0)
-    with pytest.raises(ValueError, match="only batches of size 1"):
+    with pytest.raises(ValueError, match="more than one value per channel"):
         LF.recalibrate_bn(model, _batches((3,), [1, 1]))
     assert torch.equal(model[0].running_var, torch.full((3,), 5.0))
+
+
+def _fvcore_population_stats(layer: nn.Module, batches: list[Tensor]) -> tuple[Tensor, Tensor, int]:
+    """fvcore's ``update_bn_stats`` (its ``_PopulationVarianceEstimator``) for one BatchNorm layer, written out.
+
+    fvcore sets ``momentum=1``, records per call the values per channel ``x.numel() // x.shape[1]`` (spatial
+    positions count as samples), and pools ``mean`` and ``E[x^2]`` weighted by those counts; its variance is the
+    biased ``E[x^2] - mean^2``. Returns ``(mean, biased var, total values per channel)``, in float64.
+    """
+    bn = copy.deepcopy(layer).double().train()
+    bn.momentum = 1.0
+    pop_mean = torch.zeros_like(bn.running_mean)
+    pop_square_mean = torch.zeros_like(bn.running_var)
+    total = 0
+    with torch.no_grad():
+        for x in batches:
+            size = x.numel() // x.shape[1]
+            bn(x.double())
+            total += size
+            square_mean = bn.running_mean.square() + bn.running_var * (size - 1) / size
+            pop_mean += (bn.running_mean - pop_mean) * (size / total)
+            pop_square_mean += (square_mean - pop_square_mean) * (size / total)
+    return pop_mean, pop_square_mean - pop_mean.square(), total
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"), [(nn.BatchNorm2d(3), (3, 4, 5)), (nn.BatchNorm3d(3), (3, 2, 3, 3))], ids=["bn2d", "bn3d"]
+)
+def test_a_batch_of_one_image_counts_as_in_fvcore_and_in_the_concatenation(layer: nn.Module, shape: tuple) -> None:
+    """Batches [one image + 5, two images]: the single image holds H x W (x D) values per channel."""
+    one = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)) + 5.0
+    two = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
+    batches = [one, two]
+    model = nn.Sequential(copy.deepcopy(layer))
+    report = _assert_exact(model, batches)  # the hook-captured concatenation of the inputs
+    assert (report.num_batches, report.num_samples, report.num_skipped) == (2, 3, 0)
+    # fvcore's semantics: the same values counted, the same mean, its biased variance times N / (N - 1)
+    mean, biased_var, total = _fvcore_population_stats(layer, batches)
+    assert total == 3 * torch.Size(shape[1:]).numel()
+    torch.testing.assert_close(model[0].running_mean.double(), mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[0].running_var.double(), biased_var * total / (total - 1), rtol=1e-5, atol=1e-5)
+    # and directly: per channel over every value of the three images
+    flat = torch.cat([one, two]).transpose(0, 1).reshape(3, -1)
+    torch.testing.assert_close(model[0].running_mean, flat.mean(1))
+    torch.testing.assert_close(model[0].running_var, flat.var(1))
+
+
+def test_a_loader_of_batch_size_one_recalibrates_batchnorm2d() -> None:
+    images = torch.randn(6, 2, 5, 5, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    loader = make_loader(images, torch.zeros(6, dtype=torch.long), batch_size=1)  # detection/segmentation style
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    expected = _reference(model, [images[i : i + 1] for i in range(6)])
+    report = LF.recalibrate_bn(model, loader)
+    assert (report.num_batches, report.num_samples, report.num_skipped) == (6, 6, 0)
+    for name, (mean, var) in expected.items():
+        layer = dict(tracking_norm_layers(model))[name]
+        torch.testing.assert_close(layer.running_mean.double(), mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.running_var.double(), var, rtol=1e-5, atol=1e-5)
+        assert int(layer.num_batches_tracked) == 6
+
+
+def test_the_decision_is_per_layer_one_image_counts_for_bn2d_not_for_the_bn1d_head() -> None:
+    """A CNN with a BatchNorm1d head: a batch of one image counts for the BatchNorm2d layers, then stops."""
+    model = _cnn().train()
+    batches = _batches((2, 5, 5), [1, 3, 1, 4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: every layer counted some batch
+        report = _assert_exact(model, batches, calls={"1": 4, "5": 4, "9": 2})
+    assert (report.num_batches, report.num_samples, report.num_skipped) == (4, 9, 2)
+
+
+def test_a_one_by_one_feature_map_of_one_image_stops_at_that_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(2), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(2))
+    batches = _batches((2, 3, 3), [1, 4, 2])
+    report = _assert_exact(model, batches, calls={"0": 3, "2": 2})
+    assert report.num_skipped == 1
+
+
+def test_a_layer_that_only_ever_gets_one_value_per_channel_keeps_its_statistics_with_a_warning() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(2), nn.Flatten(), nn.BatchNorm1d(18))
+    model[2].running_mean.fill_(4.0)
+    with pytest.warns(UserWarning, match=r"\['2'\] got one value per channel in every batch"):
+        report = LF.recalibrate_bn(model, _batches((2, 3, 3), [1, 1]))
+    assert report.layers == ["0"]
+    assert torch.equal(model[2].running_mean, torch.full((18,), 4.0))
+    assert int(model[0].num_batches_tracked) == 2
 
 
 @pytest.mark.parametrize("as_dict", [False, True], ids=["list", "dict"])
@@ -368,3 +470,132 @@ def test_many_unequal_batches_far_from_zero_stay_exact() -> None:
     torch.testing.assert_close(model[0].running_mean.double(), mean, rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(model[0].running_var.double(), var, rtol=1e-5, atol=1e-4)
     assert int(model[0].num_batches_tracked) == 75
+
+
+# --- how a batch is forwarded: the protocol of lightning_reg.forward -------------------------------
+
+
+class _SeqBN(nn.Module):
+    """Padded sequences ``(N, T, 3)``: mean over the valid steps, then BatchNorm1d. Without lengths: every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(3, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        h = self.proj(x)  # (N, T, 4)
+        if lengths is None:
+            return self.bn(h.mean(1))
+        valid = (torch.arange(x.shape[1])[None, :] < lengths[:, None]).to(h.dtype)  # (N, T)
+        return self.bn((h * valid[..., None]).sum(1) / lengths[:, None].to(h.dtype))
+
+    def forward_inputs(self, batch: list[Tensor]) -> tuple[Tensor, Tensor]:
+        return batch[0], batch[2]
+
+
+def _padded_batches() -> list[list[Tensor]]:
+    """``[x, y, lengths]`` batches whose padding holds large values (what reading it as real steps would see)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n in (4, 3, 5):
+        lengths = torch.randint(1, 7, (n,), generator=g)
+        x = torch.randn(n, 6, 3, generator=g)
+        x[torch.arange(6)[None, :] >= lengths[:, None]] = 10.0
+        out.append([x, torch.zeros(n, dtype=torch.long), lengths])
+    return out
+
+
+def _valid_step_features(model: _SeqBN, batches: list[list[Tensor]]) -> Tensor:
+    """The BN layer's inputs computed sample by sample over the valid steps only (a naive loop)."""
+    with torch.no_grad():
+        rows = [model.proj(x[i, : int(lengths[i])]).mean(0) for x, _, lengths in batches for i in range(len(x))]
+    return torch.stack(rows)
+
+
+def test_a_module_with_forward_inputs_is_recalibrated_with_its_lengths() -> None:
+    model, batches = _SeqBN(), _padded_batches()
+    features = _valid_step_features(model, batches)
+    report = LF.recalibrate_bn(model, batches)
+    var, mean = torch.var_mean(features, dim=0)
+    torch.testing.assert_close(model.bn.running_mean, mean)
+    torch.testing.assert_close(model.bn.running_var, var)
+    assert report.num_samples == 12
+
+
+def test_forward_fn_runs_each_batch_on_the_device_and_takes_precedence() -> None:
+    model = _SeqBN()
+    batches = [{"ids": x, "mask_lengths": lengths} for x, _, lengths in _padded_batches()]
+    seen: list[str] = []
+
+    def forward_fn(module: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        seen.append(batch["ids"].device.type)
+        return module(batch["ids"], batch["mask_lengths"])
+
+    report = LF.recalibrate_bn(model, batches, forward_fn=forward_fn, device="cpu")
+    features = _valid_step_features(model, [[b["ids"], b["ids"], b["mask_lengths"]] for b in batches])
+    var, mean = torch.var_mean(features, dim=0)
+    torch.testing.assert_close(model.bn.running_mean, mean)
+    torch.testing.assert_close(model.bn.running_var, var)
+    assert seen == ["cpu"] * 3
+    assert report.num_samples == 12
+
+
+def test_forward_fn_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="`forward_fn` to be None or a callable"):
+        LF.recalibrate_bn(nn.Sequential(nn.BatchNorm1d(3)), [torch.randn(4, 3)], forward_fn="model")  # type: ignore[arg-type]
+
+
+# --- the accumulation dtype comes from the one place that decides it --------------------------------
+
+
+class _DtypeRecorder(TorchFunctionMode):
+    """Records the dtypes of every tensor that a torch function returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(value, Tensor):
+                self.dtypes.add(value.dtype)
+        return out
+
+
+def test_statistics_are_accumulated_in_the_dtype_that_accumulation_dtype_picks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Patched to float32 (what MPS gets, having no float64), the pass creates no float64 tensor at all."""
+    asked: list[torch.device] = []
+
+    def float32_only(device: torch.device | str) -> torch.dtype:
+        asked.append(torch.device(device))
+        return torch.float32
+
+    monkeypatch.setattr("lightning_reg._device.accumulation_dtype", float32_only)
+    model = _cnn().train()
+    batches = _batches((2, 5, 5), [7, 2, 5])
+    expected = _reference(model, batches)
+    with _DtypeRecorder() as recorder:
+        report = LF.recalibrate_bn(model, batches)
+    assert torch.float64 not in recorder.dtypes
+    assert asked
+    assert set(asked) == {torch.device("cpu")}
+    assert report.mean_abs_change_var > 0
+    for name, layer in tracking_norm_layers(model):
+        torch.testing.assert_close(layer.running_mean.double(), expected[name][0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(layer.running_var.double(), expected[name][1], rtol=1e-4, atol=1e-4)
+
+
+def test_torchvision_resnet18_with_single_images_counts_each_layer_as_far_as_torch_can() -> None:
+    """At 32x32 a single image reaches layer4 as a 1x1 map: those layers count only the two-image batch."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3)
+    batches = [torch.randn(1, 3, 32, 32) for _ in range(3)] + [torch.randn(2, 3, 32, 32)]
+    one_by_one = {name for name, _ in tracking_norm_layers(model) if name.startswith("layer4")}
+    calls = {name: (1 if name in one_by_one else 4) for name, _ in tracking_norm_layers(model)}
+    report = _assert_exact(model, batches, calls=calls)
+    assert len(one_by_one) == 5
+    assert report.num_skipped == 3
