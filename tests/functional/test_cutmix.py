@@ -40,7 +40,7 @@ def test_volume_box_covers_the_last_three_dims():
     x = torch.zeros(2, 1, 4, 4, 4)
     x[1] = 1
     box = LF.Box(torch.tensor([[0, 0, 0]]), torch.tensor([[2, 2, 4]]))
-    out, _, lam = LF.cutmix(x, torch.eye(2), 0.5, torch.tensor([1, 0]), box=box)
+    out, _, lam = LF.cutmix(x, torch.eye(2), 0.5, torch.tensor([1, 0]), box=box, dims="NCDHW")
     assert lam == 0.75
     assert float(out[0].sum()) == 16
 
@@ -83,7 +83,8 @@ def test_fraction_taken_from_partner_is_one_minus_returned_lambda(n, spatial, la
     x = torch.arange(n, dtype=torch.float32).view(-1, *[1] * (len(shape) - 1)).expand(shape).contiguous()
     index = (torch.arange(n) + 1) % n
     lam_arg = torch.rand(n, generator=g) if per_sample else lam
-    out, y, kept = LF.cutmix(x, LF.one_hot(torch.arange(n) % 3, 3), lam_arg, index, generator=g)
+    dims = "NCDHW" if len(spatial) == 3 else None
+    out, y, kept = LF.cutmix(x, LF.one_hot(torch.arange(n) % 3, 3), lam_arg, index, generator=g, dims=dims)
     taken = (out != x).float().flatten(1).mean(1) if n > 1 else torch.zeros(1)
     expected = 1 - (kept if per_sample else torch.full((n,), kept))
     if n > 1:

@@ -79,5 +79,5 @@ def test_mixed_one_hot_writes_into_out_and_rejects_a_wrong_out():
     result = mixed_one_hot(y, 3, 0.25, index, smoothing=0.1, out=out)
     assert result.data_ptr() == out.data_ptr()
     assert torch.equal(result, mixed_one_hot(y, 3, 0.25, index, smoothing=0.1))
-    with pytest.raises(ValueError, match=r"Expected `out` as float32 of shape \(3, 3\)"):
+    with pytest.raises(ValueError, match=r"Expected `out` as a float tensor of shape \(3, 3\)"):
         mixed_one_hot(y, 3, 0.25, index, out=torch.empty(3, 4))
