@@ -3,10 +3,12 @@
 The box covers the last two dims of images ``(N, C, H, W)`` and the time axis (dim 1) of sequences ``(N, T)`` /
 ``(N, T, D)``; ``dims`` chooses others, as axes or as a layout string (:data:`Layout`). A 5-D input is either a
 volume ``(N, C, D, H, W)`` (cut along ``D, H, W``) or a video ``(N, T, C, H, W)`` (cut along every frame's
-``H, W``, as torchvision does): the two cannot be told apart from the shape, so 5-D inputs need ``dims=``. :func:`sample_box` draws the box (timm's ``rand_bbox``: side ``L * (1 - lam) ** (1 / d)``, a
-uniform centre, clipped at the borders) from a ``torch.Generator``; :func:`cutmix` applies it and returns
-the fraction actually kept, with which the targets are mixed. With a ``(N,)`` tensor ``lam`` every
-sample gets its own box, applied with one broadcast mask (no Python loop over samples).
+``H, W``, as torchvision does): the two cannot be told apart from the shape, so 5-D inputs need ``dims=``.
+
+:func:`sample_box` draws the box (timm's ``rand_bbox``: side ``L * (1 - lam) ** (1 / d)``, a uniform centre,
+clipped at the borders; or timm's ``rand_bbox_minmax`` with ``minmax``) from a ``torch.Generator``;
+:func:`cutmix` applies it and returns the fraction actually kept, with which the targets are mixed. With a
+``(N,)`` tensor ``lam`` every sample gets its own box, applied with one broadcast mask (no loop over samples).
 
 As in :mod:`~lightning_reg.functional.mixup`, a pairing that is a cyclic shift of the batch is applied from two
 contiguous runs of the batch, without gathering the partners.
@@ -120,7 +122,7 @@ def check_dims(dims: object) -> Sequence[int] | int | str | None:
         return dims
     if isinstance(dims, int) and not isinstance(dims, bool):
         return dims
-    if isinstance(dims, Sequence) and len(dims) > 0 and all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+    if isinstance(dims, Sequence) and len(dims) > 0 and all(type(d) is int for d in dims):
         return tuple(dims)
     raise ValueError(f"Expected `dims` as axes (ints) or a layout in {list(get_args(Layout))}, but got {dims!r}.")
 
@@ -187,11 +189,12 @@ def sample_box(
 
 def check_minmax(minmax: object) -> tuple[float, float]:
     """Return ``minmax`` as two floats ``0 < lo < hi <= 1``, else raise (timm's ``cutmix_minmax``)."""
-    ok = isinstance(minmax, Sequence) and not isinstance(minmax, str) and len(minmax) == 2
-    values = tuple(minmax) if ok else ()  # type: ignore[arg-type]
-    if not ok or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"Expected `cutmix_minmax` as two floats (lo, hi), box sides as fractions, but got {minmax!r}.")
-    lo, hi = float(values[0]), float(values[1])
+    values: tuple[object, ...] = ()
+    if isinstance(minmax, Sequence) and not isinstance(minmax, str):
+        values = tuple(minmax)
+    if len(values) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"Expected `cutmix_minmax` as two floats (lo, hi), side fractions, but got {minmax!r}.")
+    lo, hi = float(values[0]), float(values[1])  # type: ignore[arg-type]
     if not 0.0 < lo < hi <= 1.0:
         raise ValueError(f"Expected `cutmix_minmax` (lo, hi) with 0 < lo < hi <= 1, but got {minmax!r}.")
     return lo, hi
@@ -200,7 +203,7 @@ def check_minmax(minmax: object) -> tuple[float, float]:
 def _sample_minmax_box(
     count: int, sizes: list[int], minmax: tuple[float, float], generator: torch.Generator | None, device: torch.device
 ) -> Box:
-    """timm's ``rand_bbox_minmax`` per dim: side ``~ U{int(L lo), ..., int(L hi) - 1}``, corner in ``0..L - side``."""
+    """Boxes as timm's ``rand_bbox_minmax``, per dim: side ``~ U{int(L lo) .. int(L hi) - 1}``, corner ``0..L-side``."""
     lows = torch.tensor([int(length * minmax[0]) for length in sizes], device=device)
     highs = torch.tensor([max(int(length * minmax[1]), int(length * minmax[0]) + 1) for length in sizes], device=device)
     length = torch.tensor(sizes, device=device)
@@ -344,8 +347,10 @@ def mix_elementwise(
     index = index.to(inputs.device)
     blended = apply_mixup(inputs, MixingParams(weight, index, None), out=out)
     mask = box_mask(box, axes, inputs.shape, inputs.device)
-    return torch.where(mask, inputs[index], blended, out=blended) if not tracks_grad(inputs) else torch.where(
-        mask, inputs[index], blended
+    return (
+        torch.where(mask, inputs[index], blended, out=blended)
+        if not tracks_grad(inputs)
+        else torch.where(mask, inputs[index], blended)
     )
 
 

@@ -102,8 +102,6 @@ def check_rows(targets: Tensor, *, multi_label: bool = False, atol: float = 1e-3
         )
 
 
-
-
 def _check_smoothing(smoothing: float) -> None:
     if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0.0 <= smoothing < 1.0:
         raise ValueError(f"Expected `smoothing` to be a float in [0, 1), but got {smoothing!r}.")

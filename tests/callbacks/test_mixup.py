@@ -60,15 +60,30 @@ def test_prob_zero_gives_one_hot_targets_and_last_epoch_stops_mixing(tmp_path):
     assert [t.ndim for t in model.seen_targets["train"]] == [2, 2, 2, 1, 1, 1]
 
 
-def test_batch_size_one_is_skipped_with_one_warning_and_odd_sizes_work(tmp_path):
+def test_batch_size_one_is_not_mixed_with_one_warning_but_gets_smoothed_rows(tmp_path):
     L.seed_everything(0, verbose=False)
     model = UserClassifier()
     x, y = make_classification(8)
+    y[7] = 1  # the trailing batch of one sample is of class 1 of 3
     loader = make_loader(x, y, batch_size=7)  # batches of 7 and 1
     with pytest.warns(UserWarning, match="skips batches of size 1") as record:
-        fast_trainer(tmp_path, max_epochs=2, callbacks=[MixUp()]).fit(model, loader)
+        fast_trainer(tmp_path, max_epochs=2, callbacks=[MixUp(label_smoothing=0.3)]).fit(model, loader)
     assert sum("skips batches" in str(w.message) for w in record) == 1
-    assert [t.ndim for t in model.seen_targets["train"]] == [2, 1, 2, 1]
+    seen = model.seen_targets["train"]
+    assert [tuple(t.shape) for t in seen] == [(7, 3), (1, 3), (7, 3), (1, 3)]  # one kind of target per epoch
+    assert torch.allclose(seen[1], torch.tensor([[0.1, 0.8, 0.1]]))
+
+
+@pytest.mark.parametrize(
+    "make_callback", [lambda: MixUp(prob=0.0, label_smoothing=0.3), lambda: CutMix(prob=0.0, label_smoothing=0.3)]
+)
+def test_batches_not_drawn_for_mixing_get_smoothed_rows(tmp_path, make_callback):
+    L.seed_everything(0, verbose=False)
+    model = UserClassifier(net=TinyCNN())
+    x, y = make_images(16)
+    fast_trainer(tmp_path, max_steps=2, callbacks=[make_callback()]).fit(model, make_loader(x, y, 8))
+    for t, labels in zip(model.seen_targets["train"], y.split(8), strict=True):
+        assert torch.allclose(t, F.one_hot(labels, 3).float() * 0.7 + 0.1)
 
 
 def test_num_classes_comes_from_the_module_or_is_a_clear_error(tmp_path):
