@@ -347,7 +347,8 @@ def check_out(out: Tensor, inputs: Tensor, name: str = "out") -> None:
         )
     if tracks_grad(inputs):
         raise ValueError(f"`{name}=` cannot record autograd history, and `inputs` require grad: leave `{name}` unset.")
-    if out.untyped_storage().data_ptr() == inputs.untyped_storage().data_ptr():
+    ptr = out.untyped_storage().data_ptr()
+    if ptr != 0 and ptr == inputs.untyped_storage().data_ptr():  # (tensors without memory, on "meta", have 0)
         raise ValueError(f"`{name}` shares memory with `inputs`; pass `inplace=True` to overwrite the inputs instead.")
 
 
