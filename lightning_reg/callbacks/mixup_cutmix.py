@@ -118,6 +118,7 @@ class MixUpCutMix(CutMix):
             return
         inputs, targets = prepared
         check_blendable(inputs, self.input_key, "MixUpCutMix")
+        _resolve_dims(inputs, self.dims)  # the layout is checked on every batch, not only on the CutMix ones
         if self.mode != "batch":
             self._mix_elem(trainer, pl_module, batch, inputs, targets)
             return
