@@ -614,7 +614,7 @@ class MixingCallback(L.Callback):
         out = self._mix_out(inputs)
         if box is None:
             return apply_mixup(inputs, MixingParams(weight, index, shift), out=out)
-        return mix_elementwise(inputs, index, weight, box, dims=dims, out=out)
+        return mix_elementwise(inputs, index, weight, box, dims=dims, out=out, shift=shift)
 
     def _write(self, batch: Any, key: BatchKey, value: Any, name: str) -> None:
         set_entry(batch, key, value, name)
