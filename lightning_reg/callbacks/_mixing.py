@@ -620,7 +620,7 @@ class MixingCallback(L.Callback):
         set_entry(batch, key, value, name)
 
     # --- statistics ------------------------------------------------------------------------------------
-    def _record(self, lam: float | Tensor | None = None, *, cutmix: bool = False) -> None:
+    def _record(self, lam: float | Tensor | None = None, *, cutmix: bool | float = False) -> None:
         """Count one training batch: mixed with ``lam`` (a float or a per-sample CPU tensor), or not when ``None``.
 
         Pass the CPU draw, not its device copy: reading a device tensor here would be a host sync per batch.
