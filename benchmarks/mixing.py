@@ -152,7 +152,10 @@ def main() -> None:
         lines.append("")
         print("\n".join(lines[-len(t) - len(goals) - 8 :]))
     out = Path(__file__).parent / "results" / "mixing.md"
-    out.write_text("\n".join([*lines, NOTES]))
+    # Keep the hand-written history (sections from the first "## Before and after" on) below the fresh tables.
+    old = out.read_text() if out.exists() else ""
+    history = old[old.index("## Before and after") :] if "## Before and after" in old else ""
+    out.write_text("\n".join([*lines, NOTES]) + ("\n" + history if history else ""))
     print(f"wrote {out}")
 
 
