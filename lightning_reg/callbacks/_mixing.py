@@ -166,7 +166,7 @@ def close_names(name: str, names: Sequence[str], n: int = 5) -> list[str]:
     """The entries of ``names`` closest to ``name`` (difflib), best first, for "did you mean" messages.
 
     Example:
-        >>> close_names("net.embeding", ["net", "net.embedding", "net.head"])
+        >>> close_names("net.embeding", ["net", "net.embedding", "net.blocks.0.attn"])
         ['net.embedding']
     """
     close = difflib.get_close_matches(name, names, n=n, cutoff=0.6)
