@@ -55,8 +55,8 @@ class MCDropoutEvaluation(Callback):
     (``mc/test/...`` in test). With several validation or test dataloaders each gets its own metrics, named with
     Lightning's suffix: ``mc/val/acc/dataloader_idx_0``, ``mc/val/acc/dataloader_idx_1``, ... With ``plot=True`` it
     writes a reliability diagram of both to ``<log_dir>/mc_dropout/reliability_<stage>_epoch<E>.png`` (the first
-    logger's directory; nothing without a logger or under ``fast_dev_run``) and to TensorBoard when that logger is
-    used.
+    logger's directory, else an explicit ``default_root_dir``; never the working directory, nothing under
+    ``fast_dev_run``) and to TensorBoard when that logger is used.
 
     The model is called on a batch through the library's one protocol (:mod:`lightning_reg.forward`): a
     ``forward_fn(module, batch) -> logits`` when given (sampled with the naive loop: its inputs cannot be repeated
@@ -387,19 +387,27 @@ class MCDropoutEvaluation(Callback):
             det.reset()
 
     def _log_dir(self, trainer: L.Trainer) -> Path | None:
-        """Where the first logger writes; ``None`` without a logger or under ``fast_dev_run`` (never the cwd)."""
+        """Where plots go: the first logger's directory, else an explicit ``default_root_dir``; never the cwd.
+
+        ``None`` under ``fast_dev_run``, and without a logger when ``default_root_dir`` is the working directory
+        (Lightning's default). A collective under DDP when there is a logger (``trainer.log_dir`` broadcasts).
+        """
         if getattr(trainer, "fast_dev_run", False):  # set by the Trainer from its flag
             return None
-        if not trainer.loggers:
-            if not self._warned_no_log_dir:
-                rank_zero_warn(
-                    "`MCDropoutEvaluation(plot=True)` writes reliability diagrams where the logger writes, but the "
-                    "Trainer has no logger: none is written. Add a logger (e.g. `CSVLogger`) or pass `plot=False`."
-                )
-                self._warned_no_log_dir = True
-            return None
-        log_dir = trainer.log_dir
-        return None if log_dir is None else Path(log_dir)
+        if trainer.loggers:
+            log_dir = trainer.log_dir
+            return None if log_dir is None else Path(log_dir)
+        root = Path(trainer.default_root_dir)
+        if root.resolve() != Path.cwd().resolve():
+            return root
+        if not self._warned_no_log_dir:
+            rank_zero_warn(
+                "`MCDropoutEvaluation(plot=True)` writes reliability diagrams where the logger writes, but the Trainer "
+                "has no logger and `default_root_dir` is the working directory: none is written. Add a logger (e.g. "
+                "`CSVLogger`), set `default_root_dir`, or pass `plot=False`."
+            )
+            self._warned_no_log_dir = True
+        return None
 
     def _plot(self, trainer: L.Trainer, stage: Stage, bins: dict[str, Tensor], log_dir: Path, suffix: str) -> None:
         from lightning_reg.plotting import reliability_figure, render_rgb, save_figure

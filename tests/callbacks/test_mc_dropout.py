@@ -146,9 +146,12 @@ def test_plot_without_logger_writes_nothing_and_warns_never_into_the_working_dir
 ) -> None:
     monkeypatch.chdir(tmp_path)
     trainer = fast_trainer(None, callbacks=[MCDropoutEvaluation(4, stages=("test",))])  # default_root_dir: the cwd
-    with pytest.warns(UserWarning, match=r"the Trainer has no logger: none is written.*`CSVLogger`"):
+    with pytest.warns(UserWarning, match=r"no logger and `default_root_dir` is the working directory: none is"):
         trainer.test(_model(), _loader())
     assert list(tmp_path.iterdir()) == []
+    # An explicit default_root_dir is where Lightning writes without a logger: the plot goes there.
+    fast_trainer(tmp_path / "root", callbacks=[MCDropoutEvaluation(4, stages=("test",))]).test(_model(), _loader())
+    assert (tmp_path / "root" / "mc_dropout" / "reliability_test_epoch0.png").exists()
 
 
 def test_plot_goes_to_the_loggers_directory(tmp_path: Path) -> None:

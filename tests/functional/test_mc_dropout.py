@@ -413,6 +413,14 @@ def test_batch_statistics_in_eval_are_sampled_as_the_naive_loop_draw_for_draw(wh
     torch.testing.assert_close(ours.deterministic_probs, model(inputs).softmax(-1))
 
 
+def test_a_frozen_batch_norm_keeps_its_running_statistics_and_the_batched_path() -> None:
+    # Lightning's BaseFinetuning.freeze sets track_running_stats=False but keeps the buffers: eval uses them.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout(0.5), nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)).eval()
+    model[2].track_running_stats = False
+    assert mc_dropout_predict(model, torch.randn(6, 8), 4).method == "batched"
+
+
 def test_a_layer_of_your_own_that_mixes_rows_opts_in() -> None:
     class BatchCentering(nn.Module):
         mc_dropout_mixes_rows = True
