@@ -295,17 +295,27 @@ class MCDropoutEvaluation(Callback):
 
     def _predict(self, pl_module: L.LightningModule, batch: Any, deterministic: bool = False) -> MCDropoutPrediction:
         # the hooks run outside the step's precision context (autocast, default dtype): enter it as the step does
-        with pl_module.trainer.precision_plugin.forward_context():
-            return mc_dropout_predict(
-                pl_module,
-                self._inputs(pl_module, batch),
-                self.n_samples,
-                generator=self._generator,
-                chunk_size=self.chunk_size,
-                include_drop_path=self.include_drop_path,
-                deterministic=deterministic,
-                check_statistics=False,
-            )
+        try:
+            with pl_module.trainer.precision_plugin.forward_context():
+                return mc_dropout_predict(
+                    pl_module,
+                    self._inputs(pl_module, batch),
+                    self.n_samples,
+                    generator=self._generator,
+                    chunk_size=self.chunk_size,
+                    include_drop_path=self.include_drop_path,
+                    deterministic=deterministic,
+                    check_statistics=False,
+                )
+        except TypeError as error:
+            if self.forward_fn is not None or hasattr(pl_module, "forward_inputs"):
+                raise
+            raise TypeError(
+                f"{error}. MCDropoutEvaluation called `{type(pl_module).__name__}(batch[{self.input_key!r}])`: when "
+                "`forward` needs more of the batch (lengths, an attention mask), define "
+                "`forward_inputs(batch)` on the module (returning the arguments of `forward`) or pass "
+                "`forward_fn=lambda module, batch: ...`."
+            ) from error
 
     def _new_metrics(self, num_classes: int, device: torch.device) -> tuple[UncertaintyMetrics, UncertaintyMetrics]:
         return (

@@ -349,6 +349,20 @@ class _MaskedTextModel(L.LightningModule):
         self.log("val_acc", (logits.argmax(1) == batch["labels"]).float().mean(), batch_size=len(logits))
 
 
+class _NoForwardInputs(L.LightningModule):
+    """The same model without `forward_inputs`: the callback can only pass `batch[input_key]`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _MaskedTextModel()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.inner(input_ids, attention_mask)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        return None
+
+
 class _TextData(torch.utils.data.Dataset):
     def __init__(self, n: int = 48) -> None:
         g = torch.Generator().manual_seed(0)
@@ -373,6 +387,15 @@ def test_module_with_forward_inputs_and_an_attention_mask(tmp_path: Path) -> Non
     assert results["mc/val/det_acc"] == pytest.approx(results["val_acc"], abs=1e-6)
     assert callback.methods == {"batched"}  # both arguments repeated along the batch
     assert results["mc/val/mutual_info"] > 0
+
+
+def test_a_forward_that_needs_more_of_the_batch_names_forward_inputs_and_forward_fn(tmp_path: Path) -> None:
+    loader = torch.utils.data.DataLoader(_TextData(), batch_size=16)
+    trainer = fast_trainer(
+        tmp_path, callbacks=[MCDropoutEvaluation(4, plot=False, input_key="input_ids", target_key="labels")]
+    )
+    with pytest.raises(TypeError, match=r"attention_mask.*define `forward_inputs\(batch\)`.*or pass `forward_fn="):
+        trainer.validate(_NoForwardInputs(), loader)
 
 
 def test_forward_fn_computes_the_logits_and_is_sampled_by_the_loop(tmp_path: Path) -> None:
