@@ -233,7 +233,7 @@ class MCDropoutEvaluation(Callback):
         find_mc_dropout_sites(pl_module, include_drop_path=self.include_drop_path)
         self.predictions = []
         self._generator = self._make_generator(trainer, "predict")
-        self._statistics = running_statistics(pl_module)
+        self._statistics = None
 
     @override
     def on_predict_batch_end(
@@ -246,6 +246,7 @@ class MCDropoutEvaluation(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         """Add MC mean probabilities, predictive entropy and mutual information to the batch's prediction."""
+        self._snapshot_statistics(pl_module)
         prediction = self._predict(pl_module, batch)
         result = {
             "mc_mean_probs": prediction.mean_probs,
@@ -277,11 +278,18 @@ class MCDropoutEvaluation(Callback):
         self._generator = self._make_generator(trainer, stage)
         for key in [key for key in self._metrics if key[0] == stage]:
             del self._metrics[key]
-        # Checked once at the end of the evaluation, not around every batch (one host sync instead of several per
-        # normalization layer and batch).
-        self._statistics = running_statistics(pl_module)
+        self._statistics = None
+
+    def _snapshot_statistics(self, pl_module: L.LightningModule) -> None:
+        # Taken before the callback's first pass and checked once at the end of the evaluation, not around every
+        # batch (one host sync instead of several per normalization layer and batch). Not at the start of the
+        # evaluation: under DDP the module's first evaluation step broadcasts rank 0's buffers to the other ranks
+        # (`broadcast_buffers=True`), a legitimate change made before any sampling.
+        if self._statistics is None:
+            self._statistics = running_statistics(pl_module)
 
     def _check_statistics(self, pl_module: L.LightningModule, stage: str) -> None:
+        """Compare with the snapshot (a rank that saw no batch has none: nothing to compare)."""
         if self._statistics is not None:
             before, self._statistics = self._statistics, None
             check_running_statistics(pl_module, before, during=f"{stage} with Monte-Carlo dropout")
@@ -325,6 +333,7 @@ class MCDropoutEvaluation(Callback):
 
     def _evaluate_batch(self, stage: Stage, pl_module: L.LightningModule, batch: Any, dataloader_idx: int) -> None:
         targets = hard_targets(get_entry(batch, self.target_key, "target_key"))
+        self._snapshot_statistics(pl_module)
         prediction = self._predict(pl_module, batch, deterministic=True)
         key = (stage, dataloader_idx)
         if key not in self._metrics:
