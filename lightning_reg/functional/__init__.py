@@ -7,6 +7,7 @@ from lightning_reg.functional.label_smoothing import mixed_one_hot, one_hot, smo
 from lightning_reg.functional.locked_dropout import locked_dropout
 from lightning_reg.functional.mc_dropout import MCDropoutPrediction, mc_dropout_predict, mc_dropout_sampling
 from lightning_reg.functional.mixup import MixingParams, mixup, mixup_inputs, sample_beta, sample_mixup
+from lightning_reg.functional.regmixup import regmixup
 from lightning_reg.functional.weight_drop import weight_drop
 
 __all__: list[str] = [
@@ -33,4 +34,5 @@ __all__: list[str] = [
     "fit_temperature",
     "scale_logits",
     "temperature_nll",
+    "regmixup",
 ]
