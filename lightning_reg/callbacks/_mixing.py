@@ -72,6 +72,7 @@ from lightning_reg.mixins import MixedTargets
 __all__ = [
     "MixMode",
     "MixingCallback",
+    "TargetMode",
     "ReusableOutput",
     "check_mixing_company",
     "check_single_smoothing",
@@ -82,6 +83,8 @@ __all__ = [
 #: How draws are shared: one lambda (or a per-sample lambda) and one apply/switch draw per batch, or timm's
 #: ``"elem"`` (lambda, apply and switch per sample) and ``"pair"`` (the same per mutual pair of samples).
 MixMode = Literal["batch", "elem", "pair"]
+#: What a mixed sample's target is: the mix of both labels, or the label of the sample with the larger weight.
+TargetMode = Literal["mixed", "dominant"]
 
 # The number of references to a tensor's storage (torch's own count). Private to torch, hence looked up
 # defensively: without it, ReusableOutput never reuses (always allocates), which is safe.
@@ -265,7 +268,13 @@ class MixingCallback(L.Callback):
         pairing: Pairing = "shift",
         multi_label: bool = False,
         mode: MixMode = "batch",
+        target_mode: TargetMode = "mixed",
     ) -> None:
+        if target_mode not in get_args(TargetMode):
+            raise ValueError(
+                f"Expected `target_mode` to be one of {list(get_args(TargetMode))}, but got {target_mode!r}."
+            )
+        self.target_mode: TargetMode = target_mode
         if num_classes is not None and (
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
         ):
@@ -464,6 +473,8 @@ class MixingCallback(L.Callback):
         ``lam`` and ``index`` must be on the targets' device already (see :meth:`_to_device`).
         """
         assert self._num_classes is not None  # set in setup
+        if self.target_mode == "dominant":  # MixupIO (Wang et al., 2023): the label of the larger weight, one-hot
+            lam = (lam > 0.5).to(torch.float32) if isinstance(lam, Tensor) else float(lam > 0.5)
         if isinstance(targets, MixedTargets) or self._sparse(pl_module, targets):
             base = targets if isinstance(targets, MixedTargets) else self._unmixed_targets(pl_module, targets)
             assert isinstance(base, MixedTargets)

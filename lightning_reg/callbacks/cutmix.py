@@ -11,7 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry, validate_key
-from lightning_reg.callbacks._mixing import MixingCallback, MixMode
+from lightning_reg.callbacks._mixing import MixingCallback, MixMode, TargetMode
 from lightning_reg.functional.cutmix import (
     Box,
     Layout,
@@ -68,6 +68,9 @@ class CutMix(MixingCallback):
         pairing: ``"shift"`` or ``"permutation"`` (see :class:`MixUp`).
         multi_label: multi-hot targets (see :class:`MixUp`).
         mode: ``"batch"``, ``"elem"`` or ``"pair"`` (see :class:`MixUp`; timm's ``mode``).
+        target_mode: ``"mixed"`` (default): the targets are mixed like the inputs; ``"dominant"``: each mixed
+            sample keeps the (smoothed) one-hot label of the sample with the larger weight, as torch-uncertainty's
+            ``MixupIO`` (Wang et al., CVPR 2023; see docs/calibration.md).
         cutmix_minmax: timm's ``cutmix_minmax=(lo, hi)``: box sides drawn uniformly between ``lo`` and ``hi``
             times each length, instead of from ``alpha``; targets are mixed by the area of the box.
         correct_lam: mix the targets by the area kept after the box is clipped at the borders (default);
@@ -103,6 +106,7 @@ class CutMix(MixingCallback):
         pairing: Pairing = "shift",
         multi_label: bool = False,
         mode: MixMode = "batch",
+        target_mode: TargetMode = "mixed",
         cutmix_minmax: tuple[float, float] | None = None,
         correct_lam: bool = True,
         carry: Sequence[BatchKey] | Mapping[BatchKey, Carry] | None = None,
@@ -117,6 +121,7 @@ class CutMix(MixingCallback):
             pairing=pairing,
             multi_label=multi_label,
             mode=mode,
+            target_mode=target_mode,
         )
         self.alpha = _check_alpha(alpha)
         self.per_sample = bool(per_sample)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_reg._batch import BatchKey
-from lightning_reg.callbacks._mixing import MixingCallback, MixMode, close_names
+from lightning_reg.callbacks._mixing import MixingCallback, MixMode, TargetMode, close_names
 from lightning_reg.functional.mixup import MixingParams, Pairing, _check_alpha, apply_mixup, broadcast_lam, sample_mixup
 
 __all__ = ["MixUp"]
@@ -54,6 +54,9 @@ class MixUp(MixingCallback):
         mode: ``"batch"`` (default): one apply draw per batch; ``"elem"``: lambda and apply drawn per sample
             (timm's ``mode="elem"``); ``"pair"``: per mutual pair of samples (timm's ``mode="pair"``; with
             ``pairing="shift"`` the pairs are timm's ``i, N - 1 - i``, with ``"permutation"`` a random matching).
+        target_mode: ``"mixed"`` (default): the targets are mixed like the inputs; ``"dominant"``: each mixed
+            sample keeps the (smoothed) one-hot label of the sample with the larger weight, as torch-uncertainty's
+            ``MixupIO`` (Wang et al., CVPR 2023; see docs/calibration.md).
 
     Logs ``mixup/mixed_fraction`` and ``mixup/lambda`` once per training epoch (see ``callbacks/_mixing.py``).
 
@@ -80,6 +83,7 @@ class MixUp(MixingCallback):
         pairing: Pairing = "shift",
         multi_label: bool = False,
         mode: MixMode = "batch",
+        target_mode: TargetMode = "mixed",
     ) -> None:
         super().__init__(
             num_classes=num_classes,
@@ -91,6 +95,7 @@ class MixUp(MixingCallback):
             pairing=pairing,
             multi_label=multi_label,
             mode=mode,
+            target_mode=target_mode,
         )
         self.alpha = _check_alpha(alpha)
         if layer is not None and not isinstance(layer, str):

@@ -11,7 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_reg._batch import BatchKey
-from lightning_reg.callbacks._mixing import MixMode
+from lightning_reg.callbacks._mixing import MixMode, TargetMode
 from lightning_reg.callbacks.cutmix import Carry, CutMix
 from lightning_reg.callbacks.mixup import check_blendable
 from lightning_reg.functional.cutmix import Box, Layout, _resolve_dims, apply_cutmix
@@ -44,6 +44,9 @@ class MixUpCutMix(CutMix):
         pairing: ``"shift"`` or ``"permutation"`` (see :class:`MixUp`).
         multi_label: multi-hot targets (see :class:`MixUp`).
         mode: ``"batch"``, ``"elem"`` or ``"pair"`` (timm's ``mode``; see :class:`MixUp`).
+        target_mode: ``"mixed"`` (default): the targets are mixed like the inputs; ``"dominant"``: each mixed
+            sample keeps the (smoothed) one-hot label of the sample with the larger weight, as torch-uncertainty's
+            ``MixupIO`` (Wang et al., CVPR 2023; see docs/calibration.md).
         cutmix_minmax: timm's ``cutmix_minmax`` (see :class:`CutMix`).
         correct_lam: see :class:`CutMix`.
         carry: entries cut with the inputs (see :class:`CutMix`).
@@ -78,6 +81,7 @@ class MixUpCutMix(CutMix):
         pairing: Pairing = "shift",
         multi_label: bool = False,
         mode: MixMode = "batch",
+        target_mode: TargetMode = "mixed",
         cutmix_minmax: tuple[float, float] | None = None,
         correct_lam: bool = True,
         carry: Sequence[BatchKey] | Mapping[BatchKey, Carry] | None = None,
@@ -97,6 +101,7 @@ class MixUpCutMix(CutMix):
             pairing=pairing,
             multi_label=multi_label,
             mode=mode,
+            target_mode=target_mode,
             cutmix_minmax=cutmix_minmax,
             correct_lam=correct_lam,
             carry=carry,

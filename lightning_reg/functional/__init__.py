@@ -1,6 +1,7 @@
 """Pure tensor functions: the numerical core of every regularizer. No Lightning import, no global state."""
 
 from lightning_reg.functional.bn_recalibration import BNRecalibrationReport, recalibrate_bn
+from lightning_reg.functional.calibration import fit_temperature, scale_logits, temperature_nll
 from lightning_reg.functional.cutmix import Box, box_lam, cutmix, cutmix_inputs, sample_box
 from lightning_reg.functional.label_smoothing import mixed_one_hot, one_hot, smooth
 from lightning_reg.functional.locked_dropout import locked_dropout
@@ -11,6 +12,7 @@ from lightning_reg.functional.mc_dropout import (
     mc_dropout_sampling,
 )
 from lightning_reg.functional.mixup import MixingParams, mixup, mixup_inputs, sample_beta, sample_mixup
+from lightning_reg.functional.regmixup import regmixup
 from lightning_reg.functional.weight_drop import weight_drop
 
 __all__: list[str] = [
@@ -35,4 +37,8 @@ __all__: list[str] = [
     "mc_dropout_sampling",
     "find_mc_dropout_sites",
     "MCDropoutPrediction",
+    "fit_temperature",
+    "scale_logits",
+    "temperature_nll",
+    "regmixup",
 ]
