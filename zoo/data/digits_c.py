@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CORRUPTIONS", "SEVERITIES", "SEVERITY_PARAMS", "Corruption", "corrupt_digits"]
+__all__ = ["CORRUPTIONS", "SEVERITIES", "SEVERITY_PARAMS", "Corruption", "apply_affine", "corrupt_digits"]
 
 Corruption = Literal["gaussian_noise", "gaussian_blur", "contrast", "affine"]
 CORRUPTIONS: tuple[Corruption, ...] = get_args(Corruption)
@@ -107,17 +107,35 @@ def _blur(x: Tensor, sigma: float) -> Tensor:
 
 
 def _affine(x: Tensor, degrees: float, pixels: float, *, generator: torch.Generator) -> Tensor:
-    n, height, width = x.shape
+    n = len(x)
     # magnitudes in [max / 2, max]: every image is moved (a uniform draw from 0 would leave many almost intact)
     sign = torch.randint(0, 2, (n,), generator=generator).float() * 2 - 1
-    angle = torch.deg2rad(degrees * sign * (0.5 + 0.5 * torch.rand(n, generator=generator)))
+    angle = degrees * sign * (0.5 + 0.5 * torch.rand(n, generator=generator))
     direction = 2 * math.pi * torch.rand(n, generator=generator)
     distance = pixels * (0.5 + 0.5 * torch.rand(n, generator=generator))
+    shift = torch.stack([distance * torch.cos(direction), distance * torch.sin(direction)], dim=1)
+    return apply_affine(x, angle, shift)
+
+
+def apply_affine(x: Tensor, degrees: Tensor, shift: Tensor) -> Tensor:
+    """Rotate each image ``(N, H, W)`` by ``degrees`` ``(N,)`` about its centre and move it by ``shift`` ``(N, 2)``.
+
+    ``shift`` is ``(right, down)`` in pixels. Bilinear sampling; what comes in from outside the image is 0.
+
+    Example:
+        >>> x = torch.zeros(1, 4, 4)
+        >>> x[0, 1, 1] = 16.0
+        >>> apply_affine(x, torch.zeros(1), torch.tensor([[1.0, 2.0]]))[0].nonzero().tolist()  # 1 right, 2 down
+        [[3, 2]]
+    """
+    n, height, width = x.shape
+    angle = torch.deg2rad(degrees.float())
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.zeros(n, 2, 3)  # output -> input sampling grid, normalized coordinates in [-1, 1]
+    # theta maps output to input coordinates (normalized to [-1, 1]): the inverse of the motion
+    theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
-    theta[:, 0, 2] = distance * torch.cos(direction) * 2 / width
-    theta[:, 1, 2] = distance * torch.sin(direction) * 2 / height
+    theta[:, 0, 2] = -shift[:, 0].float() * 2 / width
+    theta[:, 1, 2] = -shift[:, 1].float() * 2 / height
     grid = F.affine_grid(theta, [n, 1, height, width], align_corners=False)
     moved = F.grid_sample(x.unsqueeze(1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return moved.squeeze(1).clamp(0.0, _MAX_PIXEL)
