@@ -1,6 +1,7 @@
 """Pure tensor functions: the numerical core of every regularizer. No Lightning import, no global state."""
 
 from lightning_reg.functional.bn_recalibration import BNRecalibrationReport, recalibrate_bn
+from lightning_reg.functional.calibration import fit_temperature, scale_logits, temperature_nll
 from lightning_reg.functional.cutmix import Box, box_lam, cutmix, cutmix_inputs, sample_box
 from lightning_reg.functional.label_smoothing import mixed_one_hot, one_hot, smooth
 from lightning_reg.functional.locked_dropout import locked_dropout
@@ -29,4 +30,7 @@ __all__: list[str] = [
     "mc_dropout_predict",
     "mc_dropout_sampling",
     "MCDropoutPrediction",
+    "fit_temperature",
+    "scale_logits",
+    "temperature_nll",
 ]
