@@ -188,6 +188,19 @@ def fit_temperature(
 ) -> Tensor: ...
 
 
+@overload
+def fit_temperature(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    per_class: bool,
+    max_iter: int = ...,
+    min_temperature: float = ...,
+    max_temperature: float = ...,
+    distributed: bool | None = ...,
+) -> float | Tensor: ...
+
+
 def fit_temperature(
     logits: Tensor,
     targets: Tensor,

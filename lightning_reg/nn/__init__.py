@@ -5,6 +5,7 @@ The functions live in :mod:`lightning_reg.functional` (``locked_dropout``, ``wei
 """
 
 from lightning_reg.nn.locked_dropout import LockedDropout
+from lightning_reg.nn.temperature_scaling import TemperatureScaled
 from lightning_reg.nn.weight_drop import WeightDrop
 
-__all__ = ["LockedDropout", "WeightDrop"]
+__all__ = ["LockedDropout", "TemperatureScaled", "WeightDrop"]

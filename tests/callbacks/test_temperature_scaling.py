@@ -1,0 +1,386 @@
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from torch import Tensor, nn
+
+import zoo
+from lightning_reg import BNRecalibration, MCDropoutEvaluation, TemperatureScaling
+from lightning_reg.functional.calibration import fit_temperature, temperature_nll
+from lightning_reg.nn import TemperatureScaled
+from tests.helpers import TinyCNN, UserClassifier, ddp_fork_trainer, fast_trainer, make_loader
+from tests.helpers.ddp import scrubbed_ddp_env, skip_on_windows
+from tests.helpers.loggers import MemoryLogger
+
+
+def _images(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(n, 1, 8, 8) images whose brightness tells the class, with noise: learnable, not separable."""
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.arange(n) % 3
+    offset = (targets.float() - 1).view(-1, 1, 1, 1) * 0.8 + 0.4 * torch.randn(n, 1, 1, 1, generator=g)
+    return offset + torch.randn(n, 1, 8, 8, generator=g), targets
+
+
+def _loaders(n_train: int = 48, n_val: int = 32, batch_size: int = 8) -> tuple[Any, Any]:
+    train = make_loader(*_images(n_train, seed=0), batch_size=batch_size, shuffle=True)
+    val = make_loader(*_images(n_val, seed=1), batch_size=batch_size)
+    return train, val
+
+
+def _user_model(dropout: float = 0.2) -> UserClassifier:
+    torch.manual_seed(0)  # the same initial weights wherever it is called
+    return UserClassifier(TinyCNN(num_classes=3, batch_norm=True, dropout=dropout), num_classes=3, lr=0.5)
+
+
+def _zoo_model() -> zoo.CNNClassifier:
+    torch.manual_seed(0)
+    return zoo.CNNClassifier(num_classes=3, widths=(8,), dropout=0.3, lr=3e-2, scheduler="none")
+
+
+def _raw(model: nn.Module, loader: Any) -> tuple[Tensor, Tensor]:
+    """Unscaled eval-mode logits from the plain network inside the LightningModule (never patched)."""
+    net = model.net
+    was = net.training
+    net.eval()
+    with torch.no_grad():
+        logits = torch.cat([net(x) for x, _ in loader])
+    net.train(was)
+    return logits, torch.cat([y for _, y in loader])
+
+
+def _fit(tmp_path: Path, callbacks: list[L.Callback], model: L.LightningModule | None = None, **kwargs: Any) -> Any:
+    L.seed_everything(0, verbose=False)
+    model = model if model is not None else _user_model()
+    train, val = _loaders()
+    kwargs.setdefault("max_epochs", 3)
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, **kwargs)
+    trainer.fit(model, train, val)
+    return trainer, model, val
+
+
+def test_fit_end_fits_t_on_the_final_weights_and_the_final_validation_is_calibrated(tmp_path: Path) -> None:
+    logger = MemoryLogger()
+    callback = TemperatureScaling()
+    trainer, model, val = _fit(tmp_path, [callback], logger=logger)
+    logits, targets = _raw(model, val)
+    expected = fit_temperature(logits, targets)
+    assert callback.temperature == pytest.approx(expected, rel=1e-6)
+    # the module's own final validation loss is the NLL of the scaled logits
+    assert float(trainer.callback_metrics["val_loss"]) == pytest.approx(
+        float(F.cross_entropy(logits / expected, targets)), rel=1e-5
+    )
+    report = callback.report
+    assert report is not None
+    assert report.nll_after <= report.nll_before
+    assert report.nll_before == pytest.approx(float(F.cross_entropy(logits, targets)), rel=1e-5)
+    logged = {key for _, metrics in logger.logged for key in metrics}
+    names = ("temperature", "nll_before", "nll_after", "ece_before", "ece_after")
+    assert {f"calibration/{name}" for name in names} <= logged
+    assert logger.values("calibration/temperature")[-1][1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_training_is_never_scaled_and_eval_mode_always_is_after_the_fit(tmp_path: Path) -> None:
+    callback = TemperatureScaling()
+    _, model, val = _fit(tmp_path, [callback], max_epochs=1)
+    x = next(iter(val))[0]
+    t = callback.temperature
+    assert isinstance(t, float)
+    assert t != pytest.approx(1.0, abs=1e-3)
+    model.train()
+    torch.manual_seed(0)
+    train_mode = model(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(train_mode, model.net(x))
+    model.eval()
+    torch.testing.assert_close(model(x), model.net(x) / t)
+
+
+def test_a_second_fit_trains_and_validates_unscaled_until_its_own_t(tmp_path: Path) -> None:
+    callback = TemperatureScaling()
+    trainer, model, _ = _fit(tmp_path, [callback], max_epochs=1)
+    first = callback.temperature
+    seen: list[float] = []
+
+    class Probe(L.Callback):
+        def on_validation_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+            x = args[1][0]
+            seen.append(float((pl_module(x) - pl_module.net(x)).abs().max()))
+
+    trainer = fast_trainer(tmp_path, max_epochs=2, callbacks=[callback, Probe()])
+    train, val = _loaders()
+    trainer.fit(model, train, val)
+    assert callback.temperature != first
+    n_val = len(val)
+    assert seen[:n_val] == [0.0] * n_val  # epoch 1: the stale T of the first fit is not applied
+    assert min(seen[n_val:]) > 0  # final validation: the new T
+
+
+def test_the_checkpoint_round_trip_reproduces_the_calibrated_test_metrics(tmp_path: Path) -> None:
+    callback = TemperatureScaling()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer, model, _val = _fit(tmp_path, [callback, checkpoint], enable_checkpointing=True)
+    test = make_loader(*_images(24, 2), batch_size=8)
+    expected = trainer.test(model, test, verbose=False)[0]["test_loss"]
+    last = tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(last, weights_only=True)["callbacks"]["TemperatureScaling"]
+    assert state["temperature"] == callback.temperature
+
+    fresh_callback = TemperatureScaling()
+    fresh = fast_trainer(tmp_path, callbacks=[fresh_callback])
+    result = fresh.test(_user_model(), test, ckpt_path=str(last), verbose=False)[0]["test_loss"]
+    assert fresh_callback.temperature == callback.temperature
+    assert result == pytest.approx(expected, rel=1e-6)
+    plain = fast_trainer(tmp_path).test(_user_model(), test, ckpt_path=str(last), verbose=False)[0]["test_loss"]
+    assert plain != pytest.approx(expected, rel=1e-3)  # without the callback: uncalibrated
+
+
+@pytest.mark.parametrize("order", ["ts_first", "ts_last"])
+def test_order_with_bn_recalibration_weight_averaging_and_mc_dropout_does_not_matter(
+    tmp_path: Path, order: str
+) -> None:
+    def run(order: str) -> tuple[float, dict[str, float], zoo.CNNClassifier, Any]:
+        ts = TemperatureScaling()
+        others: list[L.Callback] = [
+            BNRecalibration(num_batches=None),
+            EMAWeightAveraging(decay=0.5),
+            MCDropoutEvaluation(n_samples=4, plot=False, stages=("validate",)),
+        ]
+        callbacks = [ts, *others] if order == "ts_first" else [*others, ts]
+        trainer, model, val = _fit(tmp_path / order, callbacks, model=_zoo_model(), max_epochs=2)
+        assert isinstance(ts.temperature, float)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        return ts.temperature, metrics, model, val
+
+    t, metrics, model, val = run(order)
+    other_t, other_metrics, _, _ = run("ts_last" if order == "ts_first" else "ts_first")
+    assert t == other_t
+    assert metrics["mc/val/det_nll"] == pytest.approx(other_metrics["mc/val/det_nll"], rel=1e-6)
+    # T was fitted on the weights the model ends with (EMA average, then BN statistics of it) ...
+    logits, targets = _raw(model, val)
+    assert t == pytest.approx(fit_temperature(logits, targets), rel=1e-5)
+    # ... and the final validation, MC dropout's deterministic pass and its trunk-once samples are all scaled
+    calibrated = temperature_nll(logits, targets, t)
+    assert metrics["val_loss"] == pytest.approx(calibrated, rel=1e-4)
+    assert metrics["mc/val/det_nll"] == pytest.approx(calibrated, rel=1e-4)
+
+
+def test_mc_dropout_samples_are_divided_by_t_on_the_trunk_once_path(tmp_path: Path) -> None:
+    from lightning_reg.functional.mc_dropout import mc_dropout_predict
+
+    callback = TemperatureScaling()
+    _, model, val = _fit(tmp_path, [callback], model=_zoo_model(), max_epochs=1)
+    t = callback.temperature
+    assert isinstance(t, float)
+    x = next(iter(val))[0]
+    model.eval()
+    scaled = mc_dropout_predict(model, x, 5, generator=torch.Generator().manual_seed(0))
+    raw = mc_dropout_predict(model.net, x, 5, generator=torch.Generator().manual_seed(0))
+    assert scaled.method == raw.method == "cached"
+    torch.testing.assert_close(scaled.probs, (raw.probs.log() / t).softmax(-1), rtol=1e-4, atol=1e-6)
+    naive = mc_dropout_predict(model, x, 5, generator=torch.Generator().manual_seed(0), method="naive")
+    raw_naive = mc_dropout_predict(model.net, x, 5, generator=torch.Generator().manual_seed(0), method="naive")
+    torch.testing.assert_close(naive.probs, (raw_naive.probs.log() / t).softmax(-1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "64-true"])
+def test_precision_plugins(tmp_path: Path, precision: str) -> None:
+    callback = TemperatureScaling()
+    _, model, val = _fit(tmp_path, [callback], precision=precision, max_epochs=1)
+    assert isinstance(callback.temperature, float)
+    assert callback.report is not None
+    assert callback.report.nll_after <= callback.report.nll_before + 1e-9
+    x = next(iter(val))[0].to(torch.float64 if precision == "64-true" else torch.float32)
+    model.eval()
+    assert model(x).dtype == model.net(x).dtype
+
+
+def test_inference_mode_off_gives_the_same_t(tmp_path: Path) -> None:
+    on, off = TemperatureScaling(), TemperatureScaling()
+    _fit(tmp_path / "on", [on], max_epochs=1)
+    _fit(tmp_path / "off", [off], max_epochs=1, inference_mode=False)
+    assert on.temperature == off.temperature
+
+
+def test_without_a_following_validation_t_is_fitted_at_fit_end_with_a_warning(tmp_path: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    train, val = _loaders()
+    callback = TemperatureScaling(dataloader=val)
+    trainer = fast_trainer(
+        tmp_path,
+        max_epochs=1,
+        callbacks=[callback, ModelCheckpoint(dirpath=tmp_path)],
+        enable_checkpointing=True,
+    )
+    model = _user_model()
+    with pytest.warns(UserWarning, match="no validation ran after the last training batch"):
+        trainer.fit(model, train)
+    logits, targets = _raw(model, val)
+    assert callback.temperature == pytest.approx(fit_temperature(logits, targets), rel=1e-6)
+
+
+def test_test_start_fits_on_the_validation_loader_of_a_datamodule(tmp_path: Path) -> None:
+    train, val = _loaders()
+    test = make_loader(*_images(16, 2), batch_size=8)
+    data = L.LightningDataModule.from_datasets(train.dataset, val.dataset, test.dataset, batch_size=8)
+    L.seed_everything(0, verbose=False)
+    model = _user_model()
+    fast_trainer(tmp_path, max_epochs=1).fit(model, train)
+    callback = TemperatureScaling(when="test_start")
+    fast_trainer(tmp_path, callbacks=[callback]).test(model, datamodule=data, verbose=False)
+    logits, targets = _raw(model, val)
+    assert callback.temperature == pytest.approx(fit_temperature(logits, targets), rel=1e-6)
+    assert callback.report is not None
+    assert callback.report.num_samples == len(targets)
+    del test
+
+
+def test_dict_batches_and_forward_fn(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def forward_fn(module: nn.Module, batch: Any) -> Tensor:
+        calls.append(len(batch["targets"]))
+        return module(batch["inputs"])
+
+    inputs, targets = _images(16, 1)
+    val = make_loader(inputs, targets, batch_size=8, as_dict=True)
+    callback = TemperatureScaling(dataloader=val, forward_fn=forward_fn, target_key="targets")
+    train, _ = _loaders()
+    L.seed_everything(0, verbose=False)
+    model = _user_model()
+    fast_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(model, train)
+    assert calls == [8, 8]
+    assert callback.temperature == pytest.approx(fit_temperature(*_raw(model, make_loader(inputs, targets))), rel=1e-6)
+
+
+def test_calibrated_gives_a_plain_module_and_the_wrapper_scales_in_every_mode(tmp_path: Path) -> None:
+    callback = TemperatureScaling()
+    _, model, val = _fit(tmp_path, [callback], model=_zoo_model(), max_epochs=1)
+    x = next(iter(val))[0]
+    wrapper = callback.calibrated(model)
+    assert isinstance(wrapper, TemperatureScaled)
+    wrapper.eval()
+    torch.testing.assert_close(wrapper(x), model.net(x) / callback.temperature)  # scaled once, not twice
+    torch.testing.assert_close(wrapper.forward_head(wrapper.forward_features(x)), wrapper(x))
+    assert float(wrapper.state_dict()["temperature"]) == pytest.approx(callback.temperature)
+    with pytest.raises(AttributeError, match="forward_head"):
+        _ = TemperatureScaled(nn.Linear(2, 2), 2.0).forward_head
+    with pytest.raises(ValueError, match="positive finite"):
+        TemperatureScaled(nn.Linear(2, 2), -1.0)
+    with pytest.raises(RuntimeError, match="No temperature yet"):
+        TemperatureScaling().calibrated(model)
+
+
+def test_a_patched_module_pickles_and_deep_copies_to_a_scaled_copy_with_its_own_weights(tmp_path: Path) -> None:
+    callback = TemperatureScaling()
+    _, model, val = _fit(tmp_path, [callback], max_epochs=1)
+    x = next(iter(val))[0]
+    model.eval()
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        with torch.no_grad():
+            clone.net.head.weight.mul_(2.0)
+        torch.testing.assert_close(clone(x), clone.net(x) / callback.temperature)
+
+
+@pytest.mark.filterwarnings("ignore:The NLL-optimal temperature lies outside")  # 32 samples: one T_k may run off
+def test_per_class_temperatures(tmp_path: Path) -> None:
+    callback = TemperatureScaling(per_class=True)
+    _, model, val = _fit(tmp_path, [callback], max_epochs=1)
+    t = callback.temperature
+    assert isinstance(t, Tensor)
+    assert t.shape == (3,)
+    logits, targets = _raw(model, val)
+    torch.testing.assert_close(t, fit_temperature(logits, targets, per_class=True), rtol=1e-6, atol=0.0)
+    restored = TemperatureScaling(per_class=True)
+    restored.load_state_dict(callback.state_dict())
+    assert isinstance(restored.temperature, Tensor)
+    torch.testing.assert_close(restored.temperature, t)
+
+
+def test_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="over-confident by construction"):
+        TemperatureScaling(dataloader="train")
+    with pytest.raises(ValueError, match="one of"):
+        TemperatureScaling(dataloader="validation")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="only at test time"):
+        TemperatureScaling(dataloader="test")
+    with pytest.raises(ValueError, match="`when`"):
+        TemperatureScaling(when="epoch_end")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="forward_fn"):
+        TemperatureScaling(forward_fn=3)  # type: ignore[arg-type]
+    train, val = _loaders()
+    with pytest.raises(ValueError, match="is the training dataloader"):
+        fast_trainer(tmp_path, callbacks=[TemperatureScaling()]).fit(_user_model(), train, train)
+    with pytest.raises(ValueError, match="found 2 val dataloaders"):
+        fast_trainer(tmp_path, callbacks=[TemperatureScaling()]).fit(
+            _TwoLoaders(TinyCNN(num_classes=3)), train, [val, val]
+        )
+    callback = TemperatureScaling(dataloader_idx=1)
+    model = _TwoLoaders(TinyCNN(num_classes=3))
+    fast_trainer(tmp_path, callbacks=[callback]).fit(model, train, [train, val])  # index 1 is held out
+    assert callback.temperature == pytest.approx(fit_temperature(*_raw(model, val)), rel=1e-6)
+
+
+class _TwoLoaders(UserClassifier):
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self(batch[0])
+
+
+class _TupleOutput(UserClassifier):
+    def forward(self, x: Tensor) -> Any:
+        return self.net(x), None
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0])[0], batch[1])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self(batch[0])
+
+
+def test_a_forward_that_returns_no_tensor_gets_a_clear_error(tmp_path: Path) -> None:
+    train, val = _loaders()
+    callback = TemperatureScaling(forward_fn=lambda module, batch: module.net(batch[0]))
+    trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[callback])
+    with pytest.raises(TypeError, match="returned tuple"):
+        trainer.fit(_TupleOutput(TinyCNN(num_classes=3)), train, val)
+
+
+# --- DDP --------------------------------------------------------------------------------------------
+
+
+class _Recorder(L.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        callback = next(c for c in trainer.callbacks if isinstance(c, TemperatureScaling))
+        _, val = _loaders()
+        sampler_loader = trainer.val_dataloaders
+        logits, targets = _raw(pl_module, sampler_loader)
+        record = {"t": callback.temperature, "logits": logits.tolist(), "targets": targets.tolist()}
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        del val
+
+
+@skip_on_windows
+def test_two_ranks_get_one_t_equal_to_one_process_on_the_union(tmp_path: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    train, val = _loaders()
+    model = _user_model(dropout=0.0)
+    with scrubbed_ddp_env():
+        trainer = ddp_fork_trainer(tmp_path, max_epochs=1, callbacks=[TemperatureScaling(), _Recorder(tmp_path)])
+        trainer.fit(model, train, val)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["t"] == ranks[1]["t"]
+    logits = torch.tensor(ranks[0]["logits"] + ranks[1]["logits"])
+    targets = torch.tensor(ranks[0]["targets"] + ranks[1]["targets"])
+    assert len(targets) == 32  # each rank held half of the validation set
+    assert ranks[0]["t"] == pytest.approx(fit_temperature(logits, targets), rel=1e-6)
