@@ -522,13 +522,15 @@ def _adabn_logits(
     from lightning_reg import BNRecalibration
 
     collector = _TestLogits()
-    adapt = BNRecalibration(num_batches=None, when="test_start", dataloader="test")
+    # `limit_batches` (a smoke run) also caps the test batches here: these Trainer passes are most of its time
+    adapt = BNRecalibration(num_batches=options.limit_batches, when="test_start", dataloader="test")
     out: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
     with tempfile.TemporaryDirectory(prefix="lightning-reg-demo-") as root:
         trainer = L.Trainer(
             **trainer_flags(options.accelerator, options.devices, options.strategy),
             callbacks=[adapt, collector],
             default_root_dir=root,
+            limit_test_batches=options.limit_batches,
         )
         for key, dataset in datasets.items():
             adapted = copy.deepcopy(model)  # the recalibration changes the statistics for good
@@ -643,7 +645,8 @@ def demo(
             in the AdaBN tests (an image counted twice on 2 ranks).
         full: the benchmark: every zoo family over seeds 0, 1 and 2 (about 40 minutes on 2 CPU cores).
         strategy: Lightning strategy; ``"auto"`` is ``"ddp"`` for several devices (``"ddp_fork"`` in a notebook).
-        limit_batches: at most this many training batches per epoch (a smoke run), all when None.
+        limit_batches: at most this many training batches per epoch, and AdaBN test batches per corrupted set (a
+            smoke run); all when None.
         verbose: print progress and the table (on global rank 0).
 
     Returns:
