@@ -8,6 +8,7 @@ from lightning_reg.callbacks.label_smoothing import LabelSmoothing
 from lightning_reg.callbacks.mc_dropout import MCDropoutEvaluation
 from lightning_reg.callbacks.mixup import MixUp
 from lightning_reg.callbacks.mixup_cutmix import MixUpCutMix
+from lightning_reg.callbacks.regmixup import RegMixup
 from lightning_reg.callbacks.temperature_scaling import TemperatureScaling
 from lightning_reg.plotting import plot_reliability
 from lightning_reg.targets import hard_targets
@@ -27,4 +28,5 @@ __all__ = [
     "MixUpCutMix",
     "LabelSmoothing",
     "TemperatureScaling",
+    "RegMixup",
 ]

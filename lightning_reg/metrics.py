@@ -120,6 +120,9 @@ class UncertaintyMetrics(nn.Module):
     Args:
         num_classes: number of classes.
         n_bins: confidence bins of the ECE and the reliability diagram.
+        mutual_information: whether ``compute()`` reports the mutual information. ``None``: once an update gave
+            it. Under DDP pass it explicitly, so that a rank that saw no batch computes (and syncs) the same
+            metrics as the others.
 
     Example:
         >>> metrics = UncertaintyMetrics(num_classes=2)
@@ -128,8 +131,10 @@ class UncertaintyMetrics(nn.Module):
         {'acc': 1.0, 'nll': 0.4904, 'brier': 0.3125, 'ece': 0.375, 'entropy': 0.6277}
     """
 
-    def __init__(self, num_classes: int, n_bins: int = 15) -> None:
+    def __init__(self, num_classes: int, n_bins: int = 15, *, mutual_information: bool | None = None) -> None:
         super().__init__()
+        self.num_classes = num_classes
+        self._fixed_mutual_info = mutual_information
         self.acc = MulticlassAccuracy(num_classes, average="micro")
         self.nll = NegativeLogLikelihood()
         self.brier = BrierScore()
@@ -137,7 +142,7 @@ class UncertaintyMetrics(nn.Module):
         self.entropy = MeanMetric()
         self.mutual_info = MeanMetric()
         self.bins = ReliabilityBins(n_bins)
-        self._has_mutual_info = False
+        self._has_mutual_info = bool(mutual_information)
 
     def update(self, probs: Tensor, targets: Tensor, mutual_information: Tensor | None = None) -> None:
         """Add probabilities ``(N, K)``, class-index targets ``(N,)`` and, for MC predictions, ``(N,)`` MI."""
@@ -149,6 +154,8 @@ class UncertaintyMetrics(nn.Module):
         self.entropy.update(entropy(probs))
         self.bins.update(probs, targets)
         if mutual_information is not None:
+            if self._fixed_mutual_info is False:
+                raise ValueError("Got `mutual_information` for metrics built with `mutual_information=False`.")
             self.mutual_info.update(mutual_information.float())
             self._has_mutual_info = True
 
@@ -173,4 +180,4 @@ class UncertaintyMetrics(nn.Module):
         """Forget every sample seen."""
         for metric in (self.acc, self.nll, self.brier, self.ece, self.entropy, self.mutual_info, self.bins):
             metric.reset()
-        self._has_mutual_info = False
+        self._has_mutual_info = bool(self._fixed_mutual_info)

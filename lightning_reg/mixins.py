@@ -68,13 +68,24 @@ class MixedTargets(NamedTuple):
         return torch.where(self.lam >= 0.5, self.targets_a, self.targets_b)
 
 
-def mixed_cross_entropy(logits: Tensor, targets: Tensor | MixedTargets, label_smoothing: float = 0.0) -> Tensor:
+def mixed_cross_entropy(
+    logits: Tensor,
+    targets: Tensor | MixedTargets,
+    label_smoothing: float = 0.0,
+    weight: Tensor | None = None,
+) -> Tensor:
     """Mean cross-entropy for index, probability or sparse mixed targets.
+
+    With class weights, ``F.cross_entropy(logits, y, weight=w)`` divides by the weights of the targets' classes,
+    ``sum_i w[y_i]``, but on probability targets by ``N``: the same one-hot targets as rows give another scale.
+    Here probability and mixed targets are divided by their weighted mass ``sum_i sum_k w_k t_ik`` instead, so
+    one-hot rows give exactly the loss of their indices, and a mixed row counts as the blend of its two classes.
 
     Args:
         logits: ``(N, K)``.
         targets: indices ``(N,)``, probabilities ``(N, K)``, or :class:`MixedTargets`.
         label_smoothing: smoothing for plain targets; :class:`MixedTargets` carry their own.
+        weight: optional class weights ``(K,)``, as ``F.cross_entropy``'s ``weight``.
 
     Example:
         >>> logits = torch.tensor([[2.0, 0.0]])
@@ -83,6 +94,8 @@ def mixed_cross_entropy(logits: Tensor, targets: Tensor | MixedTargets, label_sm
         >>> bool(torch.isclose(mixed_cross_entropy(logits, sparse), dense))
         True
     """
+    if weight is not None:
+        return _weighted_cross_entropy(logits, targets, label_smoothing, weight)
     if not isinstance(targets, MixedTargets):
         return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     s = targets.smoothing
@@ -92,6 +105,18 @@ def mixed_cross_entropy(logits: Tensor, targets: Tensor | MixedTargets, label_sm
     loss_b = F.cross_entropy(logits, targets.targets_b, reduction="none", label_smoothing=s)  # (N,)
     lam = targets.lam.to(loss_a)
     return torch.lerp(loss_b, loss_a, lam).mean()
+
+
+def _weighted_cross_entropy(
+    logits: Tensor, targets: Tensor | MixedTargets, label_smoothing: float, weight: Tensor
+) -> Tensor:
+    if isinstance(targets, Tensor) and targets.ndim == 1:
+        return F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing)
+    dense = targets.to_dense() if isinstance(targets, MixedTargets) else targets
+    if not isinstance(targets, MixedTargets) and label_smoothing > 0:
+        dense = dense * (1.0 - label_smoothing) + label_smoothing / dense.shape[1]
+    weighted = dense.to(logits.dtype) * weight.to(logits)  # (N, K): the weighted mass of every class
+    return -(weighted * logits.log_softmax(dim=1)).sum() / weighted.sum()
 
 
 class SparseMixingMixin:
@@ -111,9 +136,11 @@ class SparseMixingMixin:
 
     sparse_mixed_targets: bool = True
 
-    def mixed_cross_entropy(self, logits: Tensor, targets: Tensor | MixedTargets) -> Tensor:
-        """Mean cross-entropy for index, probability or :class:`MixedTargets` targets."""
-        return mixed_cross_entropy(logits, targets)
+    def mixed_cross_entropy(
+        self, logits: Tensor, targets: Tensor | MixedTargets, weight: Tensor | None = None
+    ) -> Tensor:
+        """Mean cross-entropy for index, probability or :class:`MixedTargets` targets (optional class weights)."""
+        return mixed_cross_entropy(logits, targets, weight=weight)
 
     @staticmethod
     def hard_targets(targets: Tensor | MixedTargets) -> Tensor:

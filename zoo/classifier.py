@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_reg import hard_targets
+from lightning_reg.forward import batch_inputs
 
 __all__ = ["ClassifierModule", "split_decay_parameters"]
 
@@ -75,7 +76,9 @@ class ClassifierModule(L.LightningModule):
         scheduler: ``"cosine"`` (warmup then cosine to zero, stepped every batch) or ``"none"``.
 
     Batches are lists ``[inputs, targets, *extra]``; ``extra`` (such as sequence lengths) is passed to
-    ``forward`` by subclasses that override :meth:`forward_batch`.
+    ``forward`` after the inputs. :meth:`forward_inputs` says so, and the steps and every callback that runs the
+    model outside a step (Monte-Carlo dropout, BN recalibration) use it, so they compute the same logits
+    (see :mod:`lightning_reg.forward`). Override it for another batch layout.
 
     Example:
         >>> import torch
@@ -132,22 +135,43 @@ class ClassifierModule(L.LightningModule):
         self.test_mean_loss = MeanMetric()
 
     # --- the network -------------------------------------------------------------------------------
-    def forward_features(self, x: Tensor, *args: Any) -> Tensor:
-        """The deterministic trunk: inputs to features. Subclasses implement it."""
+    def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The deterministic trunk: inputs (and extras such as lengths) to features. Subclasses implement it."""
         raise NotImplementedError(f"{type(self).__name__} must implement `forward_features`.")
 
     def forward_head(self, features: Tensor) -> Tensor:
         """The classifier head: features to logits ``(N, num_classes)``. Subclasses implement it."""
         raise NotImplementedError(f"{type(self).__name__} must implement `forward_head`.")
 
-    def forward(self, x: Tensor, *args: Any) -> Tensor:
-        """Logits ``(N, num_classes)``: ``forward_head(forward_features(x))``."""
-        return self.forward_head(self.forward_features(x, *args))
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Logits ``(N, num_classes)``: ``forward_head(forward_features(x, *args, **kwargs))``."""
+        return self.forward_head(self.forward_features(x, *args, **kwargs))
+
+    def forward_inputs(self, batch: Any) -> tuple[Any, ...] | dict[str, Any]:
+        """The arguments of :meth:`forward` for a batch: ``(inputs, *extra)`` of ``[inputs, targets, *extra]``.
+
+        A bare tensor is the inputs themselves. This is the batch-forward protocol of
+        :func:`lightning_reg.forward.batch_inputs`: the steps below and the callbacks call the model with it.
+
+        Example:
+            >>> import torch
+            >>> batch = [torch.zeros(2, 5, 8), torch.tensor([0, 1]), torch.tensor([5, 3])]
+            >>> [tuple(t.shape) for t in ClassifierModule.forward_inputs(None, batch)]  # type: ignore[arg-type]
+            [(2, 5, 8), (2,)]
+        """
+        if isinstance(batch, Tensor):
+            return (batch,)
+        if isinstance(batch, list | tuple) and len(batch) >= 1:
+            return (batch[0], *batch[2:])
+        raise TypeError(
+            f"Expected a batch `[inputs, targets, *extra]` (a list or tuple) or a tensor of inputs, but got "
+            f"{type(batch).__name__}. Override `forward_inputs(batch)` to return the arguments of `forward` for "
+            "your batch layout."
+        )
 
     def forward_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
-        """Split a batch into ``(logits, targets)``. Override for extra batch entries such as lengths."""
-        inputs, targets = batch[0], batch[1]
-        return self(inputs, *batch[2:]), targets
+        """Split a batch into ``(logits, targets)``: the model on :meth:`forward_inputs`, and ``batch[1]``."""
+        return batch_inputs(self, batch)(self), batch[1]
 
     # --- steps -------------------------------------------------------------------------------------
     def _step(self, batch: Any, stage: str) -> Tensor:
@@ -178,9 +202,7 @@ class ClassifierModule(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities ``(N, num_classes)``."""
-        inputs = batch[0] if isinstance(batch, list | tuple) else batch
-        extra = batch[2:] if isinstance(batch, list | tuple) else []
-        return self(inputs, *extra).softmax(dim=-1)
+        return batch_inputs(self, batch)(self).softmax(dim=-1)
 
     # --- optimization ------------------------------------------------------------------------------
     def parameter_groups(self) -> Iterable[dict[str, Any]]:

@@ -159,7 +159,7 @@ class CNNClassifier(ClassifierModule):
             dropout=dropout,
         )
 
-    def forward_features(self, x: Tensor, *args: object) -> Tensor:
+    def forward_features(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
         """Pooled features ``(N, widths[-1])``."""
         return self.net.forward_features(x)
 

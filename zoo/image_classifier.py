@@ -203,7 +203,7 @@ class ImageClassifier(ClassifierModule):
                 module.eval()
         return self
 
-    def forward_features(self, x: Tensor, *args: Any) -> Tensor:
+    def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """The backbone's unpooled features (timm's ``forward_features``)."""
         return self.net.forward_features(x)
 

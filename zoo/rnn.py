@@ -248,9 +248,9 @@ class RNNClassifier(ClassifierModule):
             pooling=pooling,
         )
 
-    def forward_features(self, x: Tensor, *args: Any) -> Tensor:
-        """Pooled features; ``args`` may hold the batch's ``lengths``."""
-        return self.net.forward_features(x, *args)
+    def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Pooled features; ``args`` (or ``lengths=``) may hold the batch's ``lengths``."""
+        return self.net.forward_features(x, *args, **kwargs)
 
     def forward_head(self, features: Tensor) -> Tensor:
         """Logits ``(N, num_classes)``."""

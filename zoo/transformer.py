@@ -227,14 +227,30 @@ class Transformer(nn.Module):
             raise ValueError(f"Expected at most `max_len`={self.max_len} steps, but got {x.shape[1]}; raise `max_len`.")
         return self.embed(x)  # (N, T, dim)
 
-    def forward_features(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """Pooled, normalized features ``(N, dim)``; ``lengths`` ``(N,)`` masks padding of variable-length batches."""
+    def forward_features(
+        self, x: Tensor, lengths: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """Pooled, normalized features ``(N, dim)``; padding of variable-length batches is masked.
+
+        Args:
+            x: the inputs.
+            lengths: real steps per sequence ``(N,)``.
+            attention_mask: or a mask ``(N, T)``, nonzero (True) at real steps (the HuggingFace convention).
+        """
         x = self._embed(x)  # (N, T, dim)
         n, t, _ = x.shape
         mask = None
+        if lengths is not None and attention_mask is not None:
+            raise ValueError("Expected at most one of `lengths` and `attention_mask`, but got both.")
         if lengths is not None:
             lengths = torch.as_tensor(lengths, device=x.device)
             mask = torch.arange(t, device=x.device)[None, :] < lengths[:, None]  # (N, T), True at real steps
+        if attention_mask is not None:
+            if attention_mask.shape != (n, t):
+                raise ValueError(
+                    f"Expected `attention_mask` of shape ({n}, {t}), but got {tuple(attention_mask.shape)}."
+                )
+            mask = attention_mask.to(device=x.device) != 0  # (N, T)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(n, -1, -1), x], dim=1)  # (N, 1 + T, dim)
             if mask is not None:
@@ -253,9 +269,9 @@ class Transformer(nn.Module):
         """Logits ``(N, num_classes)``."""
         return self.head(features)
 
-    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, lengths: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
         """Logits ``(N, num_classes)``."""
-        return self.forward_head(self.forward_features(x, lengths))
+        return self.forward_head(self.forward_features(x, lengths, attention_mask))
 
 
 class TransformerClassifier(ClassifierModule):
@@ -322,9 +338,19 @@ class TransformerClassifier(ClassifierModule):
             pooling=pooling,
         )
 
-    def forward_features(self, x: Tensor, *args: Any) -> Tensor:
-        """Pooled features ``(N, dim)``; ``args`` may hold the batch's ``lengths``."""
-        return self.net.forward_features(x, *args)
+    def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Pooled features ``(N, dim)``; ``args`` may hold the batch's ``lengths``, ``attention_mask=`` a mask."""
+        return self.net.forward_features(x, *args, **kwargs)
+
+    def forward_inputs(self, batch: Any) -> tuple[Any, ...] | dict[str, Any]:
+        """``(inputs, lengths)`` of ``[inputs, targets, lengths]``; ``{"x", "attention_mask"}`` for a mask ``(N, T)``.
+
+        The third entry of a batch is read by its shape: lengths ``(N,)`` or an attention mask ``(N, T)`` (1 at real
+        tokens, the HuggingFace convention).
+        """
+        if isinstance(batch, list | tuple) and len(batch) == 3 and isinstance(batch[2], Tensor) and batch[2].ndim == 2:
+            return {"x": batch[0], "attention_mask": batch[2]}
+        return super().forward_inputs(batch)
 
     def forward_head(self, features: Tensor) -> Tensor:
         """Logits ``(N, num_classes)``."""

@@ -7,6 +7,7 @@ from lightning_reg.callbacks.label_smoothing import LabelSmoothing
 from lightning_reg.callbacks.mc_dropout import MCDropoutEvaluation
 from lightning_reg.callbacks.mixup import MixUp
 from lightning_reg.callbacks.mixup_cutmix import MixUpCutMix
+from lightning_reg.callbacks.regmixup import RegMixup
 from lightning_reg.callbacks.temperature_scaling import TemperatureScaling
 
 __all__: list[str] = [
@@ -18,4 +19,5 @@ __all__: list[str] = [
     "LabelSmoothing",
     "MCDropoutEvaluation",
     "TemperatureScaling",
+    "RegMixup",
 ]

@@ -10,6 +10,23 @@ targets reach it (indices or probabilities) exactly once, before or after a mixi
 smoothing (a ``LabelSmoothing`` callback and a mixing callback's ``label_smoothing``, or the module's own
 ``label_smoothing``) would smooth twice: :func:`check_single_smoothing` rejects that at fit start.
 
+One kind of target per epoch: while a mixing callback is active, every training batch reaches the step with
+(smoothed) ``(N, K)`` probabilities, also the batches it does not mix (``prob``, a batch of one sample).
+
+One stream per callback: the generator is created at the first ``fit``; a second ``fit`` on the same callback
+continues its stream (a fine-tuning stage draws new lambdas), and only a new callback or a checkpoint starts
+or restores it. It is derived again only when the data-parallel rank changed (a new device layout).
+
+Callbacks that mix the inputs (``mixes_inputs``) check their company at fit start: two of them on one Trainer
+mix every batch twice (a warning that names ``MixUpCutMix``), and with ``SparseMixingMixin`` two mixes cannot be
+kept as one pair of labels (an error).
+
+No host syncs per batch: every random draw is made on the CPU generator (Python scalars, or small CPU tensors
+that go to the device through pinned memory with ``non_blocking=True``), the epoch statistics are summed from
+the CPU draws, and the label range (or, for float targets, that rows are distributions) is checked on the first
+training batch of each epoch only; later batches rely on the kernels' own bounds checks (see
+``functional/label_smoothing.py``).
+
 Speed: the mixed inputs and the dense mixed targets are written into callback-owned tensors
 (:class:`ReusableOutput`) that are reused on the next batch only when nothing else refers to their memory any
 more (the training step, its autograd graph, views, a user who kept the batch): so a batch someone still holds
@@ -26,23 +43,48 @@ epoch, so every rank logs the same keys. The cost is a few float additions a bat
 
 from __future__ import annotations
 
+import difflib
 import zlib
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal, get_args
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry, set_entry, validate_key
 from lightning_reg._random import base_seed, rank_generator
 from lightning_reg.callbacks._strategy import data_parallel_rank
-from lightning_reg.functional.label_smoothing import check_targets, mixed_one_hot, one_hot
-from lightning_reg.functional.mixup import Pairing, check_pairing
+from lightning_reg.functional.cutmix import Box, box_lam, mix_elementwise, sample_box
+from lightning_reg.functional.label_smoothing import check_range, check_rows, check_targets, mixed_one_hot, one_hot
+from lightning_reg.functional.mixup import (
+    MixingParams,
+    Pairing,
+    apply_mixup,
+    check_pairing,
+    derangement,
+    sample_beta,
+)
 from lightning_reg.mixins import MixedTargets
 
-__all__ = ["MixingCallback", "ReusableOutput", "check_single_smoothing", "resolve_num_classes"]
+__all__ = [
+    "MixMode",
+    "MixingCallback",
+    "TargetMode",
+    "ReusableOutput",
+    "check_mixing_company",
+    "check_single_smoothing",
+    "close_names",
+    "resolve_num_classes",
+]
+
+#: How draws are shared: one lambda (or a per-sample lambda) and one apply/switch draw per batch, or timm's
+#: ``"elem"`` (lambda, apply and switch per sample) and ``"pair"`` (the same per mutual pair of samples).
+MixMode = Literal["batch", "elem", "pair"]
+#: What a mixed sample's target is: the mix of both labels, or the label of the sample with the larger weight.
+TargetMode = Literal["mixed", "dominant"]
 
 # The number of references to a tensor's storage (torch's own count). Private to torch, hence looked up
 # defensively: without it, ReusableOutput never reuses (always allocates), which is safe.
@@ -123,8 +165,39 @@ def resolve_num_classes(num_classes: int | None, pl_module: L.LightningModule, o
     return num_classes
 
 
+def close_names(name: str, names: Sequence[str], n: int = 5) -> list[str]:
+    """The entries of ``names`` closest to ``name`` (difflib), best first, for "did you mean" messages.
+
+    Example:
+        >>> close_names("net.embeding", ["net", "net.embedding", "net.head"])
+        ['net.embedding']
+    """
+    close = difflib.get_close_matches(name, names, n=n, cutoff=0.6)
+    if not close:  # a typo in the last part of a dotted name: match on that part alone
+        tails = {candidate.rsplit(".", 1)[-1]: candidate for candidate in names}
+        close = [tails[t] for t in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(tails), n=n, cutoff=0.6)]
+    return close
+
+
+def _module_loss_smoothing(pl_module: L.LightningModule) -> list[str]:
+    """Losses held by the module that smooth labels themselves: ``nn.CrossEntropyLoss(label_smoothing>0)``, timm's."""
+    found = []
+    for name, module in pl_module.named_modules():
+        if isinstance(module, nn.CrossEntropyLoss) and module.label_smoothing > 0:
+            loss = f"CrossEntropyLoss(label_smoothing={module.label_smoothing})"
+            found.append(f"{type(pl_module).__name__}.{name} = {loss}")
+        elif type(module).__name__ == "LabelSmoothingCrossEntropy" and getattr(module, "smoothing", 0) > 0:
+            found.append(f"{type(pl_module).__name__}.{name} = {type(module).__name__}(smoothing={module.smoothing})")
+    return found
+
+
 def check_single_smoothing(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-    """Raise ``ValueError`` when more than one thing would smooth the labels."""
+    """Raise ``ValueError`` when more than one thing would smooth the labels.
+
+    The sources: a ``LabelSmoothing`` callback, a mixing callback's ``label_smoothing``, the module's
+    ``label_smoothing`` attribute, and a smoothing loss the module holds (``nn.CrossEntropyLoss(label_smoothing>0)``,
+    timm's ``LabelSmoothingCrossEntropy``), which smooths the probability targets a callback hands it once more.
+    """
     from lightning_reg.callbacks.label_smoothing import LabelSmoothing
 
     sources = []
@@ -133,22 +206,55 @@ def check_single_smoothing(trainer: L.Trainer, pl_module: L.LightningModule) -> 
             sources.append(f"LabelSmoothing({cb.smoothing})")
         elif isinstance(cb, MixingCallback) and cb.label_smoothing > 0:
             sources.append(f"{type(cb).__name__}(label_smoothing={cb.label_smoothing})")
-    module_smoothing = getattr(pl_module, "label_smoothing", 0.0)
-    if isinstance(module_smoothing, int | float) and module_smoothing > 0 and sources:
-        sources.append(f"{type(pl_module).__name__}.label_smoothing={module_smoothing}")
+    if sources:
+        module_smoothing = getattr(pl_module, "label_smoothing", 0.0)
+        if isinstance(module_smoothing, int | float) and module_smoothing > 0:
+            sources.append(f"{type(pl_module).__name__}.label_smoothing={module_smoothing}")
+        sources += _module_loss_smoothing(pl_module)
     if len(sources) > 1:
         raise ValueError(
             f"Labels would be smoothed more than once, by {', '.join(sources)}. Keep exactly one: a "
             "`LabelSmoothing` callback (it composes with mixing in either order), or `label_smoothing=` of the "
-            "mixing callback, or the module's own `label_smoothing`."
+            "mixing callback, or the module's own smoothing (its `label_smoothing`, or its loss's)."
         )
 
 
+def check_mixing_company(trainer: L.Trainer, pl_module: L.LightningModule, owner: MixingCallback) -> None:
+    """At fit start: two callbacks that mix the inputs mix every batch twice (warn), and break sparse targets (raise).
+
+    Only the first mixing callback in ``trainer.callbacks`` speaks, so the warning comes once.
+    """
+    mixing = [cb for cb in trainer.callbacks if isinstance(cb, MixingCallback) and cb.mixes_inputs]  # type: ignore[attr-defined]
+    if len(mixing) < 2 or mixing[0] is not owner:
+        return
+    names = " and ".join(type(cb).__name__ for cb in mixing)
+    if getattr(pl_module, "sparse_mixed_targets", False):
+        raise ValueError(
+            f"{names} would each mix every training batch, and {type(pl_module).__name__} uses SparseMixingMixin: "
+            "the sparse targets hold one pair of labels and one lambda, so a second mix cannot be kept. Use one "
+            "mixing callback (`MixUpCutMix(...)` switches between MixUp and CutMix per batch), or drop the mixin "
+            "for dense (N, K) targets."
+        )
+    rank_zero_warn(
+        f"{names} are all on this Trainer: each mixes every training batch, so every batch is mixed "
+        f"{len(mixing)} times (a target blends up to {2 ** len(mixing)} samples). To switch between MixUp and "
+        "CutMix per batch, as timm and DeiT do, use one `MixUpCutMix(mixup_alpha=..., cutmix_alpha=..., "
+        "switch_prob=...)`."
+    )
+
+
 class MixingCallback(L.Callback):
-    """Base of the batch-transforming callbacks: generator, state, keys, checks. Not for direct use."""
+    """Base of the batch-transforming callbacks: generator, state, keys, checks. Not for direct use.
+
+    A subclass sets ``log_name`` and ``mixes_inputs``, calls :meth:`_setup` from ``setup`` and, per batch,
+    :meth:`_begin` (which handles the batches it does not mix), then builds targets with :meth:`_mixed_targets`
+    from draws moved with :meth:`_to_device`, writes with :meth:`_write` and counts with :meth:`_record`.
+    """
 
     #: Prefix of the logged epoch statistics; empty for no logging.
     log_name: ClassVar[str] = ""
+    #: Whether the callback mixes the inputs (checked at fit start: two such callbacks mix every batch twice).
+    mixes_inputs: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -160,7 +266,15 @@ class MixingCallback(L.Callback):
         target_key: BatchKey,
         last_epoch: int | None,
         pairing: Pairing = "shift",
+        multi_label: bool = False,
+        mode: MixMode = "batch",
+        target_mode: TargetMode = "mixed",
     ) -> None:
+        if target_mode not in get_args(TargetMode):
+            raise ValueError(
+                f"Expected `target_mode` to be one of {list(get_args(TargetMode))}, but got {target_mode!r}."
+            )
+        self.target_mode: TargetMode = target_mode
         if num_classes is not None and (
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
         ):
@@ -186,8 +300,14 @@ class MixingCallback(L.Callback):
         self.target_key = target_key
         self.last_epoch = last_epoch
         self.pairing = check_pairing(pairing)
+        if mode not in get_args(MixMode):
+            raise ValueError(f"Expected `mode` to be one of {list(get_args(MixMode))}, but got {mode!r}.")
+        self.mode: MixMode = mode
+        self.multi_label = bool(multi_label)
         self._num_classes: int | None = num_classes
         self._generator: torch.Generator | None = None
+        self._generator_rank: int | None = None
+        self._validate_next = True
         self._pending_state: dict[str, Any] | None = None
         self._warned_small_batch = False
         self._output = ReusableOutput()  # mixed inputs
@@ -196,7 +316,10 @@ class MixingCallback(L.Callback):
 
     # --- identity and state ------------------------------------------------------------------------
     def _state_key_fields(self) -> dict[str, Any]:
-        return {"prob": self.prob, "input_key": self.input_key, "target_key": self.target_key}
+        fields: dict[str, Any] = {"prob": self.prob, "input_key": self.input_key, "target_key": self.target_key}
+        if self.mode != "batch":  # only when set, so that the keys of checkpoints written before stay valid
+            fields["mode"] = self.mode
+        return fields
 
     @property
     def state_key(self) -> str:
@@ -225,9 +348,16 @@ class MixingCallback(L.Callback):
         if needs_classes:
             self._num_classes = resolve_num_classes(self.num_classes, pl_module, type(self).__name__)
         check_single_smoothing(trainer, pl_module)
-        self._seed = base_seed()
-        salt = zlib.crc32(self.state_key.encode())
-        self._generator = rank_generator(self._seed, data_parallel_rank(trainer), stream=salt)
+        if self.mixes_inputs:
+            check_mixing_company(trainer, pl_module, self)
+        self._validate_next = True
+        rank = data_parallel_rank(trainer)
+        if self._generator is None or self._generator_rank != rank:
+            # The first fit (or a new rank): derive the stream. A later fit on this callback continues it.
+            self._seed = base_seed()
+            salt = zlib.crc32(self.state_key.encode())
+            self._generator = rank_generator(self._seed, rank, stream=salt)
+            self._generator_rank = rank
         if self._pending_state is not None:
             self._generator.set_state(self._pending_state["generator_state"])
             self._pending_state = None
@@ -244,7 +374,50 @@ class MixingCallback(L.Callback):
         return self.last_epoch is None or trainer.current_epoch < self.last_epoch
 
     def _read_targets(self, batch: Any) -> Tensor:
-        return check_targets(get_entry(batch, self.target_key, "target_key"), f"batch[{self.target_key!r}] (targets)")
+        targets = check_targets(
+            get_entry(batch, self.target_key, "target_key"), f"batch[{self.target_key!r}] (targets)"
+        )
+        if self._validate_next:  # once per epoch (a host sync), see the module notes
+            self._validate_next = False
+            self._validate_targets(targets)
+        return targets
+
+    def _validate_targets(self, targets: Tensor) -> None:
+        assert self._num_classes is not None  # set in setup
+        if targets.ndim == 1:
+            if self.multi_label:
+                one_hot(targets, self._num_classes, multi_label=True)  # raises: multi-label needs (N, K) rows
+            check_range(targets, self._num_classes)
+        else:
+            one_hot(targets, self._num_classes)  # the column count
+            check_rows(targets, multi_label=self.multi_label)
+
+    def _read_any_targets(self, batch: Any) -> Tensor | MixedTargets:
+        """Index or probability targets (checked), or the :class:`MixedTargets` of a callback before this one."""
+        raw = get_entry(batch, self.target_key, "target_key")
+        if isinstance(raw, MixedTargets):
+            return raw
+        return self._read_targets(batch)
+
+    def _begin(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *, read_inputs: bool = True
+    ) -> tuple[Tensor | None, Tensor | MixedTargets] | None:
+        """Read a training batch; ``None`` when it is not mixed, after giving it the targets of the epoch.
+
+        Outside ``last_epoch`` the batch is left as it is. A batch of one sample, or one that ``prob`` does not
+        select (in ``mode="batch"``), gets its (smoothed) one-hot rows, so that one epoch sees one kind of target.
+        """
+        if not self._active(trainer):
+            self._record()
+            return None
+        targets = self._read_any_targets(batch)
+        n = len(targets.targets_a) if isinstance(targets, MixedTargets) else targets.shape[0]
+        inputs = self._read_inputs(batch, n) if read_inputs else None
+        if self._batch_too_small(n) or (self.mode == "batch" and not self._draw_apply()):
+            self._write(batch, self.target_key, self._unmixed_targets(pl_module, targets), "target_key")
+            self._record()
+            return None
+        return inputs, targets
 
     def _read_inputs(self, batch: Any, n: int) -> Tensor:
         inputs = get_entry(batch, self.input_key, "input_key")
@@ -285,29 +458,184 @@ class MixingCallback(L.Callback):
             return targets
         if self._sparse(pl_module, targets):
             return MixedTargets.unmixed(targets, self._num_classes, self.label_smoothing)
-        return one_hot(targets, self._num_classes, self.label_smoothing)
+        return one_hot(targets, self._num_classes, self.label_smoothing, multi_label=self.multi_label, validate=False)
 
     def _mixed_targets(
-        self, pl_module: L.LightningModule, targets: Tensor | MixedTargets, lam: float | Tensor, index: Tensor
+        self,
+        pl_module: L.LightningModule,
+        targets: Tensor | MixedTargets,
+        lam: float | Tensor,
+        index: Tensor,
+        shift: int | None = None,
     ) -> Tensor | MixedTargets:
-        """``lam * t + (1 - lam) * t[index]``: built in one pass for index targets, sparse with the mixin."""
+        """``lam * t + (1 - lam) * t[index]``: built in one pass for index targets, sparse with the mixin.
+
+        ``lam`` and ``index`` must be on the targets' device already (see :meth:`_to_device`).
+        """
         assert self._num_classes is not None  # set in setup
+        if self.target_mode == "dominant":  # MixupIO (Wang et al., 2023): the label of the larger weight, one-hot
+            lam = (lam > 0.5).to(torch.float32) if isinstance(lam, Tensor) else float(lam > 0.5)
         if isinstance(targets, MixedTargets) or self._sparse(pl_module, targets):
             base = targets if isinstance(targets, MixedTargets) else self._unmixed_targets(pl_module, targets)
             assert isinstance(base, MixedTargets)
+            if base.targets_b is not base.targets_a:
+                raise ValueError(
+                    f"{type(self).__name__} received sparse targets that are mixed already (MixedTargets from "
+                    "another mixing callback): one pair of labels cannot hold a second mix. Use one mixing "
+                    "callback with SparseMixingMixin (`MixUpCutMix` switches between MixUp and CutMix)."
+                )
             lam_t = lam.to(base.lam) if isinstance(lam, Tensor) else torch.full_like(base.lam, lam)
-            return base._replace(targets_b=base.targets_a[index.to(base.targets_a.device)], lam=lam_t)
+            partners = base.targets_a.roll(-shift, 0) if shift is not None else base.targets_a[index]
+            return base._replace(targets_b=partners, lam=lam_t)
         out = None
         if targets.ndim == 1:  # index targets are built into a reused (N, K) tensor (see the module notes)
-            out = self._target_output.take_empty((targets.shape[0], self._num_classes), torch.float32, targets.device)
-        return mixed_one_hot(targets, self._num_classes, lam, index, self.label_smoothing, out=out)
+            shape = (targets.shape[0], self._num_classes)
+            out = self._target_output.take_empty(shape, torch.get_default_dtype(), targets.device)
+        return mixed_one_hot(
+            targets,
+            self._num_classes,
+            lam,
+            index,
+            self.label_smoothing,
+            out=out,
+            shift=shift,
+            multi_label=self.multi_label,
+            validate=False,
+        )
+
+    # --- draws -------------------------------------------------------------------------------------
+    @staticmethod
+    def _to_device(params: MixingParams, device: torch.device) -> MixingParams:
+        """The draws (made on the CPU) on ``device``, copied without blocking the host."""
+        return params.to(device)
+
+    @staticmethod
+    def _lam_dtype(trainer: L.Trainer, inputs: Tensor | None) -> torch.dtype | None:
+        """The dtype a per-sample lambda takes when it weights the inputs: floating inputs' own, or the precision's.
+
+        Rounding lambda to it once, before the targets are built, gives inputs and targets the same lambda
+        (a bf16 lambda rounded only for the inputs is off by up to 2e-3 from the float32 one of the targets).
+        """
+        if inputs is not None and torch.is_floating_point(inputs):
+            return inputs.dtype
+        precision = str(getattr(trainer, "precision", ""))
+        return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision)
+
+    @staticmethod
+    def _round_lam(lam: float | Tensor, dtype: torch.dtype | None) -> float | Tensor:
+        """A per-sample lambda rounded to ``dtype`` (when coarser than float32) and back to float32."""
+        if not isinstance(lam, Tensor) or dtype is None or torch.finfo(dtype).eps <= torch.finfo(torch.float32).eps:
+            return lam
+        return lam.to(dtype).to(torch.float32)
+
+    def _pair_index(self, n: int) -> tuple[Tensor, int | None]:
+        """The pairing of a batch of ``n >= 2`` for ``mode="elem"``: a random shift, or a derangement."""
+        g = self.generator
+        if self.pairing == "permutation":
+            return derangement(n, generator=g), None
+        shift = int(torch.randint(1, n, (), generator=g))
+        return torch.arange(n).roll(-shift), shift
+
+    def _mutual_pairs(self, n: int) -> tuple[Tensor, Tensor]:
+        """``(first, second)`` members ``(n // 2,)`` of mutual pairs for ``mode="pair"``.
+
+        ``"shift"``: timm's flip, sample ``i`` with ``n - 1 - i`` (relies on shuffled batches, as the shift does);
+        ``"permutation"``: a uniformly random perfect matching. With ``n`` odd one sample stays unmixed.
+        """
+        m = n // 2
+        if self.pairing == "permutation":
+            order = torch.randperm(n, generator=self.generator)
+            return order[:m], order[m : 2 * m]
+        first = torch.arange(m)
+        return first, n - 1 - first
+
+    def _elem_draws(
+        self,
+        n: int,
+        *,
+        mixup_alpha: float | None,
+        cutmix_alpha: float | None,
+        switch_prob: float,
+        sizes: Sequence[int] | None,
+        minmax: tuple[float, float] | None = None,
+        correct_lam: bool = True,
+        lam_dtype: torch.dtype | None = None,
+    ) -> tuple[Tensor, Box | None, Tensor, Tensor, int | None]:
+        """Per-sample (``"elem"``) or per-pair (``"pair"``) draws, timm's ``_params_per_elem``, all on the CPU.
+
+        Returns:
+            ``(weight, box, kept, index, shift)``: the MixUp weight of each sample ``(N,)`` (1 for samples cut or
+            not mixed), per-sample boxes (empty for samples not cut; ``None`` without CutMix), the weight of each
+            sample's own target ``(N,)`` float32, the pairing ``(N,)`` and its shift (or ``None``).
+        """
+        g = self.generator
+        pair = self.mode == "pair"
+        if pair:
+            first, second = self._mutual_pairs(n)
+            count = first.shape[0]
+        else:
+            count = n
+        apply = torch.rand(count, generator=g) < self.prob if self.prob < 1.0 else torch.ones(count, dtype=torch.bool)
+        if mixup_alpha is not None and cutmix_alpha is not None:
+            use_cut = torch.rand(count, generator=g) < switch_prob
+            lam_cut = sample_beta(cutmix_alpha, (count,), generator=g)
+            lam = torch.where(use_cut, lam_cut, sample_beta(mixup_alpha, (count,), generator=g))
+        elif cutmix_alpha is not None:
+            use_cut = torch.ones(count, dtype=torch.bool)
+            lam = sample_beta(cutmix_alpha, (count,), generator=g)
+        else:
+            assert mixup_alpha is not None
+            use_cut = torch.zeros(count, dtype=torch.bool)
+            lam = sample_beta(mixup_alpha, (count,), generator=g)
+        lam32 = self._round_lam(lam.to(torch.float32), lam_dtype)
+        assert isinstance(lam32, Tensor)
+        mixes = apply & ~use_cut
+        weight = torch.where(mixes, lam32, torch.ones(()))
+        kept = weight.clone()
+        box = None
+        if cutmix_alpha is not None:
+            assert sizes is not None
+            box = sample_box(lam, sizes, generator=g, minmax=minmax)
+            cuts = apply & use_cut
+            box = Box(box.lo, torch.where(cuts[:, None], box.hi, box.lo))  # an empty box where nothing is cut
+            cut_kept = box_lam(box, sizes).to(torch.float32) if correct_lam or minmax is not None else lam32
+            kept = torch.where(cuts, cut_kept, kept)
+        if not pair:
+            index, shift = self._pair_index(n)
+            return weight, box, kept, index, shift
+        # Both members of a pair share its draws; each takes the other as its partner (an involution).
+        index = torch.arange(n)
+        index[first], index[second] = second, first
+        full_weight, full_kept = torch.ones(n), torch.ones(n)
+        for members in (first, second):
+            full_weight[members], full_kept[members] = weight, kept
+        full_box = None
+        if box is not None:
+            lo = torch.zeros((n, box.lo.shape[1]), dtype=torch.long)
+            hi = torch.zeros_like(lo)
+            for members in (first, second):
+                lo[members], hi[members] = box.lo, box.hi
+            full_box = Box(lo, hi)
+        return full_weight, full_box, full_kept, index, None
+
+    def _mix_elem_inputs(
+        self, inputs: Tensor, weight: Tensor, box: Box | None, index: Tensor, shift: int | None, dims: Any
+    ) -> Tensor:
+        """Apply per-sample draws (on the inputs' device) to the inputs: MixUp, CutMix, or both chosen per sample."""
+        out = self._mix_out(inputs)
+        if box is None:
+            return apply_mixup(inputs, MixingParams(weight, index, shift), out=out)
+        return mix_elementwise(inputs, index, weight, box, dims=dims, out=out)
 
     def _write(self, batch: Any, key: BatchKey, value: Any, name: str) -> None:
         set_entry(batch, key, value, name)
 
     # --- statistics ------------------------------------------------------------------------------------
     def _record(self, lam: float | Tensor | None = None, *, cutmix: bool = False) -> None:
-        """Count one training batch: mixed with ``lam`` (a float or per-sample tensor), or not when ``None``."""
+        """Count one training batch: mixed with ``lam`` (a float or a per-sample CPU tensor), or not when ``None``.
+
+        Pass the CPU draw, not its device copy: reading a device tensor here would be a host sync per batch.
+        """
         stats = self._stats
         stats["batches"] += 1.0
         if lam is None:
@@ -328,6 +656,7 @@ class MixingCallback(L.Callback):
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stats = dict.fromkeys(self._stats, 0.0)
+        self._validate_next = True
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -29,17 +29,34 @@ class LabelSmoothing(MixingCallback):
         smoothing: mass spread uniformly over the classes, in ``[0, 1)``.
         num_classes: ``K``; defaults to the module's ``num_classes`` attribute or hyperparameter.
         target_key: where the targets are in the batch (list position or dict key).
+        multi_label: the targets are multi-hot rows ``(N, K)``: every entry is smoothed as a binary label,
+            ``(1 - s) * y + s / 2`` (timm's ``multi_label``). Without it, float rows must be distributions.
 
     Example:
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[LabelSmoothing(0.1, num_classes=10)], logger=False)
     """
 
-    def __init__(self, smoothing: float = 0.1, *, num_classes: int | None = None, target_key: BatchKey = 1) -> None:
+    mixes_inputs = False
+
+    def __init__(
+        self,
+        smoothing: float = 0.1,
+        *,
+        num_classes: int | None = None,
+        target_key: BatchKey = 1,
+        multi_label: bool = False,
+    ) -> None:
         if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0.0 <= smoothing < 1.0:
             raise ValueError(f"Expected `smoothing` to be a float in [0, 1), but got {smoothing!r}.")
         super().__init__(
-            num_classes=num_classes, prob=1.0, label_smoothing=0.0, input_key=0, target_key=target_key, last_epoch=None
+            num_classes=num_classes,
+            prob=1.0,
+            label_smoothing=0.0,
+            input_key=0,
+            target_key=target_key,
+            last_epoch=None,
+            multi_label=multi_label,
         )
         self.smoothing = float(smoothing)
 
@@ -67,5 +84,5 @@ class LabelSmoothing(MixingCallback):
         if getattr(pl_module, "sparse_mixed_targets", False) and targets.ndim == 1:
             smoothed: Any = MixedTargets.unmixed(targets, self._num_classes, self.smoothing)
         else:
-            smoothed = one_hot(targets, self._num_classes, self.smoothing)
+            smoothed = one_hot(targets, self._num_classes, self.smoothing, multi_label=self.multi_label, validate=False)
         self._write(batch, self.target_key, smoothed, "target_key")

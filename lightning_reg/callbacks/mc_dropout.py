@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -10,13 +11,22 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry, validate_key
 from lightning_reg._random import base_seed, rank_generator
 from lightning_reg.callbacks._strategy import data_parallel_rank, refuse_sharding_strategy
-from lightning_reg.functional.mc_dropout import MCDropoutPrediction, mc_dropout_predict
+from lightning_reg.forward import ForwardFn, batch_inputs, batch_logits, validate_forward_fn
+from lightning_reg.functional.mc_dropout import (
+    Inputs,
+    MCDropoutPrediction,
+    check_running_statistics,
+    find_mc_dropout_sites,
+    mc_dropout_predict,
+    running_statistics,
+)
 from lightning_reg.metrics import UncertaintyMetrics
 from lightning_reg.targets import hard_targets
 
@@ -42,8 +52,17 @@ class MCDropoutEvaluation(Callback):
         mc/val/acc  mc/val/nll  mc/val/brier  mc/val/ece  mc/val/entropy  mc/val/mutual_info
         mc/val/det_acc  mc/val/det_nll  mc/val/det_brier  mc/val/det_ece  mc/val/det_entropy
 
-    (``mc/test/...`` in test), and with ``plot=True`` writes a reliability diagram of both to
-    ``<log_dir>/mc_dropout/reliability_<stage>_epoch<E>.png`` and to TensorBoard when that logger is used.
+    (``mc/test/...`` in test). With several validation or test dataloaders each gets its own metrics, named with
+    Lightning's suffix: ``mc/val/acc/dataloader_idx_0``, ``mc/val/acc/dataloader_idx_1``, ... With ``plot=True`` it
+    writes a reliability diagram of both to ``<log_dir>/mc_dropout/reliability_<stage>_epoch<E>.png`` (the first
+    logger's directory, else an explicit ``default_root_dir``; never the working directory, nothing under
+    ``fast_dev_run``) and to TensorBoard when that logger is used.
+
+    The model is called on a batch through the library's one protocol (:mod:`lightning_reg.forward`): a
+    ``forward_fn(module, batch) -> logits`` when given (sampled with the naive loop: its inputs cannot be repeated
+    or split), else the arguments of ``module.forward_inputs(batch)`` when the module defines it (the zoo's do:
+    sequence lengths, attention masks), else ``batch[input_key]``. So the deterministic pass gives the module's own
+    validation metrics on the same batches.
 
     In ``trainer.predict`` (always, whatever ``stages``) each batch gets the MC mean probabilities, the
     predictive entropy and the mutual information: added to the batch's prediction when ``predict_step``
@@ -68,8 +87,10 @@ class MCDropoutEvaluation(Callback):
             sampling, so off by default).
         chunk_size: the most rows per forward pass when inputs are repeated along the batch (memory cap).
         n_bins: confidence bins of the ECE and the reliability diagram.
-        input_key: where the inputs are in a batch (position in a list batch, or key of a dict batch).
+        input_key: where the inputs are in a batch (position in a list batch, or key of a dict batch), for modules
+            without ``forward_inputs``.
         target_key: where the targets (class indices or probabilities) are.
+        forward_fn: ``forward_fn(module, batch) -> logits``, to compute the logits of a batch yourself.
 
     Attributes:
         predictions: per predict batch, ``{"mc_mean_probs": (N, K), "mc_predictive_entropy": (N,),
@@ -94,6 +115,7 @@ class MCDropoutEvaluation(Callback):
         n_bins: int = 15,
         input_key: BatchKey = 0,
         target_key: BatchKey = 1,
+        forward_fn: ForwardFn | None = None,
     ) -> None:
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"Expected `n_samples` to be an int >= 1, but got {n_samples!r}.")
@@ -113,6 +135,7 @@ class MCDropoutEvaluation(Callback):
             raise ValueError(f"Expected `n_bins` to be a positive int, but got {n_bins!r}.")
         validate_key(input_key, "input_key")
         validate_key(target_key, "target_key")
+        validate_forward_fn(forward_fn)
         self.n_samples = n_samples
         self.stages: tuple[Stage, ...] = tuple(dict.fromkeys(stages))
         self.plot = plot
@@ -121,9 +144,13 @@ class MCDropoutEvaluation(Callback):
         self.n_bins = n_bins
         self.input_key = input_key
         self.target_key = target_key
+        self.forward_fn = forward_fn
         self.predictions: list[dict[str, Tensor]] = []
         self._generator: torch.Generator | None = None
-        self._metrics: dict[str, tuple[UncertaintyMetrics, UncertaintyMetrics]] = {}  # stage -> (mc, det)
+        # (stage, dataloader index) -> (mc, det)
+        self._metrics: dict[tuple[str, int], tuple[UncertaintyMetrics, UncertaintyMetrics]] = {}
+        self._statistics: dict[str, Tensor] | None = None  # running statistics when the evaluation began
+        self._warned_no_log_dir = False
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -139,12 +166,18 @@ class MCDropoutEvaluation(Callback):
             "under `strategy='ddp'` or in one process (or call `lightning_reg.functional.mc_dropout_predict`).",
         )
 
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Check, before the first epoch, that the model has dropout to sample (not after a whole epoch)."""
+        if "validate" in self.stages:
+            find_mc_dropout_sites(pl_module, include_drop_path=self.include_drop_path)
+
     # --- validate ----------------------------------------------------------------------------------
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Start a validation run: a fresh generator and fresh metrics (not during the sanity check)."""
         if self._active(trainer, "validate"):
-            self._begin(trainer, "validate")
+            self._begin(trainer, pl_module, "validate")
 
     @override
     def on_validation_batch_end(
@@ -158,7 +191,7 @@ class MCDropoutEvaluation(Callback):
     ) -> None:
         """Predict the batch deterministically and with MC dropout; update the metrics."""
         if self._active(trainer, "validate"):
-            self._evaluate_batch("validate", pl_module, batch)
+            self._evaluate_batch("validate", pl_module, batch, dataloader_idx)
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -171,7 +204,7 @@ class MCDropoutEvaluation(Callback):
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Start a test run: a fresh generator and fresh metrics."""
         if self._active(trainer, "test"):
-            self._begin(trainer, "test")
+            self._begin(trainer, pl_module, "test")
 
     @override
     def on_test_batch_end(
@@ -185,7 +218,7 @@ class MCDropoutEvaluation(Callback):
     ) -> None:
         """Predict the batch deterministically and with MC dropout; update the metrics."""
         if self._active(trainer, "test"):
-            self._evaluate_batch("test", pl_module, batch)
+            self._evaluate_batch("test", pl_module, batch, dataloader_idx)
 
     @override
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -197,8 +230,10 @@ class MCDropoutEvaluation(Callback):
     @override
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Start a predict run: a fresh generator, no stored predictions."""
+        find_mc_dropout_sites(pl_module, include_drop_path=self.include_drop_path)
         self.predictions = []
         self._generator = self._make_generator(trainer, "predict")
+        self._statistics = None
 
     @override
     def on_predict_batch_end(
@@ -211,8 +246,8 @@ class MCDropoutEvaluation(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         """Add MC mean probabilities, predictive entropy and mutual information to the batch's prediction."""
-        inputs = batch if isinstance(batch, Tensor) else get_entry(batch, self.input_key, "input_key")
-        prediction = self._predict(pl_module, inputs)
+        self._snapshot_statistics(pl_module)
+        prediction = self._predict(pl_module, batch)
         result = {
             "mc_mean_probs": prediction.mean_probs,
             "mc_predictive_entropy": prediction.predictive_entropy,
@@ -221,6 +256,11 @@ class MCDropoutEvaluation(Callback):
         if isinstance(outputs, MutableMapping):
             outputs.update(result)
         self.predictions.append({key: value.cpu() for key, value in result.items()})
+
+    @override
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Check once that no running statistic changed while predicting."""
+        self._check_statistics(pl_module, "predict")
 
     # --- helpers -----------------------------------------------------------------------------------
     def _active(self, trainer: L.Trainer, stage: Stage) -> bool:
@@ -233,69 +273,175 @@ class MCDropoutEvaluation(Callback):
         stream = (_STREAM * 4 + stage_index) * (1 << 32) + trainer.global_step
         return rank_generator(base_seed(), data_parallel_rank(trainer), stream)
 
-    def _begin(self, trainer: L.Trainer, stage: Stage) -> None:
+    def _begin(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage) -> None:
+        find_mc_dropout_sites(pl_module, include_drop_path=self.include_drop_path)
         self._generator = self._make_generator(trainer, stage)
-        self._metrics.pop(stage, None)
+        for key in [key for key in self._metrics if key[0] == stage]:
+            del self._metrics[key]
+        self._statistics = None
 
-    def _predict(
-        self, pl_module: L.LightningModule, inputs: Tensor, deterministic: bool = False
-    ) -> MCDropoutPrediction:
+    def _snapshot_statistics(self, pl_module: L.LightningModule) -> None:
+        # Taken before the callback's first pass and checked once at the end of the evaluation, not around every
+        # batch (one host sync instead of several per normalization layer and batch). Not at the start of the
+        # evaluation: under DDP the module's first evaluation step broadcasts rank 0's buffers to the other ranks
+        # (`broadcast_buffers=True`), a legitimate change made before any sampling.
+        if self._statistics is None:
+            self._statistics = running_statistics(pl_module)
+
+    def _check_statistics(self, pl_module: L.LightningModule, stage: str) -> None:
+        """Compare with the snapshot (a rank that saw no batch has none: nothing to compare)."""
+        if self._statistics is not None:
+            before, self._statistics = self._statistics, None
+            check_running_statistics(pl_module, before, during=f"{stage} with Monte-Carlo dropout")
+
+    def _inputs(self, pl_module: L.LightningModule, batch: Any) -> Inputs:
+        """What to sample: the module's forward arguments for the batch, or ``forward_fn`` as a function of it."""
+        forward_fn = self.forward_fn
+        if forward_fn is not None:
+            return lambda module: batch_logits(module, batch, forward_fn=forward_fn)
+        return batch_inputs(pl_module, batch, self.input_key)
+
+    def _predict(self, pl_module: L.LightningModule, batch: Any, deterministic: bool = False) -> MCDropoutPrediction:
         # the hooks run outside the step's precision context (autocast, default dtype): enter it as the step does
-        with pl_module.trainer.precision_plugin.forward_context():
-            return mc_dropout_predict(
-                pl_module,
-                inputs,
-                self.n_samples,
-                generator=self._generator,
-                chunk_size=self.chunk_size,
-                include_drop_path=self.include_drop_path,
-                deterministic=deterministic,
-            )
+        try:
+            with pl_module.trainer.precision_plugin.forward_context():
+                return mc_dropout_predict(
+                    pl_module,
+                    self._inputs(pl_module, batch),
+                    self.n_samples,
+                    generator=self._generator,
+                    chunk_size=self.chunk_size,
+                    include_drop_path=self.include_drop_path,
+                    deterministic=deterministic,
+                    check_statistics=False,
+                )
+        except TypeError as error:
+            if self.forward_fn is not None or hasattr(pl_module, "forward_inputs"):
+                raise
+            raise TypeError(
+                f"{error}. MCDropoutEvaluation called `{type(pl_module).__name__}(batch[{self.input_key!r}])`: when "
+                "`forward` needs more of the batch (lengths, an attention mask), define "
+                "`forward_inputs(batch)` on the module (returning the arguments of `forward`) or pass "
+                "`forward_fn=lambda module, batch: ...`."
+            ) from error
 
-    def _evaluate_batch(self, stage: Stage, pl_module: L.LightningModule, batch: Any) -> None:
-        inputs = get_entry(batch, self.input_key, "input_key")
+    def _new_metrics(self, num_classes: int, device: torch.device) -> tuple[UncertaintyMetrics, UncertaintyMetrics]:
+        return (
+            UncertaintyMetrics(num_classes, self.n_bins, mutual_information=True).to(device),
+            UncertaintyMetrics(num_classes, self.n_bins, mutual_information=False).to(device),
+        )
+
+    def _evaluate_batch(self, stage: Stage, pl_module: L.LightningModule, batch: Any, dataloader_idx: int) -> None:
         targets = hard_targets(get_entry(batch, self.target_key, "target_key"))
-        prediction = self._predict(pl_module, inputs, deterministic=True)
-        if stage not in self._metrics:
-            num_classes = prediction.probs.shape[-1]
-            self._metrics[stage] = (
-                UncertaintyMetrics(num_classes, self.n_bins).to(inputs.device),
-                UncertaintyMetrics(num_classes, self.n_bins).to(inputs.device),
-            )
-        self._update(stage, prediction, targets)
+        self._snapshot_statistics(pl_module)
+        prediction = self._predict(pl_module, batch, deterministic=True)
+        key = (stage, dataloader_idx)
+        if key not in self._metrics:
+            self._metrics[key] = self._new_metrics(prediction.probs.shape[-1], prediction.probs.device)
+        self._update(key, prediction, targets)
 
-    def _update(self, stage: Stage, prediction: MCDropoutPrediction, targets: Tensor) -> None:
-        mc, det = self._metrics[stage]
+    def _update(self, key: tuple[str, int], prediction: MCDropoutPrediction, targets: Tensor) -> None:
+        mc, det = self._metrics[key]
         assert prediction.deterministic_probs is not None  # asked for with deterministic=True
         mc.update(prediction.mean_probs, targets, prediction.mutual_information)
         det.update(prediction.deterministic_probs, targets)
 
-    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage) -> None:
-        if stage not in self._metrics:
-            return
-        mc, det = self._metrics[stage]
-        prefix = f"mc/{_LOG_NAME[stage]}/"
-        values = {f"{prefix}{name}": value for name, value in mc.compute().items()}
-        values.update({f"{prefix}det_{name}": value for name, value in det.compute().items()})
-        for name, value in values.items():
-            # Already reduced over ranks by the torchmetrics states: every rank logs the same number.
-            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
-        if self.plot:
-            bins = {"MC dropout": mc.reliability(), "deterministic": det.reliability()}
-            log_dir = trainer.log_dir  # a collective under DDP: every rank asks
-            if trainer.is_global_zero:
-                self._plot(trainer, stage, bins, Path(log_dir or trainer.default_root_dir))
-        mc.reset()
-        det.reset()
+    @staticmethod
+    def _num_dataloaders(trainer: L.Trainer, stage: Stage) -> int:
+        batches = trainer.num_val_batches if stage == "validate" else trainer.num_test_batches
+        return max(len(batches), 1)
 
-    def _plot(self, trainer: L.Trainer, stage: Stage, bins: dict[str, Tensor], log_dir: Path) -> None:
+    def _agreed_num_classes(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage) -> list[int]:
+        """Per dataloader, the number of classes seen on any rank (0: no rank saw a batch). A collective.
+
+        A rank that saw no batch of a dataloader (an uneven iterable dataset, say) has no metrics for it; it learns
+        their size here and takes part in the metrics' collectives like every other rank, instead of leaving them
+        waiting.
+        """
+        count = self._num_dataloaders(trainer, stage)
+        local = torch.zeros(count, dtype=torch.long, device=pl_module.device)
+        for (name, index), (mc, _) in self._metrics.items():
+            if name == stage and index < count:
+                local[index] = mc.num_classes
+        if trainer.world_size == 1:
+            return local.tolist()
+        gathered = trainer.strategy.all_gather(local).reshape(-1, count)  # (world, loaders)
+        agreed = gathered.amax(dim=0)
+        disagree = ((gathered != agreed) & (gathered != 0)).any(dim=0)
+        if bool(disagree.any()):
+            raise RuntimeError(
+                f"Expected every rank to see the same number of classes in the {stage} logits, but got "
+                f"{gathered.tolist()} (rank x dataloader)."
+            )
+        return agreed.tolist()
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage) -> None:
+        self._check_statistics(pl_module, stage)
+        num_classes = self._agreed_num_classes(trainer, pl_module, stage)
+        several = len(num_classes) > 1
+        for index, classes in enumerate(num_classes):
+            if classes == 0:
+                continue  # no rank saw a batch of this dataloader: nothing to log, on any rank
+            key = (stage, index)
+            seen = key in self._metrics
+            if not seen:
+                self._metrics[key] = self._new_metrics(classes, pl_module.device)
+            mc, det = self._metrics[key]
+            suffix = f"/dataloader_idx_{index}" if several else ""
+            prefix = f"mc/{_LOG_NAME[stage]}/"
+            with warnings.catch_warnings():
+                if not seen:  # this rank saw no batch: its empty states join the others' in the collectives
+                    warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
+                values = {f"{prefix}{name}{suffix}": value for name, value in mc.compute().items()}
+                values.update({f"{prefix}det_{name}{suffix}": value for name, value in det.compute().items()})
+            for name, value in values.items():
+                # Already reduced over ranks by the torchmetrics states: every rank logs the same number.
+                pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False, add_dataloader_idx=False)
+            if self.plot:
+                bins = {"MC dropout": mc.reliability(), "deterministic": det.reliability()}
+                log_dir = self._log_dir(trainer)  # a collective under DDP: every rank asks
+                if log_dir is not None and trainer.is_global_zero:
+                    self._plot(trainer, stage, bins, log_dir, suffix.replace("/", "_"))
+            mc.reset()
+            det.reset()
+
+    def _log_dir(self, trainer: L.Trainer) -> Path | None:
+        """Where plots go: the first logger's directory, else an explicit ``default_root_dir``; never the cwd.
+
+        ``None`` under ``fast_dev_run``, and without a logger when ``default_root_dir`` is the working directory
+        (Lightning's default). A collective under DDP when there is a logger (``trainer.log_dir`` broadcasts).
+        """
+        if getattr(trainer, "fast_dev_run", False):  # set by the Trainer from its flag
+            return None
+        if trainer.loggers:
+            log_dir = trainer.log_dir
+            return None if log_dir is None else Path(log_dir)
+        root = Path(trainer.default_root_dir)
+        if root.resolve() != Path.cwd().resolve():
+            return root
+        if not self._warned_no_log_dir:
+            rank_zero_warn(
+                "`MCDropoutEvaluation(plot=True)` writes reliability diagrams where the logger writes, but the Trainer "
+                "has no logger and `default_root_dir` is the working directory: none is written. Add a logger (e.g. "
+                "`CSVLogger`), set `default_root_dir`, or pass `plot=False`."
+            )
+            self._warned_no_log_dir = True
+        return None
+
+    def _plot(self, trainer: L.Trainer, stage: Stage, bins: dict[str, Tensor], log_dir: Path, suffix: str) -> None:
         from lightning_reg.plotting import reliability_figure, render_rgb, save_figure
 
-        title = f"{_LOG_NAME[stage]}, epoch {trainer.current_epoch}"
+        title = (
+            f"{_LOG_NAME[stage]}{suffix.replace('_dataloader_idx_', ', dataloader ')}, epoch {trainer.current_epoch}"
+        )
         figure = reliability_figure(bins, title=title)
-        save_figure(figure, log_dir / "mc_dropout" / f"reliability_{stage}_epoch{trainer.current_epoch}.png")
+        name = f"reliability_{stage}_epoch{trainer.current_epoch}{suffix}.png"
+        save_figure(figure, log_dir / "mc_dropout" / name)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(
-                    f"mc/{_LOG_NAME[stage]}/reliability", render_rgb(figure), trainer.global_step, dataformats="HWC"
+                    f"mc/{_LOG_NAME[stage]}/reliability{suffix.replace('_dataloader_idx_', '/dataloader_idx_')}",
+                    render_rgb(figure),
+                    trainer.global_step,
+                    dataformats="HWC",
                 )

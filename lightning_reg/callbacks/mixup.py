@@ -10,10 +10,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_reg._batch import BatchKey, get_entry
-from lightning_reg.callbacks._mixing import MixingCallback
+from lightning_reg._batch import BatchKey
+from lightning_reg.callbacks._mixing import MixingCallback, MixMode, TargetMode, close_names
 from lightning_reg.functional.mixup import MixingParams, Pairing, _check_alpha, apply_mixup, broadcast_lam, sample_mixup
-from lightning_reg.mixins import MixedTargets
 
 __all__ = ["MixUp"]
 
@@ -24,8 +23,9 @@ class MixUp(MixingCallback):
     In ``on_train_batch_start`` the callback draws lambda from ``Beta(alpha, alpha)`` and a random pairing from
     its own generator, then replaces the batch's inputs by ``lam * x + (1 - lam) * x[index]`` and its targets
     by the same blend of one-hot rows: ``(N, K)`` probabilities that ``F.cross_entropy`` takes as they are.
-    Validation, test and predict batches are untouched. Batches it does not mix (``prob``, ``last_epoch``)
+    Validation, test and predict batches are untouched. Batches it does not mix (``prob``, a batch of one sample)
     still get one-hot (smoothed) targets while mixing is on, so a training epoch sees one kind of target.
+    Integer inputs other than ``uint8`` images (token ids) are refused: mix an embedding with ``layer=``.
 
     Args:
         alpha: concentration of ``Beta(alpha, alpha)``; 0.2 is the ImageNet recipe, 1.0 uniform.
@@ -46,9 +46,17 @@ class MixUp(MixingCallback):
             whenever nothing holds the previous one any more, which costs no more than mixing in place.
         pairing: ``"shift"`` pairs sample ``i`` with ``(i + k) % N`` for a random ``k`` drawn per batch (one blend
             pass, no gather; needs batches in random order, as timm's and torchvision's pairings do);
-            ``"permutation"`` draws a uniformly random permutation, robust to batches in a fixed order (e.g. an
-            unshuffled loader sorted by class), at the cost of gathering the partners. See
-            :func:`~lightning_reg.functional.mixup.sample_mixup`.
+            ``"permutation"`` draws a uniformly random derangement (no sample paired with itself), robust to
+            batches in a fixed order (e.g. an unshuffled loader sorted by class), at the cost of gathering the
+            partners. See :func:`~lightning_reg.functional.mixup.sample_mixup`.
+        multi_label: the targets are multi-hot rows ``(N, K)`` of independent labels: mixed as they are and
+            smoothed per entry towards 1/2 (timm's ``multi_label``).
+        mode: ``"batch"`` (default): one apply draw per batch; ``"elem"``: lambda and apply drawn per sample
+            (timm's ``mode="elem"``); ``"pair"``: per mutual pair of samples (timm's ``mode="pair"``; with
+            ``pairing="shift"`` the pairs are timm's ``i, N - 1 - i``, with ``"permutation"`` a random matching).
+        target_mode: ``"mixed"`` (default): the targets are mixed like the inputs; ``"dominant"``: each mixed
+            sample keeps the (smoothed) one-hot label of the sample with the larger weight, as torch-uncertainty's
+            ``MixupIO`` (Wang et al., CVPR 2023; see docs/calibration.md).
 
     Logs ``mixup/mixed_fraction`` and ``mixup/lambda`` once per training epoch (see ``callbacks/_mixing.py``).
 
@@ -73,6 +81,9 @@ class MixUp(MixingCallback):
         layer: str | None = None,
         inplace: bool = False,
         pairing: Pairing = "shift",
+        multi_label: bool = False,
+        mode: MixMode = "batch",
+        target_mode: TargetMode = "mixed",
     ) -> None:
         super().__init__(
             num_classes=num_classes,
@@ -82,6 +93,9 @@ class MixUp(MixingCallback):
             target_key=target_key,
             last_epoch=last_epoch,
             pairing=pairing,
+            multi_label=multi_label,
+            mode=mode,
+            target_mode=target_mode,
         )
         self.alpha = _check_alpha(alpha)
         if layer is not None and not isinstance(layer, str):
@@ -103,10 +117,11 @@ class MixUp(MixingCallback):
         if stage == "fit" and self.layer is not None:
             modules = dict(pl_module.named_modules())
             if self.layer not in modules or self.layer == "":
-                names = ", ".join(repr(name) for name in modules if name)
+                close = close_names(self.layer, [name for name in modules if name])
+                hint = f"Did you mean {' or '.join(repr(c) for c in close)}?" if close else "No name is close to it."
                 raise ValueError(
-                    f"MixUp(layer={self.layer!r}): {type(pl_module).__name__} has no submodule of that name. "
-                    f"Its submodules are: {names}."
+                    f"MixUp(layer={self.layer!r}): {type(pl_module).__name__} has no submodule of that name "
+                    f"({len(modules) - 1} submodules). {hint} `layer` takes a name from `named_modules()`."
                 )
             self._module = modules[self.layer]
 
@@ -114,29 +129,36 @@ class MixUp(MixingCallback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if not self._active(trainer):
-            self._record()
+        begun = self._begin(trainer, pl_module, batch, read_inputs=self.layer is None)
+        if begun is None:
             return
-        raw = get_entry(batch, self.target_key, "target_key")
-        targets = raw if isinstance(raw, MixedTargets) else self._read_targets(batch)
-        n = len(targets.targets_a) if isinstance(targets, MixedTargets) else targets.shape[0]
-        inputs = None if self.layer is not None else self._read_inputs(batch, n)
-        if self._batch_too_small(n):
-            self._record()
-            return
-        if not self._draw_apply():
-            self._write(batch, self.target_key, self._unmixed_targets(pl_module, targets), "target_key")
-            self._record()
-            return
-        params = sample_mixup(n, self.alpha, per_sample=self.per_sample, pairing=self.pairing, generator=self.generator)
+        inputs, targets = begun
+        if inputs is not None:
+            check_blendable(inputs, self.input_key)
+        n = len(targets.targets_a) if not isinstance(targets, Tensor) else targets.shape[0]
+        device = inputs.device if inputs is not None else pl_module.device
+        lam_dtype = self._lam_dtype(trainer, inputs)
+        if self.mode != "batch":
+            weight, _, kept, index, shift = self._elem_draws(
+                n, mixup_alpha=self.alpha, cutmix_alpha=None, switch_prob=0.0, sizes=None, lam_dtype=lam_dtype
+            )
+            params = MixingParams(weight, index, shift)
+            lam_cpu: float | Tensor = kept
+        else:
+            params = sample_mixup(
+                n, self.alpha, per_sample=self.per_sample, pairing=self.pairing, generator=self.generator
+            )
+            params = MixingParams(self._round_lam(params.lam, lam_dtype), params.index, params.shift)
+            lam_cpu = params.lam
+        on_device = self._to_device(params, device)
         # Targets first, inputs last: the forward pass reads the inputs next, while they are still in cache.
-        mixed = self._mixed_targets(pl_module, targets, params.lam, params.index)
+        mixed = self._mixed_targets(pl_module, targets, on_device.lam, on_device.index, on_device.shift)
         self._write(batch, self.target_key, mixed, "target_key")
         if inputs is None:
-            self._hook_layer(params.lam, params.index)
+            self._hook_layer(on_device.lam, on_device.index)
         else:
-            self._write(batch, self.input_key, self._mix_inputs(inputs, params), "input_key")
-        self._record(params.lam)
+            self._write(batch, self.input_key, self._mix_inputs(inputs, on_device), "input_key")
+        self._record(lam_cpu)
 
     def _mix_inputs(self, inputs: Tensor, params: MixingParams) -> Tensor:
         if not self.inplace or inputs.requires_grad:
@@ -156,7 +178,7 @@ class MixUp(MixingCallback):
                     f"MixUp(layer={self.layer!r}) expects that submodule to return one tensor (N, ...) with N="
                     f"{len(index)}, but it returned {type(output).__name__}. Pick a layer that outputs a tensor."
                 )
-            idx = index.to(output.device)
+            idx = index.to(output.device)  # already there when the layer runs on the module's device
             return torch.lerp(output[idx], output, broadcast_lam(lam, output))
 
         self._hook = self._module.register_forward_hook(mix_output)
@@ -181,3 +203,18 @@ class MixUp(MixingCallback):
         self._remove_hook()
         self._buffer = None
         super().teardown(trainer, pl_module, stage)
+
+
+def check_blendable(inputs: Tensor, input_key: BatchKey, owner: str = "MixUp") -> None:
+    """Refuse integer inputs other than ``uint8`` images: blending token ids makes other (wrong) token ids.
+
+    ``uint8`` inputs are images, blended in float32 and rounded back (timm's ``FastCollateMixup``).
+    """
+    if torch.is_floating_point(inputs) or inputs.dtype == torch.uint8:
+        return
+    raise TypeError(
+        f"{owner} cannot blend batch[{input_key!r}] of dtype {inputs.dtype} (integer inputs, such as token ids): "
+        "a blend of two ids is a third, unrelated id. Mix a floating representation instead: "
+        f"`{owner}(layer='<name of the embedding>')` mixes that submodule's output (manifold mixing), e.g. "
+        "`layer='embedding'`. uint8 images are blended as images."
+    )

@@ -1,17 +1,21 @@
-"""MixUp or CutMix, one draw per batch: the timm / DeiT recipe."""
+"""MixUp or CutMix, one draw per batch (or per sample): the timm / DeiT recipe."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_reg._batch import BatchKey
-from lightning_reg.callbacks.cutmix import CutMix
-from lightning_reg.functional.mixup import Pairing, _check_alpha, apply_mixup, sample_mixup
+from lightning_reg.callbacks._mixing import MixMode, TargetMode
+from lightning_reg.callbacks.cutmix import Carry, CutMix
+from lightning_reg.callbacks.mixup import check_blendable
+from lightning_reg.functional.cutmix import Box, Layout, _resolve_dims, apply_cutmix
+from lightning_reg.functional.mixup import MixingParams, Pairing, _check_alpha, apply_mixup, sample_mixup, to_device
 
 __all__ = ["MixUpCutMix"]
 
@@ -21,22 +25,31 @@ class MixUpCutMix(CutMix):
 
     With probability ``switch_prob`` a batch gets CutMix (``Beta(cutmix_alpha, cutmix_alpha)``), otherwise
     MixUp (``Beta(mixup_alpha, mixup_alpha)``). The draws come from the callback's own generator, so the
-    choice is reproducible, resumable and differs across DDP ranks.
+    choice is reproducible, resumable and differs across DDP ranks. With ``mode="elem"`` (or ``"pair"``) the
+    choice, lambda and whether to mix at all are drawn per sample (per pair), as timm's ``Mixup(mode=...)``.
 
     Args:
         mixup_alpha: MixUp's Beta concentration.
         cutmix_alpha: CutMix's Beta concentration.
-        switch_prob: probability of CutMix for a batch.
+        switch_prob: probability of CutMix for a batch (a sample with ``mode="elem"``).
         num_classes: ``K``; defaults to the module's ``num_classes`` attribute or hyperparameter.
-        prob: fraction of training batches that are mixed at all.
-        per_sample: per-sample lambdas (and boxes).
+        prob: fraction of training batches (samples with ``mode="elem"``) that are mixed at all.
+        per_sample: per-sample lambdas (and boxes) with ``mode="batch"``.
         label_smoothing: smoothing folded into the one-hot targets (or use ``LabelSmoothing``).
         input_key: where the inputs are in the batch.
         target_key: where the targets are.
         last_epoch: from this epoch (0-based) on, no mixing.
-        dims: CutMix's axes (see :class:`CutMix`).
+        dims: CutMix's axes or layout (see :class:`CutMix`).
         inplace: overwrite the batch's input tensor (see :class:`MixUp`).
         pairing: ``"shift"`` or ``"permutation"`` (see :class:`MixUp`).
+        multi_label: multi-hot targets (see :class:`MixUp`).
+        mode: ``"batch"``, ``"elem"`` or ``"pair"`` (timm's ``mode``; see :class:`MixUp`).
+        target_mode: ``"mixed"`` (default): the targets are mixed like the inputs; ``"dominant"``: each mixed
+            sample keeps the (smoothed) one-hot label of the sample with the larger weight, as torch-uncertainty's
+            ``MixupIO`` (Wang et al., CVPR 2023; see docs/calibration.md).
+        cutmix_minmax: timm's ``cutmix_minmax`` (see :class:`CutMix`).
+        correct_lam: see :class:`CutMix`.
+        carry: entries cut with the inputs (see :class:`CutMix`).
 
     Logs ``mixup_cutmix/mixed_fraction``, ``mixup_cutmix/lambda`` and ``mixup_cutmix/cutmix_fraction`` (the
     fraction of training batches mixed by CutMix) once per training epoch.
@@ -62,9 +75,15 @@ class MixUpCutMix(CutMix):
         input_key: BatchKey = 0,
         target_key: BatchKey = 1,
         last_epoch: int | None = None,
-        dims: Sequence[int] | None = None,
+        dims: Sequence[int] | Layout | None = None,
         inplace: bool = False,
         pairing: Pairing = "shift",
+        multi_label: bool = False,
+        mode: MixMode = "batch",
+        target_mode: TargetMode = "mixed",
+        cutmix_minmax: tuple[float, float] | None = None,
+        correct_lam: bool = True,
+        carry: Sequence[BatchKey] | Mapping[BatchKey, Carry] | None = None,
     ) -> None:
         cutmix_alpha = _check_alpha(cutmix_alpha, "cutmix_alpha")  # before CutMix's check, which says `alpha`
         super().__init__(
@@ -79,6 +98,12 @@ class MixUpCutMix(CutMix):
             dims=dims,
             inplace=inplace,
             pairing=pairing,
+            multi_label=multi_label,
+            mode=mode,
+            target_mode=target_mode,
+            cutmix_minmax=cutmix_minmax,
+            correct_lam=correct_lam,
+            carry=carry,
         )
         self.mixup_alpha = _check_alpha(mixup_alpha, "mixup_alpha")
         self.cutmix_alpha = cutmix_alpha
@@ -93,16 +118,14 @@ class MixUpCutMix(CutMix):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if not self._active(trainer):
-            self._record()
-            return
-        prepared = self._prepare(pl_module, batch)
+        prepared = self._prepare(trainer, pl_module, batch)
         if prepared is None:
             return
         inputs, targets = prepared
-        if not self._draw_apply():
-            self._write(batch, self.target_key, self._unmixed_targets(pl_module, targets), "target_key")
-            self._record()
+        check_blendable(inputs, self.input_key, "MixUpCutMix")
+        _resolve_dims(inputs, self.dims)  # the layout is checked on every batch, not only on the CutMix ones
+        if self.mode != "batch":
+            self._mix_elem(trainer, pl_module, batch, inputs, targets)
             return
         if bool(torch.rand((), generator=self.generator) < self.switch_prob):
             self._cut(pl_module, batch, inputs, targets, self.cutmix_alpha, self.dims)
@@ -114,14 +137,46 @@ class MixUpCutMix(CutMix):
             pairing=self.pairing,
             generator=self.generator,
         )
+        params = MixingParams(self._round_lam(params.lam, self._lam_dtype(trainer, inputs)), params.index, params.shift)
+        on_device = self._to_device(params, inputs.device)
         # Targets first, inputs last (see MixUp).
-        self._write(
-            batch, self.target_key, self._mixed_targets(pl_module, targets, params.lam, params.index), "target_key"
-        )
+        mixed_targets = self._mixed_targets(pl_module, targets, on_device.lam, on_device.index, on_device.shift)
+        self._write(batch, self.target_key, mixed_targets, "target_key")
         inplace = self.inplace and not inputs.requires_grad
         out = None if inplace else self._mix_out(inputs)
-        self._write(batch, self.input_key, apply_mixup(inputs, params, inplace=inplace, out=out), "input_key")
+        self._write(batch, self.input_key, apply_mixup(inputs, on_device, inplace=inplace, out=out), "input_key")
         self._record(params.lam)
+
+    def _mix_elem(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, inputs: Tensor, targets: Any
+    ) -> None:
+        """Draw as timm's ``mode="elem"``/``"pair"``: MixUp or CutMix (or nothing) chosen per sample, in one pass."""
+        axes = _resolve_dims(inputs, self.dims)
+        weight, box, kept, index, shift = self._elem_draws(
+            inputs.shape[0],
+            mixup_alpha=self.mixup_alpha,
+            cutmix_alpha=self.cutmix_alpha,
+            switch_prob=self.switch_prob,
+            sizes=[inputs.shape[d] for d in axes],
+            minmax=self.cutmix_minmax,
+            correct_lam=self.correct_lam,
+            lam_dtype=self._lam_dtype(trainer, inputs),
+        )
+        assert box is not None
+        companions = self._companions(batch, inputs, axes)
+        device = inputs.device
+        on_device = self._to_device(MixingParams(kept, index, shift), device)
+        box_d = Box(to_device(box.lo, device), to_device(box.hi, device))
+        mixed_targets = self._mixed_targets(pl_module, targets, on_device.lam, on_device.index, on_device.shift)
+        self._write(batch, self.target_key, mixed_targets, "target_key")
+        for key, entry in companions.items():
+            self._write(batch, key, apply_cutmix(entry, on_device, box=box_d, dims=axes)[0], "carry")
+        weight_d = to_device(weight, device)
+        if torch.is_floating_point(inputs):
+            weight_d = weight_d.to(inputs.dtype)
+        mixed = self._mix_elem_inputs(inputs, weight_d, box_d, on_device.index, on_device.shift, axes)
+        self._write(batch, self.input_key, mixed, "input_key")
+        self._record(kept, cutmix=bool((box.hi > box.lo).all(1).any()))
 
     def _epoch_metrics(self) -> dict[str, float]:
         metrics = super()._epoch_metrics()

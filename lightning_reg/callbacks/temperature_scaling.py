@@ -464,7 +464,8 @@ class TemperatureScaling(Callback):
         if loaders is None or loaders == []:
             raise RuntimeError(
                 f"`TemperatureScaling(dataloader={name!r})` found no {name} dataloader on the trainer or its "
-                "datamodule. Pass the held-out loader itself: `TemperatureScaling(dataloader=my_loader)`."
+                "datamodule (with `limit_val_batches=0` Lightning does not load the loaders passed to `fit`). Pass "
+                "the held-out loader itself: `TemperatureScaling(dataloader=my_loader)`."
             )
         if isinstance(loaders, list | tuple | Mapping):
             items = list(loaders.values() if isinstance(loaders, Mapping) else loaders)

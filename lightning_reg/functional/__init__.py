@@ -5,8 +5,14 @@ from lightning_reg.functional.calibration import fit_temperature, scale_logits, 
 from lightning_reg.functional.cutmix import Box, box_lam, cutmix, cutmix_inputs, sample_box
 from lightning_reg.functional.label_smoothing import mixed_one_hot, one_hot, smooth
 from lightning_reg.functional.locked_dropout import locked_dropout
-from lightning_reg.functional.mc_dropout import MCDropoutPrediction, mc_dropout_predict, mc_dropout_sampling
+from lightning_reg.functional.mc_dropout import (
+    MCDropoutPrediction,
+    find_mc_dropout_sites,
+    mc_dropout_predict,
+    mc_dropout_sampling,
+)
 from lightning_reg.functional.mixup import MixingParams, mixup, mixup_inputs, sample_beta, sample_mixup
+from lightning_reg.functional.regmixup import regmixup
 from lightning_reg.functional.weight_drop import weight_drop
 
 __all__: list[str] = [
@@ -29,8 +35,10 @@ __all__: list[str] = [
     "weight_drop",
     "mc_dropout_predict",
     "mc_dropout_sampling",
+    "find_mc_dropout_sites",
     "MCDropoutPrediction",
     "fit_temperature",
     "scale_logits",
     "temperature_nll",
+    "regmixup",
 ]

@@ -302,9 +302,14 @@ def fit_temperature(
 
     # float64 copies outside inference mode: Lightning's evaluation loops run under `torch.inference_mode`, whose
     # tensors cannot be saved for backward.
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False):
         z = z.clone()
         y = y.clone()
+        # sum_i q_i z_i per class, the target part of the gradient (constant during the fit), (K,)
+        if y.ndim == 1:
+            target_z = torch.zeros(k, dtype=dtype, device=device).index_add_(0, y, z.gather(1, y.unsqueeze(1))[:, 0])
+        else:
+            target_z = (y * z).sum(0)
         log_t = torch.zeros(k if per_class else (), dtype=dtype, device=device, requires_grad=True)
         optimizer = torch.optim.LBFGS(
             [log_t],
@@ -317,11 +322,16 @@ def fit_temperature(
         )
 
         def closure() -> Tensor:
-            optimizer.zero_grad()
-            local = _nll_sum(z, y, torch.exp(-log_t))
-            (grad,) = torch.autograd.grad(local, log_t)
-            # One all-reduce of [NLL sum, gradient]: every rank then holds the union's numbers.
-            flat = _all_reduce(torch.cat([local.detach().reshape(1), grad.reshape(-1)]), distributed) / total_n
+            # NLL and its gradient in closed form (no autograd graph: 2-3x faster on small inputs):
+            # d NLL_i / d beta_k = (p_ik - q_ik) z_ik and d beta_k / d log T_k = -beta_k.
+            with torch.no_grad():
+                beta = torch.exp(-log_t)
+                log_p = F.log_softmax(z * beta, dim=1)
+                nll = -(log_p.gather(1, y.unsqueeze(1)).sum() if y.ndim == 1 else (y * log_p).sum())
+                per_class_grad = -(log_p.exp() * z).sum(0).sub_(target_z)  # -sum_i (p_ik - q_ik) z_ik
+                grad = beta * (per_class_grad if per_class else per_class_grad.sum())
+                # One all-reduce of [NLL sum, gradient]: every rank then holds the union's numbers.
+                flat = _all_reduce(torch.cat([nll.reshape(1), grad.reshape(-1)]), distributed) / total_n
             log_t.grad = flat[1:].reshape(log_t.shape).clone()
             return flat[0]
 

@@ -1,11 +1,14 @@
 """CutMix (Yun et al., 2019, https://arxiv.org/abs/1905.04899): paste a box from the partner sample.
 
-The box covers the last two dims of images ``(N, C, H, W)``, the last three of volumes
-``(N, C, D, H, W)`` and the time axis (dim 1) of sequences ``(N, T)`` / ``(N, T, D)``; ``dims`` chooses
-others. :func:`sample_box` draws the box (timm's ``rand_bbox``: side ``L * (1 - lam) ** (1 / d)``, a
-uniform centre, clipped at the borders) from a ``torch.Generator``; :func:`cutmix` applies it and returns
-the fraction actually kept, with which the targets are mixed. With a ``(N,)`` tensor ``lam`` every
-sample gets its own box, applied with one broadcast mask (no Python loop over samples).
+The box covers the last two dims of images ``(N, C, H, W)`` and the time axis (dim 1) of sequences ``(N, T)`` /
+``(N, T, D)``; ``dims`` chooses others, as axes or as a layout string (:data:`Layout`). A 5-D input is either a
+volume ``(N, C, D, H, W)`` (cut along ``D, H, W``) or a video ``(N, T, C, H, W)`` (cut along every frame's
+``H, W``, as torchvision does): the two cannot be told apart from the shape, so 5-D inputs need ``dims=``.
+
+:func:`sample_box` draws the box (timm's ``rand_bbox``: side ``L * (1 - lam) ** (1 / d)``, a uniform centre,
+clipped at the borders; or timm's ``rand_bbox_minmax`` with ``minmax``) from a ``torch.Generator``;
+:func:`cutmix` applies it and returns the fraction actually kept, with which the targets are mixed. With a
+``(N,)`` tensor ``lam`` every sample gets its own box, applied with one broadcast mask (no loop over samples).
 
 As in :mod:`~lightning_reg.functional.mixup`, a pairing that is a cyclic shift of the batch is applied from two
 contiguous runs of the batch, without gathering the partners.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -33,14 +36,27 @@ from lightning_reg.functional.mixup import (
 
 __all__ = [
     "Box",
+    "Layout",
     "apply_cutmix",
     "box_lam",
     "cutmix",
     "cutmix_inputs",
     "default_dims",
+    "layout_dims",
+    "mix_elementwise",
     "sample_box",
     "sample_cutmix_box",
 ]
+
+#: Named input layouts for ``dims=``: the batch dim ``N`` first; the box covers the spatial or time axes.
+Layout = Literal["NT", "NTD", "NCHW", "NCDHW", "NTCHW"]
+_LAYOUT_DIMS: dict[str, tuple[int, ...]] = {
+    "NT": (1,),  # a sequence of tokens or values: a span of time steps
+    "NTD": (1,),  # a sequence of feature vectors: a span of time steps, all features
+    "NCHW": (2, 3),  # images
+    "NCDHW": (2, 3, 4),  # volumes: a box in depth, height and width
+    "NTCHW": (3, 4),  # videos: the same box in every frame, all channels (torchvision's CutMix on videos)
+}
 
 
 class Box(NamedTuple):
@@ -66,21 +82,56 @@ def default_dims(ndim: int) -> tuple[int, ...]:
     """The dims CutMix cuts along for an input of ``ndim`` dims (batch dim included).
 
     Example:
-        >>> default_dims(4), default_dims(5), default_dims(2), default_dims(3)
-        ((2, 3), (2, 3, 4), (1,), (1,))
+        >>> default_dims(4), default_dims(2), default_dims(3)
+        ((2, 3), (1,), (1,))
     """
-    table = {2: (1,), 3: (1,), 4: (2, 3), 5: (2, 3, 4)}
+    if ndim == 5:
+        raise ValueError(
+            "CutMix cannot tell the layout of a 5-D input: a volume (N, C, D, H, W) is cut along D, H and W "
+            "(`dims='NCDHW'`, i.e. (2, 3, 4)), a video (N, T, C, H, W) along every frame's H and W, as torchvision "
+            "does (`dims='NTCHW'`, i.e. (3, 4)). Pass `dims=` saying which."
+        )
+    table = {2: (1,), 3: (1,), 4: (2, 3)}
     if ndim not in table:
         raise ValueError(
             f"CutMix has no default dims for inputs with {ndim} dims; expected sequences (N, T) or (N, T, D), "
-            "images (N, C, H, W) or volumes (N, C, D, H, W). Pass `dims=` naming the axes to cut along."
+            "images (N, C, H, W), or 5-D inputs with `dims=`. Pass `dims=` naming the axes to cut along."
         )
     return table[ndim]
 
 
-def _resolve_dims(inputs: Tensor, dims: Sequence[int] | int | None) -> tuple[int, ...]:
+def layout_dims(layout: str, ndim: int | None = None) -> tuple[int, ...]:
+    """The axes CutMix cuts along for a named :data:`Layout`, checked against the input's ``ndim`` when given.
+
+    Example:
+        >>> layout_dims("NTCHW"), layout_dims("NCDHW")
+        ((3, 4), (2, 3, 4))
+    """
+    if layout not in _LAYOUT_DIMS:
+        raise ValueError(f"Expected a layout `dims` to be one of {list(get_args(Layout))}, but got {layout!r}.")
+    if ndim is not None and ndim != len(layout):
+        raise ValueError(f"`dims={layout!r}` names {len(layout)} dims, but the inputs have {ndim}.")
+    return _LAYOUT_DIMS[layout]
+
+
+def check_dims(dims: object) -> Sequence[int] | int | str | None:
+    """Return ``dims`` if it is ``None``, an axis, a sequence of axes or a :data:`Layout`; else raise."""
+    if dims is None or isinstance(dims, str):
+        if isinstance(dims, str):
+            layout_dims(dims)
+        return dims
+    if isinstance(dims, int) and not isinstance(dims, bool):
+        return dims
+    if isinstance(dims, Sequence) and len(dims) > 0 and all(type(d) is int for d in dims):
+        return tuple(dims)
+    raise ValueError(f"Expected `dims` as axes (ints) or a layout in {list(get_args(Layout))}, but got {dims!r}.")
+
+
+def _resolve_dims(inputs: Tensor, dims: Sequence[int] | int | str | None) -> tuple[int, ...]:
     if dims is None:
         return default_dims(inputs.ndim)
+    if isinstance(dims, str):
+        return layout_dims(dims, inputs.ndim)
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
     resolved = tuple(d % inputs.ndim if -inputs.ndim <= d < inputs.ndim else -1 for d in dims)
     if len(resolved) == 0 or any(d < 1 for d in resolved) or len(set(resolved)) != len(resolved):
@@ -90,13 +141,22 @@ def _resolve_dims(inputs: Tensor, dims: Sequence[int] | int | None) -> tuple[int
     return tuple(sorted(resolved))
 
 
-def sample_box(lam: float | Tensor, sizes: Sequence[int], *, generator: torch.Generator | None = None) -> Box:
+def sample_box(
+    lam: float | Tensor,
+    sizes: Sequence[int],
+    *,
+    generator: torch.Generator | None = None,
+    minmax: tuple[float, float] | None = None,
+) -> Box:
     """Draw a CutMix box of volume about ``(1 - lam)`` of ``sizes``, clipped at the borders.
 
     Args:
         lam: a float (one box for the batch) or a ``(N,)`` tensor (one box per sample).
         sizes: the lengths of the dims to cut along, e.g. ``(H, W)``.
         generator: the source of randomness; the global RNG when ``None``.
+        minmax: timm's ``cutmix_minmax``: ignore ``lam`` and draw each side uniformly from
+            ``[int(L * lo), int(L * hi))`` and the box inside the sample (never clipped), as timm's
+            ``rand_bbox_minmax``; the fraction kept then follows from the box alone.
 
     Returns:
         A :class:`Box` on the generator's device.
@@ -110,6 +170,9 @@ def sample_box(lam: float | Tensor, sizes: Sequence[int], *, generator: torch.Ge
     d = len(sizes)
     if d == 0 or any(s < 1 for s in sizes):
         raise ValueError(f"Expected `sizes` to be positive lengths, but got {tuple(sizes)!r}.")
+    if minmax is not None:
+        count = lam.shape[0] if isinstance(lam, Tensor) else 1
+        return _sample_minmax_box(count, [int(s) for s in sizes], check_minmax(minmax), generator, device)
     if not isinstance(lam, Tensor):
         return _sample_one_box(float(lam), [int(s) for s in sizes], generator, device)
     lam_t = lam.detach().to(device, torch.float64)
@@ -122,6 +185,32 @@ def sample_box(lam: float | Tensor, sizes: Sequence[int], *, generator: torch.Ge
     lo = (centre - cut // 2).clamp(min=0)
     hi = torch.minimum(centre + (cut + 1) // 2, upper)
     return Box(lo, hi)
+
+
+def check_minmax(minmax: object) -> tuple[float, float]:
+    """Return ``minmax`` as two floats ``0 < lo < hi <= 1``, else raise (timm's ``cutmix_minmax``)."""
+    values: tuple[object, ...] = ()
+    if isinstance(minmax, Sequence) and not isinstance(minmax, str):
+        values = tuple(minmax)
+    if len(values) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"Expected `cutmix_minmax` as two floats (lo, hi), side fractions, but got {minmax!r}.")
+    lo, hi = float(values[0]), float(values[1])  # type: ignore[arg-type]
+    if not 0.0 < lo < hi <= 1.0:
+        raise ValueError(f"Expected `cutmix_minmax` (lo, hi) with 0 < lo < hi <= 1, but got {minmax!r}.")
+    return lo, hi
+
+
+def _sample_minmax_box(
+    count: int, sizes: list[int], minmax: tuple[float, float], generator: torch.Generator | None, device: torch.device
+) -> Box:
+    """Boxes as timm's ``rand_bbox_minmax``, per dim: side ``~ U{int(L lo) .. int(L hi) - 1}``, corner ``0..L-side``."""
+    lows = torch.tensor([int(length * minmax[0]) for length in sizes], device=device)
+    highs = torch.tensor([max(int(length * minmax[1]), int(length * minmax[0]) + 1) for length in sizes], device=device)
+    length = torch.tensor(sizes, device=device)
+    u = torch.rand((2, count, len(sizes)), generator=generator, device=device, dtype=torch.float64)
+    side = lows + (u[0] * (highs - lows)).long()  # uniform integers in [low, high)
+    lo = (u[1] * (length - side + 1)).long()  # uniform in [0, L - side]
+    return Box(lo, lo + side)
 
 
 def _sample_one_box(lam: float, sizes: list[int], generator: torch.Generator | None, device: torch.device) -> Box:
@@ -162,12 +251,14 @@ def sample_cutmix_box(
     lam: float | Tensor,
     *,
     generator: torch.Generator | None = None,
-    dims: Sequence[int] | int | None = None,
+    dims: Sequence[int] | int | str | None = None,
+    minmax: tuple[float, float] | None = None,
 ) -> tuple[Box, float | Tensor]:
     """Draw the box :func:`cutmix` would draw for ``inputs``, and the fraction it keeps.
 
     Lets a caller mix the targets (with the returned fraction) before pasting the box with
-    ``cutmix(..., box=box)``: the same draws as ``cutmix(..., generator=generator)``.
+    ``cutmix(..., box=box)``: the same draws as ``cutmix(..., generator=generator)``. ``minmax`` as in
+    :func:`sample_box`.
 
     Returns:
         ``(box, kept_lam)``: a float for one box, a float32 ``(N,)`` tensor for per-sample boxes.
@@ -180,7 +271,7 @@ def sample_cutmix_box(
     """
     check_inputs(inputs)
     sizes = [inputs.shape[d] for d in _resolve_dims(inputs, dims)]
-    box = sample_box(lam, sizes, generator=generator)
+    box = sample_box(lam, sizes, generator=generator, minmax=minmax)
     if box.lo.shape[0] == 1 and not isinstance(lam, Tensor):
         return box, _kept_one(box.lo[0].tolist(), box.hi[0].tolist(), sizes)
     return box, box_lam(box, sizes).to(torch.float32)
@@ -192,6 +283,77 @@ def _shape_along(n: int, ndim: int, dim: int, length: int) -> list[int]:
     return shape
 
 
+def box_mask(box: Box, axes: Sequence[int], shape: Sequence[int], device: torch.device) -> Tensor:
+    """Boolean ``(N, 1.., L_d, ..)``: inside each sample's box, broadcastable to ``shape`` (no loop over samples).
+
+    Example:
+        >>> box = Box(torch.tensor([[1], [0]]), torch.tensor([[3], [1]]))
+        >>> box_mask(box, (1,), (2, 4), torch.device("cpu")).int().tolist()
+        [[0, 1, 1, 0], [1, 0, 0, 0]]
+    """
+    n, ndim = shape[0], len(shape)
+    lo, hi = box.lo.to(device), box.hi.to(device)
+    mask: Tensor | None = None
+    for j, d in enumerate(axes):
+        pos = torch.arange(shape[d], device=device)
+        inside = (pos >= lo[:, j : j + 1]) & (pos < hi[:, j : j + 1])  # (N, L_d)
+        inside = inside.view(_shape_along(n, ndim, d, shape[d]))
+        mask = inside if mask is None else mask & inside
+    if mask is None:
+        raise ValueError("Expected at least one axis to cut along.")
+    return mask
+
+
+def mix_elementwise(
+    inputs: Tensor,
+    index: Tensor,
+    weight: Tensor,
+    box: Box,
+    *,
+    dims: Sequence[int] | int | str | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """MixUp and CutMix chosen per sample (timm's ``mode="elem"``/``"pair"``), in one pass over the batch.
+
+    Sample ``i`` becomes ``lerp(x[index[i]], x[i], weight[i])`` (MixUp; ``weight`` 1 leaves it as it is) with its
+    box pasted from the *original* ``x[index[i]]`` (CutMix; an empty box pastes nothing). A sample is mixed by
+    MixUp with ``weight < 1`` and an empty box, by CutMix with ``weight == 1`` and a box, not at all with both.
+
+    Args:
+        inputs: ``(N, ...)`` floating or integer (integer inputs are blended in float32 and rounded back).
+        index: the partner of each sample ``(N,)``.
+        weight: ``(N,)`` MixUp weight of the sample itself, in the inputs' dtype for floating inputs.
+        box: per-sample boxes ``(N, d)``.
+        dims: the axes of the boxes, as in :func:`cutmix`.
+        out: optional tensor like ``inputs`` (not sharing its memory) that receives the result.
+
+    Example:
+        >>> x = torch.tensor([[0.0, 0.0], [4.0, 4.0]])
+        >>> box = Box(torch.tensor([[0], [0]]), torch.tensor([[0], [1]]))  # no box for sample 0, one step for 1
+        >>> mix_elementwise(x, torch.tensor([1, 0]), torch.tensor([0.75, 1.0]), box)
+        tensor([[1., 1.],
+                [0., 4.]])
+    """
+    from lightning_reg.functional.mixup import apply_mixup
+
+    check_inputs(inputs)
+    axes = _resolve_dims(inputs, dims)
+    n = inputs.shape[0]
+    if box.lo.shape != (n, len(axes)) or box.hi.shape != (n, len(axes)):
+        raise ValueError(
+            f"Expected per-sample boxes with `lo`/`hi` of shape ({n}, {len(axes)}), but got {tuple(box.lo.shape)} "
+            f"and {tuple(box.hi.shape)}."
+        )
+    index = index.to(inputs.device)
+    blended = apply_mixup(inputs, MixingParams(weight, index, None), out=out)
+    mask = box_mask(box, axes, inputs.shape, inputs.device)
+    return (
+        torch.where(mask, inputs[index], blended, out=blended)
+        if not tracks_grad(inputs)
+        else torch.where(mask, inputs[index], blended)
+    )
+
+
 def cutmix(
     inputs: Tensor,
     targets: Tensor,
@@ -200,9 +362,10 @@ def cutmix(
     *,
     generator: torch.Generator | None = None,
     box: Box | None = None,
-    dims: Sequence[int] | int | None = None,
+    dims: Sequence[int] | int | str | None = None,
     inplace: bool = False,
     out: Tensor | None = None,
+    correct_lam: bool = True,
 ) -> tuple[Tensor, Tensor, float | Tensor]:
     """CutMix of a batch: paste the box of ``inputs[index]`` into ``inputs``; mix targets by the area kept.
 
@@ -219,10 +382,13 @@ def cutmix(
         inplace: paste into ``inputs`` itself instead of a copy.
         out: optional tensor like ``inputs`` (not sharing its memory) that receives the result, so
             that repeated calls allocate nothing.
+        correct_lam: mix the targets by the fraction actually kept after the box is clipped at the borders
+            (default, timm's ``correct_lam=True``); ``False`` mixes them by ``lam`` as drawn.
 
     Returns:
-        ``(mixed_inputs, mixed_targets, lam)`` where ``lam`` is the fraction actually kept after clipping
-        (a float, or a float32 ``(N,)`` tensor for per-sample boxes).
+        ``(mixed_inputs, mixed_targets, lam)`` where ``lam`` is the weight the targets were mixed with: the
+        fraction actually kept after clipping (a float, or a float32 ``(N,)`` tensor for per-sample boxes), or
+        ``lam`` itself with ``correct_lam=False``.
 
     Example:
         >>> x = torch.zeros(2, 1, 4, 4)
@@ -236,6 +402,8 @@ def cutmix(
     mixed, kept_lam = cutmix_inputs(
         inputs, lam, index, generator=generator, box=box, dims=dims, inplace=inplace, out=out
     )
+    if not correct_lam:
+        kept_lam = lam.to(torch.float32) if isinstance(lam, Tensor) else float(lam)
     return mixed, mix_targets(targets, kept_lam, index), kept_lam
 
 
@@ -246,7 +414,7 @@ def cutmix_inputs(
     *,
     generator: torch.Generator | None = None,
     box: Box | None = None,
-    dims: Sequence[int] | int | None = None,
+    dims: Sequence[int] | int | str | None = None,
     inplace: bool = False,
     out: Tensor | None = None,
 ) -> tuple[Tensor, float | Tensor]:
@@ -269,7 +437,7 @@ def apply_cutmix(
     *,
     generator: torch.Generator | None = None,
     box: Box | None = None,
-    dims: Sequence[int] | int | None = None,
+    dims: Sequence[int] | int | str | None = None,
     inplace: bool = False,
     out: Tensor | None = None,
 ) -> tuple[Tensor, float | Tensor]:
@@ -327,15 +495,7 @@ def apply_cutmix(
             mixed[tuple(region)] = inputs[tuple(region)][index]
         kept_lam: float | Tensor = _kept_one(lows, highs, sizes)
     else:
-        # A box per sample: one boolean mask (N, 1.., L_d, ..) from broadcast aranges, no loop over samples.
-        lo, hi = box.lo.to(inputs.device), box.hi.to(inputs.device)
-        mask: Tensor | None = None
-        for j, (d, length) in enumerate(zip(axes, sizes, strict=True)):
-            pos = torch.arange(length, device=inputs.device)
-            inside = (pos >= lo[:, j : j + 1]) & (pos < hi[:, j : j + 1])  # (N, L_d)
-            inside = inside.view(_shape_along(n, inputs.ndim, d, length))
-            mask = inside if mask is None else mask & inside
-        assert mask is not None  # at least one dim, checked by _resolve_dims
+        mask = box_mask(box, axes, inputs.shape, inputs.device)
         if runs:
             mixed = out if out is not None else torch.empty_like(inputs)
             for rows, partners in runs:

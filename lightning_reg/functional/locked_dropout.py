@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_reg.functional._bernoulli import keep_mask
+
 __all__ = ["locked_dropout"]
 
 
@@ -28,7 +30,8 @@ def locked_dropout(
         p: probability of dropping a unit, in ``[0, 1)``.
         training: apply dropout; when False ``x`` is returned unchanged.
         batch_first: whether the batch dimension comes first (else time comes first).
-        generator: the random stream of the mask; the global one when None.
+        generator: the random stream of the mask; the global one when None. It may live on another device than
+            ``x`` (a CPU generator with CUDA inputs): the mask is then drawn on the generator's device and copied.
 
     Returns:
         ``x`` times a mask that is constant along the time dimension.
@@ -53,5 +56,5 @@ def locked_dropout(
     time_dim = 1 if batch_first else 0
     mask_shape = list(x.shape)
     mask_shape[time_dim] = 1  # (N, 1, C): broadcast over time
-    keep = torch.empty(mask_shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p, generator=generator)
+    keep = keep_mask(mask_shape, 1.0 - p, dtype=x.dtype, device=x.device, generator=generator)
     return x * keep / (1.0 - p)

@@ -26,18 +26,28 @@ Each of these modules is switched to training mode on its own (``module.training
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
+from lightning_reg.forward import ForwardInputs
 from lightning_reg.functional.uncertainty import entropy
 
-__all__ = ["MCDropoutPrediction", "MCDropoutSites", "mc_dropout_predict", "mc_dropout_sampling"]
+__all__ = [
+    "MCDropoutPrediction",
+    "MCDropoutSites",
+    "check_running_statistics",
+    "find_mc_dropout_sites",
+    "mc_dropout_predict",
+    "mc_dropout_sampling",
+    "running_statistics",
+]
 
 Method = Literal["auto", "batched", "naive"]
 _METHODS: tuple[str, ...] = get_args(Method)
@@ -47,8 +57,14 @@ _METHODS: tuple[str, ...] = get_args(Method)
 # not import it. A user's own layer opts in with a class attribute `mc_dropout_kind = "dropout"` (sampled) or
 # `"drop_path"` (sampled only with `include_drop_path=True`).
 _OWN_DROPOUT_LAYERS = frozenset({"lightning_reg.nn.weight_drop.WeightDrop"})
-# timm's stochastic depth and DropBlock: regularizers of training, not dropout sampling; opt-in.
-_DROP_PATH_LAYERS = frozenset({"timm.layers.drop.DropPath", "timm.layers.drop.DropBlock2d"})
+# Stochastic depth and DropBlock (timm's and torchvision's): regularizers of training, not dropout sampling; opt-in.
+_DROP_PATH_LAYERS = frozenset(
+    {
+        "timm.layers.drop.DropPath",
+        "timm.layers.drop.DropBlock2d",
+        "torchvision.ops.stochastic_depth.StochasticDepth",
+    }
+)
 
 
 def _qualnames(module: nn.Module) -> set[str]:
@@ -128,41 +144,186 @@ def _find_sites(model: nn.Module, include_drop_path: bool) -> MCDropoutSites:
     return found
 
 
-def _running_stats(model: nn.Module) -> dict[str, Tensor]:
+def _is_drop_path(module: nn.Module) -> bool:
+    return bool(_qualnames(module) & _DROP_PATH_LAYERS) or getattr(type(module), "mc_dropout_kind", None) == "drop_path"
+
+
+def find_mc_dropout_sites(model: nn.Module, *, include_drop_path: bool = False) -> MCDropoutSites:
+    """The dropout that :func:`mc_dropout_sampling` would switch on; raise when sampling would be pointless.
+
+    Sampling needs at least one dropout with a rate above 0: with every rate 0 (timm builds ``nn.Dropout(p=0)``
+    by default) all samples are the eval output, the mutual information is 0 and the cost is ``n_samples``
+    forward passes for nothing. Call it before a long run (``MCDropoutEvaluation`` does at fit start).
+
+    Args:
+        model: the network.
+        include_drop_path: count stochastic depth (timm's ``DropPath``, torchvision's ``StochasticDepth``) and
+            ``DropBlock2d`` as dropout.
+
+    Returns:
+        The :class:`MCDropoutSites`.
+
+    Raises:
+        ValueError: if the model has no dropout to sample, or only dropout with rate 0; the message names
+            ``include_drop_path=True`` when the model has drop-path layers with a rate above 0.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0), nn.Linear(4, 2))
+        >>> try:
+        ...     find_mc_dropout_sites(net)
+        ... except ValueError as error:
+        ...     print(str(error).split(", so")[0][-25:])
+        has rate 0 (1 layer: `1`)
+    """
+    found = _find_sites(model, include_drop_path)
+    names = {module: name or type(model).__name__ for name, module in model.named_modules()}
+    drop_paths = [m for m in model.modules() if _is_drop_path(m) and _rate(m) > 0] if not include_drop_path else []
+    hint = (
+        f" It has {len(drop_paths)} drop-path layer{'s' if len(drop_paths) > 1 else ''} with a rate above 0 "
+        f"(e.g. `{names[drop_paths[0]]}`, {type(drop_paths[0]).__name__}): pass `include_drop_path=True` to sample "
+        "them."
+        if drop_paths
+        else ""
+    )
+    if not found.sites:
+        raise ValueError(
+            f"Expected a model with dropout to sample for Monte-Carlo dropout, but {type(model).__name__} has no "
+            f"dropout layer.{hint} Add dropout (e.g. `nn.Dropout(p)` before the classifier), or give your own "
+            "layer the class attribute `mc_dropout_kind = 'dropout'`."
+        )
+    if not found.active:
+        zero = found.sites
+        listed = ", ".join(f"`{names[m]}`" for m in zero[:3]) + (", ..." if len(zero) > 3 else "")
+        raise ValueError(
+            f"Expected a model with dropout to sample for Monte-Carlo dropout, but every dropout layer of "
+            f"{type(model).__name__} has rate 0 ({len(zero)} layer{'s' if len(zero) > 1 else ''}: {listed}), so all "
+            f"samples would be identical.{hint or ' Give a dropout layer a rate above 0.'}"
+        )
+    return found
+
+
+def running_statistics(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of every normalization buffer (running mean, variance, batch count), by qualified name.
+
+    Copies stay on the buffers' device: taking them never waits for the device.
+
+    Example:
+        >>> sorted(running_statistics(nn.Sequential(nn.BatchNorm1d(2))))
+        ['0.num_batches_tracked', '0.running_mean', '0.running_var']
+    """
     stats: dict[str, Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, _NormBase) and module.track_running_stats:
             for buffer_name, buffer in module.named_buffers(recurse=False):
                 if buffer is not None:
-                    stats[f"{name}.{buffer_name}"] = buffer.detach().clone()
+                    stats[f"{name}.{buffer_name}" if name else buffer_name] = buffer.detach().clone()
     return stats
 
 
+def check_running_statistics(model: nn.Module, before: dict[str, Tensor], *, during: str) -> None:
+    """Raise when a normalization buffer differs from ``before``; warn when some are NaN.
+
+    NaN equals NaN here: statistics that were already NaN (BatchNorm overflowing under ``16-true``) did not change,
+    and are reported as NaN instead. One host sync for all buffers together.
+
+    Args:
+        model: the network.
+        before: :func:`running_statistics` taken earlier.
+        during: what ran in between, for the message.
+
+    Raises:
+        RuntimeError: if a statistic changed (or a buffer appeared or vanished).
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2)
+        >>> before = running_statistics(bn)
+        >>> check_running_statistics(bn, before, during="nothing")  # unchanged: silent
+    """
+    after = running_statistics(model)
+    names = sorted(before.keys() | after.keys())
+    missing = [name for name in names if name not in before or name not in after]
+    common = [name for name in names if name in before and name in after]
+    flags: dict[torch.device, list[tuple[str, Tensor]]] = {}  # per device: (name, [changed, has NaN])
+    for name in common:
+        a, b = before[name], after[name]
+        if a.shape != b.shape or a.device != b.device:
+            missing.append(name)
+            continue
+        if a.device.type == "meta":
+            continue  # no values to compare
+        same = a == b
+        nan = a.isnan() if a.is_floating_point() else torch.zeros_like(a, dtype=torch.bool)
+        if a.is_floating_point():
+            same = same | (nan & b.isnan())
+        flags.setdefault(a.device, []).append((name, torch.stack([~same.all(), nan.any()])))
+    changed, nans = list(missing), []
+    for entries in flags.values():
+        values = torch.stack([flag for _, flag in entries]).tolist()  # one sync per device
+        changed += [name for (name, _), (diff, _) in zip(entries, values, strict=True) if diff]
+        nans += [name for (name, _), (_, nan) in zip(entries, values, strict=True) if nan]
+    if changed:
+        # One anchor (lightning-uq-box) puts BatchNorm in train mode during MC prediction, which silently
+        # corrupts the running statistics: refuse to let that pass.
+        raise RuntimeError(
+            f"Running statistics changed during {during}: {changed}. Normalization layers must stay in eval mode "
+            "while dropout is sampled; a module that switches them to training mode inside its forward pass cannot "
+            "be sampled this way."
+        )
+    if nans:
+        warnings.warn(
+            f"Running statistics of {type(model).__name__} are NaN: {nans[:4]}{' ...' if len(nans) > 4 else ''}. "
+            "They did not change during Monte-Carlo dropout, but every eval-mode prediction through them is NaN. "
+            "BatchNorm statistics overflow in float16 (`precision='16-true'`): keep normalization in float32 "
+            "(`precision='16-mixed'` or 'bf16-mixed'), then recalibrate them (`BNRecalibration`).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def _row_mixing_layers(model: nn.Module) -> list[nn.Module]:
+    """Layers whose eval-mode output for one row depends on the other rows of the batch.
+
+    A BatchNorm without running statistics (``track_running_stats=False``) normalizes with the statistics of the
+    batch even in eval mode; a layer of your own says so with the class attribute ``mc_dropout_mixes_rows = True``.
+    GroupNorm, LayerNorm and InstanceNorm are per row.
+    """
+    return [
+        m
+        for m in model.modules()
+        if (isinstance(m, _BatchNorm) and m.running_mean is None and m.running_var is None)
+        or getattr(type(m), "mc_dropout_mixes_rows", False) is True
+    ]
+
+
 @contextlib.contextmanager
-def mc_dropout_sampling(model: nn.Module, *, include_drop_path: bool = False) -> Iterator[MCDropoutSites]:
+def mc_dropout_sampling(
+    model: nn.Module, *, include_drop_path: bool = False, check_statistics: bool = True
+) -> Iterator[MCDropoutSites]:
     """Put exactly the model's dropout into sampling mode and everything else into eval mode.
 
     Sampled: ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``, ``FeatureAlphaDropout`` and every other
     ``_DropoutNd`` (our ``LockedDropout``), our ``WeightDrop``, the attention dropout of
     ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``/``DecoderLayer``, the between-layer dropout of
     ``nn.LSTM``/``GRU``/``RNN``, timm's fused ``Attention`` and the ``drop_rate`` head dropout of timm's
-    ResNet/EfficientNet-style models; timm's ``DropPath``/``DropBlock2d`` only with
-    ``include_drop_path`` (stochastic depth is not dropout sampling). A layer of your own opts in with a class
-    attribute ``mc_dropout_kind = "dropout"`` (or ``"drop_path"``). Dropout written as ``F.dropout(x,
-    training=self.training)`` inside another module is not found.
+    ResNet/EfficientNet-style models; stochastic depth (timm's ``DropPath``, torchvision's ``StochasticDepth``)
+    and ``DropBlock2d`` only with ``include_drop_path`` (stochastic depth is not dropout sampling). A layer of
+    your own opts in with a class attribute ``mc_dropout_kind = "dropout"`` (or ``"drop_path"``). Dropout written
+    as ``F.dropout(x, training=self.training)`` inside another module is not found.
 
     BatchNorm and every other module stay in eval mode, so running statistics never change; on exit every
     module's mode is restored and the running statistics are checked to be unchanged.
 
     Args:
         model: the network; its modes are changed inside the block and restored after it.
-        include_drop_path: also sample stochastic depth (``DropPath``) and ``DropBlock2d``.
+        include_drop_path: also sample stochastic depth and ``DropBlock2d``.
+        check_statistics: compare the running statistics before and after the block (one host sync); a caller
+            that samples many batches checks once around all of them instead (:func:`check_running_statistics`).
 
     Yields:
         The :class:`MCDropoutSites` switched on.
 
     Raises:
-        ValueError: if the model has no dropout that can be sampled.
+        ValueError: if the model has no dropout that can be sampled, or only dropout with rate 0.
         RuntimeError: if a running statistic changed inside the block.
 
     Example:
@@ -173,23 +334,9 @@ def mc_dropout_sampling(model: nn.Module, *, include_drop_path: bool = False) ->
         >>> net.training, net[2].training
         (True, True)
     """
-    found = _find_sites(model, include_drop_path)
-    if not found.sites:
-        hint = (
-            " (it has DropPath/DropBlock: pass `include_drop_path=True` to sample them)"
-            if any(
-                _qualnames(m) & _DROP_PATH_LAYERS or getattr(type(m), "mc_dropout_kind", None) == "drop_path"
-                for m in model.modules()
-            )
-            else ""
-        )
-        raise ValueError(
-            f"Expected a model with dropout to sample for Monte-Carlo dropout, but {type(model).__name__} has no "
-            f"dropout layer{hint}. Add dropout (e.g. `nn.Dropout(p)` before the classifier), or give your own "
-            "layer the class attribute `mc_dropout_kind = 'dropout'`."
-        )
+    found = find_mc_dropout_sites(model, include_drop_path=include_drop_path)
     modes = {module: module.training for module in model.modules()}
-    stats = _running_stats(model)
+    stats = running_statistics(model) if check_statistics else None
     model.eval()
     try:
         for module in (*found.sites, *found.gates):
@@ -198,15 +345,8 @@ def mc_dropout_sampling(model: nn.Module, *, include_drop_path: bool = False) ->
     finally:
         for module, mode in modes.items():
             module.training = mode
-    changed = [name for name, before in _running_stats(model).items() if not torch.equal(before, stats[name])]
-    if changed:
-        # One anchor (lightning-uq-box) puts BatchNorm in train mode during MC prediction, which silently
-        # corrupts the running statistics: refuse to let that pass.
-        raise RuntimeError(
-            f"Running statistics changed during Monte-Carlo dropout sampling: {changed}. Normalization layers "
-            "must stay in eval mode while dropout is sampled; a module that switches them to training mode "
-            "inside its forward pass cannot be sampled this way."
-        )
+    if stats is not None:
+        check_running_statistics(model, stats, during="Monte-Carlo dropout sampling")
 
 
 @contextlib.contextmanager
@@ -225,24 +365,34 @@ def _rng_from(generator: torch.Generator | None, device: torch.device) -> Iterat
     """Run the block on a global RNG seeded from ``generator``, leaving the global stream untouched.
 
     torch's dropout kernels draw from the global (CPU or device) RNG and take no ``torch.Generator``. To honour
-    ``generator`` we fork the global RNG of the CPU and of ``device`` (``torch.random.fork_rng``), seed it from
-    one draw of ``generator``, and restore it afterwards: results are a function of the generator's state.
+    ``generator`` we save the global RNG of the CPU and of ``device``, seed both from one draw of ``generator``
+    (drawn on the generator's own device, whatever the inputs' device), and restore them afterwards: results are
+    a function of the generator's state. Per device type: ``cpu`` and ``meta`` need the CPU RNG only; ``mps`` has
+    one device and a module-level RNG (``torch.mps.get_rng_state``/``manual_seed``, no ``torch.mps.device``);
+    indexed accelerators (``cuda``, ``xpu``, ...) fork the RNG of the inputs' device index.
     """
     if generator is None:
         yield
         return
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    if device.type == "cpu":
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            yield
-        return
-    index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
-    with torch.random.fork_rng(devices=[index], device_type=device.type):
+    with torch.random.fork_rng(devices=[]):  # the CPU RNG: saved, restored
         torch.default_generator.manual_seed(seed)
-        with torch.get_device_module(device.type).device(index):
-            torch.get_device_module(device.type).manual_seed(seed)
-        yield
+        if device.type in ("cpu", "meta"):
+            yield
+        elif device.type == "mps":
+            state = torch.mps.get_rng_state()
+            torch.mps.manual_seed(seed)
+            try:
+                yield
+            finally:
+                torch.mps.set_rng_state(state)
+        else:
+            module: Any = torch.get_device_module(device.type)
+            index = device.index if device.index is not None else module.current_device()
+            with torch.random.fork_rng(devices=[index], device_type=device.type):
+                with module.device(index):
+                    module.manual_seed(seed)  # seeds the current device: the one the inputs' kernels draw from
+                yield
 
 
 @dataclass(frozen=True)
@@ -294,23 +444,30 @@ class _RandomInTrunkError(Exception):
     """Raised by a forward hook when a sampled dropout runs inside the trunk: the features cannot be cached."""
 
 
+Inputs = Tensor | ForwardInputs | Callable[[nn.Module], Tensor]
+"""What :func:`mc_dropout_predict` samples: a tensor (the one argument of ``model``), the arguments of
+``model.forward`` (:class:`~lightning_reg.forward.ForwardInputs`), or ``fn(model) -> logits``."""
+
+
 def _split(
-    model: nn.Module, found: MCDropoutSites
-) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Any]] | None:
-    """``(trunk, head)`` with ``model(x) == head(trunk(x))``, or ``None`` when the model offers no split."""
+    model: nn.Module, found: MCDropoutSites, inputs: ForwardInputs
+) -> tuple[Callable[[], Any], Callable[[Tensor], Any]] | None:
+    """``(trunk, head)`` with ``model(*inputs) == head(trunk())``, or ``None`` when the model offers no split."""
     forward_features = getattr(model, "forward_features", None)
     forward_head = getattr(model, "forward_head", None)
     if callable(forward_features) and callable(forward_head):
-        return forward_features, forward_head  # the timm convention; zoo models follow it
-    if isinstance(model, nn.Sequential):
+        # the timm convention; zoo models follow it. Every argument of `forward` goes to the trunk (lengths, masks).
+        return (lambda: inputs(forward_features)), forward_head
+    if isinstance(model, nn.Sequential) and len(inputs.args) == 1 and not inputs.kwargs:
         active = set(found.active)
         first = next((i for i, child in enumerate(model) if any(m in active for m in child.modules())), 0)
         if first > 0:
-            return model[:first], model[first:]  # split just before the first dropout
+            trunk, head = model[:first], model[first:]  # split just before the first dropout
+            return (lambda: trunk(inputs.args[0])), head
     return None
 
 
-def _features(trunk: Callable[[Tensor], Tensor], inputs: Tensor, found: MCDropoutSites) -> Tensor | None:
+def _features(trunk: Callable[[], Any], found: MCDropoutSites) -> Any | None:
     """The trunk's output, or ``None`` as soon as a sampled dropout runs inside it (then it is random)."""
 
     def hook(module: nn.Module, args: Any) -> None:
@@ -318,7 +475,7 @@ def _features(trunk: Callable[[Tensor], Tensor], inputs: Tensor, found: MCDropou
 
     handles = [module.register_forward_pre_hook(hook) for module in found.active]
     try:
-        return trunk(inputs)
+        return trunk()
     except _RandomInTrunkError:
         return None
     finally:
@@ -326,12 +483,19 @@ def _features(trunk: Callable[[Tensor], Tensor], inputs: Tensor, found: MCDropou
             handle.remove()
 
 
-def _logits_of(output: Any, rows: int) -> Tensor:
-    if not isinstance(output, Tensor) or output.ndim != 2 or output.shape[0] != rows:
+def _logits_of(output: Any, rows: int | None) -> Tensor:
+    if isinstance(output, Tensor) and output.ndim == 2 and output.shape[1] == 1:
+        raise ValueError(
+            f"Expected logits of shape (N, num_classes) with num_classes >= 2, but got shape {tuple(output.shape)}: "
+            "a softmax over one logit is always 1, so every sample would have confidence 1 and mutual information 0. "
+            "For a binary sigmoid head return two logits, `torch.cat([torch.zeros_like(z), z], dim=1)`, whose "
+            "softmax is `[1 - sigmoid(z), sigmoid(z)]` (in a `forward_fn` of the callback, or in the model)."
+        )
+    if not isinstance(output, Tensor) or output.ndim != 2 or (rows is not None and output.shape[0] != rows):
         got = f"shape {tuple(output.shape)}" if isinstance(output, Tensor) else type(output).__name__
         raise ValueError(
-            f"Expected the model to return logits of shape ({rows}, num_classes), but got {got}. "
-            "Wrap the model so that its forward returns a logits tensor."
+            f"Expected the model to return logits of shape ({rows if rows is not None else 'N'}, num_classes), but "
+            f"got {got}. Wrap the model so that its forward returns a logits tensor."
         )
     return output
 
@@ -340,37 +504,59 @@ def _logits_of(output: Any, rows: int) -> Tensor:
 _AUTO_BATCHED_ROWS = 256
 
 
-def _sample_rows(fn: Callable[[Tensor], Any], x: Tensor, n_samples: int, chunk_size: int | None) -> Tensor:
+def _take_rows(inputs: ForwardInputs, rows: Tensor, n: int) -> ForwardInputs:
+    """``inputs`` with every batched tensor argument (first dimension ``n``) indexed by ``rows``; others as they are.
+
+    Lengths ``(N,)`` and masks ``(N, T)`` follow their rows; a tensor shared by the batch (a ``(T, T)`` causal mask,
+    a scalar) is passed as it is. Each tensor is indexed on its own device (lengths often live on the CPU).
+    """
+    on_device: dict[torch.device, Tensor] = {rows.device: rows}
+
+    def take(t: Tensor) -> Tensor:
+        if t.ndim == 0 or t.shape[0] != n:
+            return t
+        if t.device not in on_device:
+            on_device[t.device] = rows.to(t.device)
+        return t.index_select(0, on_device[t.device])
+
+    return inputs.map(take)
+
+
+def _sample_rows(fn: Callable[..., Any], x: ForwardInputs, n: int, n_samples: int, chunk_size: int | None) -> Tensor:
     """``fn`` on ``n_samples`` copies of ``x`` stacked along the batch, ``chunk_size`` rows at a time.
 
     Row ``r`` of the stacked input is sample ``r // N`` of item ``r % N``. Every mask torch's dropout layers
     draw is independent per batch row (elementwise for ``Dropout``/``AlphaDropout``, per row and channel for
     ``Dropout1d/2d/3d``/``FeatureAlphaDropout``, per row, head and position for attention dropout, per row for
-    locked dropout and drop path), and in eval mode no other layer mixes rows (BatchNorm uses its running
-    statistics). So each copy draws its own mask, independent of the others: the same distribution as
-    ``n_samples`` separate forward passes. The one exception, a mask shared across the batch (``WeightDrop``'s
-    DropConnect draws one weight mask per call), is sampled with ``method="naive"`` instead.
+    locked dropout and row-mode drop path), and in eval mode no other layer mixes rows (BatchNorm uses its running
+    statistics; a layer that mixes rows forces ``chunk_size=N`` in :func:`mc_dropout_predict`). So each copy draws
+    its own mask, independent of the others: the same distribution as ``n_samples`` separate forward passes. A mask
+    shared across the batch (``WeightDrop``'s DropConnect, ``StochasticDepth(mode="batch")``) is sampled with
+    ``method="naive"`` instead.
     """
-    n = x.shape[0]
     total = n_samples * n
     step = total if chunk_size is None else chunk_size
     if step == n:  # one sample per pass: the rows are `x` itself, no gather needed
-        return torch.stack([_logits_of(fn(x), n) for _ in range(n_samples)])
+        return torch.stack([_logits_of(x(fn), n) for _ in range(n_samples)])
+    device = x.tensors()[0].device
     outputs = []
     for start in range(0, total, step):
-        rows = torch.arange(start, min(start + step, total), device=x.device) % n  # item of each row
-        outputs.append(_logits_of(fn(x.index_select(0, rows)), len(rows)))  # (rows, K)
+        rows = torch.arange(start, min(start + step, total), device=device) % n  # item of each row
+        outputs.append(_logits_of(_take_rows(x, rows, n)(fn), len(rows)))  # (rows, K)
     return torch.cat(outputs).view(n_samples, n, -1)  # (S, N, K)
 
 
 def _per_call_masks(found: MCDropoutSites) -> bool:
     """Whether a site draws one mask per call shared by all batch rows (then rows are not independent)."""
-    return any(_qualnames(m) & _OWN_DROPOUT_LAYERS for m in found.active)
+    return any(
+        _qualnames(m) & _OWN_DROPOUT_LAYERS or (getattr(m, "mode", None) == "batch" and _is_drop_path(m))
+        for m in found.active
+    )
 
 
 def mc_dropout_predict(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     n_samples: int,
     *,
     generator: torch.Generator | None = None,
@@ -378,23 +564,31 @@ def mc_dropout_predict(
     include_drop_path: bool = False,
     method: Method = "auto",
     deterministic: bool = False,
+    check_statistics: bool = True,
 ) -> MCDropoutPrediction:
     """Monte-Carlo dropout prediction: ``n_samples`` stochastic forward passes with only dropout sampled.
 
-    The model must map ``inputs`` (batch first) to logits ``(N, K)``. With ``method="auto"`` the cheapest
-    exact path is taken:
+    The model maps ``inputs`` (batch first) to logits ``(N, K)``, ``K >= 2``. ``inputs`` is a tensor, the
+    arguments of ``model.forward`` as a :class:`~lightning_reg.forward.ForwardInputs` (sequence lengths, attention
+    masks: see :func:`lightning_reg.forward.batch_inputs`), or a function ``fn(model) -> logits`` that computes the
+    logits itself (then only the naive loop can sample it). With ``method="auto"`` the cheapest exact path is
+    taken:
 
     - when the model has ``forward_features``/``forward_head`` (the timm convention; zoo models do) and no
-      sampled dropout runs inside ``forward_features``, the features are computed once and only the head is
-      sampled; for an ``nn.Sequential`` the split is just before the first dropout module (``"cached"``);
-    - otherwise the inputs are repeated ``n_samples`` times along the batch dimension, ``chunk_size`` rows per
-      forward pass (``"batched"``).
+      sampled dropout runs inside ``forward_features(*args, **kwargs)``, the features are computed once and only
+      the head is sampled; for an ``nn.Sequential`` the split is just before the first dropout module
+      (``"cached"``);
+    - otherwise every batched tensor argument is repeated ``n_samples`` times along the batch dimension,
+      ``chunk_size`` rows per forward pass (``"batched"``).
 
-    Both give the distribution of the naive loop of ``n_samples`` forward passes (``method="naive"``).
+    Both give the distribution of the naive loop of ``n_samples`` forward passes (``method="naive"``). A model with
+    a layer that mixes rows in eval mode (a BatchNorm with ``track_running_stats=False``) is sampled one sample of
+    ``N`` rows per pass, so that each pass sees the batch the naive loop sees (with the same generator, the same
+    draws); a mask shared by the batch (``WeightDrop``) takes the naive loop.
 
     Args:
         model: the network, in any mode: modes are restored after sampling (see :func:`mc_dropout_sampling`).
-        inputs: the batch ``(N, ...)``.
+        inputs: the batch: a tensor ``(N, ...)``, a ``ForwardInputs``, or ``fn(model) -> logits``.
         n_samples: number of Monte-Carlo samples, at least 1.
         generator: makes the draws a function of its state and leaves the global RNG untouched (torch's dropout
             draws from the global RNG, so it is forked and seeded from this generator). ``None`` draws from the
@@ -402,21 +596,22 @@ def mc_dropout_predict(
         chunk_size: the most rows (copies of input items) per forward pass on the batched path, or per head
             call on the cached path, to cap memory. ``None``: automatic: the cached path samples the head on all
             ``n_samples * N`` rows at once; the batched path forwards ``max(N, 256)`` rows at a time, so small
-            batches share a forward pass and batches of 256 or more run one sample per pass. (Measured on CPU
-            with the zoo Transformer, 30 x 256 rows: one forward of all 7,680 rows took 1.4x the naive loop and
-            time grew with the chunk; past a few hundred rows the per-call overhead is paid off and larger
-            chunks only cost memory and cache.)
-        include_drop_path: also sample timm's ``DropPath``/``DropBlock2d``.
+            batches share a forward pass and batches of 256 or more run one sample per pass (measured: see the
+            MC dropout page of the docs).
+        include_drop_path: also sample stochastic depth (timm's ``DropPath``, torchvision's ``StochasticDepth``)
+            and ``DropBlock2d``.
         method: ``"auto"``, ``"batched"`` (never cache) or ``"naive"`` (the reference loop).
         deterministic: also return the eval-mode probabilities in ``deterministic_probs`` (computed from the
             cached features when the cached path is taken, at no extra trunk pass).
+        check_statistics: check that no running statistic changed (one host sync per call); see
+            :func:`mc_dropout_sampling`.
 
     Returns:
         An :class:`MCDropoutPrediction`.
 
     Raises:
-        ValueError: for ``n_samples < 1``, a bad ``chunk_size`` or ``method``, a model without dropout, or a
-            model that does not return ``(N, K)`` logits.
+        ValueError: for ``n_samples < 1``, a bad ``chunk_size`` or ``method``, a model without dropout (or with
+            every rate 0), or a model that does not return ``(N, K)`` logits with ``K >= 2``.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -436,36 +631,68 @@ def mc_dropout_predict(
         )
     if method not in _METHODS:
         raise ValueError(f"Expected `method` to be one of {_METHODS}, but got {method!r}.")
-    if not isinstance(inputs, Tensor) or inputs.ndim < 1 or inputs.shape[0] == 0:
-        got = f"shape {tuple(inputs.shape)}" if isinstance(inputs, Tensor) else type(inputs).__name__
-        raise ValueError(f"Expected `inputs` to be a non-empty tensor with the batch first, but got {got}.")
+    forward_inputs: ForwardInputs | None
+    if isinstance(inputs, Tensor):
+        forward_inputs = ForwardInputs((inputs,), {})
+    elif isinstance(inputs, ForwardInputs):
+        forward_inputs = inputs
+    elif callable(inputs):
+        forward_inputs = None
+    else:
+        raise TypeError(
+            "Expected `inputs` to be a tensor, a `ForwardInputs` or a function `fn(model) -> logits`, but got "
+            f"{type(inputs).__name__}."
+        )
+    n: int | None = None
+    device = torch.device("cpu")
+    if forward_inputs is not None:
+        tensors = forward_inputs.tensors()
+        if not tensors or tensors[0].ndim < 1 or tensors[0].shape[0] == 0:
+            got = f"shape {tuple(tensors[0].shape)}" if tensors else "no tensor"
+            raise ValueError(f"Expected `inputs` to hold a non-empty tensor with the batch first, but got {got}.")
+        n, device = int(tensors[0].shape[0]), tensors[0].device
+    else:
+        device = next((p.device for p in model.parameters()), device)
+
+    def forward() -> Tensor:
+        if forward_inputs is None:
+            return _logits_of(inputs(model), n)  # type: ignore[operator]
+        return _logits_of(forward_inputs(model), n)
 
     det_logits: Tensor | None = None
     with (
         torch.no_grad(),
-        _rng_from(generator, inputs.device),
-        mc_dropout_sampling(model, include_drop_path=include_drop_path) as found,
+        _rng_from(generator, device),
+        mc_dropout_sampling(model, include_drop_path=include_drop_path, check_statistics=check_statistics) as found,
     ):
-        taken: str = "naive" if method == "naive" or _per_call_masks(found) else "batched"
+        naive = method == "naive" or forward_inputs is None or _per_call_masks(found)
+        per_sample = bool(_row_mixing_layers(model))  # each pass must see exactly the N rows of the batch
+        taken: str = "naive" if naive else "batched"
         logits: Tensor | None = None
-        split = _split(model, found) if method == "auto" and taken == "batched" else None
+        split = _split(model, found, forward_inputs) if method == "auto" and not naive else None  # type: ignore[arg-type]
         if split is not None:
             trunk, head = split
-            features = _features(trunk, inputs, found)
-            if features is not None:
+            features = _features(trunk, found)
+            if isinstance(features, Tensor) and features.ndim >= 1 and features.shape[0] == n:
                 taken = "cached"
-                logits = _sample_rows(head, features, n_samples, chunk_size)
+                cached = ForwardInputs((features,), {})
+                logits = _sample_rows(head, cached, features.shape[0], n_samples, n if per_sample else chunk_size)
                 if deterministic:
                     with _eval_mode(model):
-                        det_logits = _logits_of(head(features), inputs.shape[0])
-        if logits is None and taken == "naive":
-            logits = torch.stack([_logits_of(model(inputs), inputs.shape[0]) for _ in range(n_samples)])
+                        det_logits = _logits_of(head(features), n)
+        if logits is None and not naive and not per_sample:
+            assert forward_inputs is not None
+            assert n is not None
+            rows = chunk_size if chunk_size is not None else max(n, _AUTO_BATCHED_ROWS)
+            logits = _sample_rows(model, forward_inputs, n, n_samples, rows)
         elif logits is None:
-            rows = chunk_size if chunk_size is not None else max(inputs.shape[0], _AUTO_BATCHED_ROWS)
-            logits = _sample_rows(model, inputs, n_samples, rows)
+            taken = "naive"  # also for row-mixing layers: one pass per sample of the N rows is the naive loop
+            first = forward()
+            n = first.shape[0]
+            logits = torch.stack([first, *(forward() for _ in range(n_samples - 1))])
         if deterministic and det_logits is None:
             with _eval_mode(model):
-                det_logits = _logits_of(model(inputs), inputs.shape[0])
+                det_logits = forward()
     probs = logits.float().softmax(dim=-1)
     det_probs = None if det_logits is None else det_logits.float().softmax(dim=-1)
     return MCDropoutPrediction(probs=probs, method=taken, deterministic_probs=det_probs)

@@ -24,6 +24,7 @@ __all__ = [
     "Pairing",
     "apply_mixup",
     "cyclic_shift",
+    "derangement",
     "mixup",
     "mixup_inputs",
     "sample_beta",
@@ -53,6 +54,31 @@ class MixingParams:
     lam: float | Tensor
     index: Tensor
     shift: int | None = None
+
+    def to(self, device: torch.device) -> MixingParams:
+        """These draws on ``device``, copied without blocking the host (see :func:`to_device`)."""
+        lam = to_device(self.lam, device) if isinstance(self.lam, Tensor) else self.lam
+        return MixingParams(lam=lam, index=to_device(self.index, device), shift=self.shift)
+
+
+def to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """``t`` on ``device``; a CPU tensor goes to a CUDA device through pinned memory with ``non_blocking=True``.
+
+    A pageable host-to-device copy blocks the host until the stream has drained; a pinned one is queued like a
+    kernel. Torch's caching host allocator keeps the pinned block alive until the copy is done, so the draw on
+    the host side may be dropped at once. The values are the ones drawn on the host, so results (and a resumed
+    run) do not depend on the device.
+
+    Example:
+        >>> to_device(torch.arange(3), "cpu").tolist()
+        [0, 1, 2]
+    """
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu" and torch.cuda.is_available():
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _check_alpha(alpha: float, name: str = "alpha") -> float:
@@ -119,8 +145,9 @@ def sample_mixup(
             drawn uniformly from ``1..N-1``; every sample gets a partner other than itself, and the blend needs
             no gather (see the module notes). Like timm (``flip``) and torchvision (``roll(1)``) it relies on
             the batch being in random order (``shuffle=True``, the usual training loader); with batches in a
-            fixed order (e.g. sorted by class) use ``"permutation"``: a uniformly random permutation, robust to
-            any batch order, about 1.3x slower to apply.
+            fixed order (e.g. sorted by class) use ``"permutation"``: a uniformly random derangement (a
+            permutation without fixed points, so no sample is paired with itself), robust to any batch order,
+            about 1.3x slower to apply.
         generator: the source of randomness (CPU); the global RNG when ``None``.
 
     Returns:
@@ -141,11 +168,34 @@ def sample_mixup(
         lam = sample_beta(alpha, (batch_size,), generator=generator).to(torch.float32)
     else:
         lam = _sample_beta_float(_check_alpha(alpha), generator)
-    if pairing == "permutation" or batch_size == 1:
-        return MixingParams(lam=lam, index=torch.randperm(batch_size, generator=generator, device=device))
+    if batch_size == 1:  # nothing to mix with: the sample is its own partner, and lam is irrelevant
+        return MixingParams(lam=lam, index=torch.zeros(1, dtype=torch.long, device=device), shift=0)
+    if pairing == "permutation":
+        return MixingParams(lam=lam, index=derangement(batch_size, generator=generator))
     shift = int(torch.randint(1, batch_size, (), generator=generator, device=device))
     index = torch.arange(batch_size, device=device).roll(-shift)  # index[i] = (i + shift) % N
     return MixingParams(lam=lam, index=index, shift=shift)
+
+
+def derangement(n: int, *, generator: torch.Generator | None = None) -> Tensor:
+    """A uniformly random permutation of ``0..n-1`` without fixed points (``index[i] != i``), ``n >= 2``.
+
+    Rejection sampling from ``torch.randperm``: a random permutation is a derangement with probability about
+    ``1/e``, so about 2.7 draws on average. The check reads the permutation, so draw on a CPU generator.
+
+    Example:
+        >>> index = derangement(5, generator=torch.Generator().manual_seed(0))
+        >>> sorted(index.tolist()), bool((index != torch.arange(5)).all())
+        ([0, 1, 2, 3, 4], True)
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"Expected `n` to be an int >= 2 (a single sample has no other partner), but got {n!r}.")
+    device = generator.device if generator is not None else torch.device("cpu")
+    positions = torch.arange(n, device=device)
+    while True:
+        index = torch.randperm(n, generator=generator, device=device)
+        if not bool((index == positions).any()):
+            return index
 
 
 def cyclic_shift(index: Tensor) -> int | None:
@@ -297,7 +347,8 @@ def check_out(out: Tensor, inputs: Tensor, name: str = "out") -> None:
         )
     if tracks_grad(inputs):
         raise ValueError(f"`{name}=` cannot record autograd history, and `inputs` require grad: leave `{name}` unset.")
-    if out.untyped_storage().data_ptr() == inputs.untyped_storage().data_ptr():
+    ptr = out.untyped_storage().data_ptr()
+    if ptr != 0 and ptr == inputs.untyped_storage().data_ptr():  # (tensors without memory, on "meta", have 0)
         raise ValueError(f"`{name}` shares memory with `inputs`; pass `inplace=True` to overwrite the inputs instead.")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_reg.functional._bernoulli import keep_mask
+
 __all__ = ["weight_drop"]
 
 
@@ -20,7 +22,8 @@ def weight_drop(weight: Tensor, p: float, *, training: bool = True, generator: t
         weight: any weight tensor; gradients flow to it through the mask.
         p: probability of dropping a weight, in ``[0, 1)``.
         training: apply DropConnect; when False ``weight`` is returned unchanged.
-        generator: the random stream of the mask; the global one when None.
+        generator: the random stream of the mask; the global one when None. It may live on another device than
+            ``weight`` (a CPU generator with CUDA weights): the mask is then drawn on the generator's device and copied.
 
     Example:
         >>> w = torch.ones(3, 4)
@@ -32,5 +35,5 @@ def weight_drop(weight: Tensor, p: float, *, training: bool = True, generator: t
         raise ValueError(f"Expected `p` in [0, 1), but got {p!r}.")
     if not training or p == 0.0:
         return weight
-    keep = torch.empty_like(weight).bernoulli_(1.0 - p, generator=generator)
+    keep = keep_mask(weight.shape, 1.0 - p, dtype=weight.dtype, device=weight.device, generator=generator)
     return weight * keep / (1.0 - p)

@@ -25,6 +25,8 @@ from lightning_reg import (
     MCDropoutEvaluation,
     MixUp,
     MixUpCutMix,
+    RegMixup,
+    TemperatureScaling,
 )
 from tests.helpers import (
     ReseedEachEpoch,
@@ -46,6 +48,8 @@ SETUPS: dict[str, Callable[[], L.Callback]] = {
     "bn_recalibration": lambda: BNRecalibration(num_batches=2),
     "bn_stats_monitor": lambda: BNStatsMonitor(log_every_n_steps=1),
     "mc_dropout": lambda: MCDropoutEvaluation(n_samples=4, plot=False),
+    "regmixup": lambda: RegMixup(20.0),
+    "temperature_scaling": lambda: TemperatureScaling(),
 }
 NAMES = list(SETUPS)
 

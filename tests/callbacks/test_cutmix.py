@@ -1,8 +1,10 @@
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
-from lightning_reg import CutMix, MixUpCutMix
+from lightning_reg import CutMix, LabelSmoothing, MixUp, MixUpCutMix
+from lightning_reg import functional as LF
 from lightning_reg.mixins import MixedTargets, SparseMixingMixin
 from tests.helpers import TinyCNN, UserClassifier, fast_trainer, make_images, make_loader
 
@@ -160,3 +162,194 @@ def test_mixup_cutmix_logs_the_share_of_each_per_epoch(tmp_path):
     assert record.metrics["mixup_cutmix/cutmix_fraction"] == pytest.approx(sum(cut) / 8)
     assert record.metrics["mixup_cutmix/mixed_fraction"] == 1.0
     assert 0 < record.metrics["mixup_cutmix/lambda"] < 1
+
+
+# --- issue 12, point 4: CutMix on padded token sequences --------------------------------------------------------
+def _token_batches(n=16, t=12, pad=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, t + 1, (n,), generator=g)
+    ids = torch.randint(1, 50, (n, t), generator=g)
+    mask = (torch.arange(t) < lengths[:, None]).long()
+    return ids * mask + pad * (1 - mask), mask, lengths
+
+
+class _MaskedTokens(UserClassifier):
+    def __init__(self):
+        super().__init__(net=torch.nn.Embedding(50, 3))
+        self.batches = []
+
+    def training_step(self, batch, batch_idx):
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = (self.net(ids) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        return F.cross_entropy(logits, batch["labels"])
+
+
+def _dict_loader(ids, mask, lengths=None, batch_size=8):
+    from torch.utils.data import DataLoader
+
+    rows = [
+        {"input_ids": ids[i], "attention_mask": mask[i], "labels": torch.tensor(i % 3)}
+        | ({"lengths": lengths[i]} if lengths is not None else {})
+        for i in range(len(ids))
+    ]
+    return DataLoader(rows, batch_size=batch_size)
+
+
+def test_cutmix_carries_the_attention_mask_with_the_same_spans(tmp_path):
+    ids, mask, _ = _token_batches()
+    model = _MaskedTokens()
+    cb = CutMix(1.0, input_key="input_ids", target_key="labels", carry=["attention_mask"], per_sample=True)
+    L.seed_everything(0, verbose=False)
+    fast_trainer(tmp_path, max_epochs=2, callbacks=[cb]).fit(model, _dict_loader(ids, mask))
+    assert len(model.batches) == 4
+    changed = 0
+    for batch, orig_mask in zip(model.batches, list(mask.split(8)) * 2, strict=True):
+        assert torch.equal(batch["input_ids"] == 0, batch["attention_mask"] == 0)  # tokens agree with their mask
+        changed += int((batch["attention_mask"] != orig_mask).sum())
+    assert changed > 0  # the mask really followed the pasted spans
+
+
+def test_cutmix_refuses_a_stale_mask_or_lengths_and_keep_silences_it(tmp_path):
+    ids, mask, lengths = _token_batches()
+    cb = CutMix(1.0, input_key="input_ids", target_key="labels")
+    with pytest.raises(
+        ValueError, match=r"batch\['attention_mask'\].*padding or attention mask.*carry=\['attention_mask'\]"
+    ):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(_MaskedTokens(), _dict_loader(ids, mask))
+    cb = CutMix(1.0, input_key="input_ids", target_key="labels", carry=["attention_mask"])
+    with pytest.raises(ValueError, match=r"batch\['lengths'\].*looks like sequence lengths.*padding mask"):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(_MaskedTokens(), _dict_loader(ids, mask, lengths))
+    cb = CutMix(1.0, input_key="input_ids", target_key="labels", carry=["lengths"])
+    with pytest.raises(ValueError, match="Sequence lengths cannot follow a cut"):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(_MaskedTokens(), _dict_loader(ids, mask, lengths))
+    cb = CutMix(1.0, input_key="input_ids", target_key="labels", carry={"attention_mask": "cut", "lengths": "keep"})
+    fast_trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(_MaskedTokens(), _dict_loader(ids, mask, lengths))
+    with pytest.raises(ValueError, match="'cut' or 'keep'"):
+        CutMix(carry={"attention_mask": "paste"})
+
+
+def test_cutmix_refuses_lengths_in_a_list_batch_like_the_zoo_rnns():
+    # The zoo's RNN batches are [x (N, T, D), y, lengths]: lengths cannot describe a sequence with a pasted span.
+    x, y, lengths = torch.rand(4, 6, 2), torch.tensor([0, 1, 2, 0]), torch.tensor([6, 3, 5, 2])
+    cb = CutMix(num_classes=3)
+    trainer, module = fast_trainer(), UserClassifier()
+    cb.setup(trainer, module, "fit")
+    with pytest.raises(ValueError, match=r"batch\[2\] \(4,\) looks like sequence lengths"):
+        cb.on_train_batch_start(trainer, module, [x, y, lengths], 0)
+
+
+# --- issue 12, point 22: the peers' features through the callbacks -------------------------------------------
+def _one_batch(cb, x, y, trainer=None):
+    trainer = trainer or fast_trainer()
+    module = UserClassifier(net=TinyCNN(), num_classes=int(y.max()) + 1 if y.ndim == 1 else y.shape[1])
+    cb.setup(trainer, module, "fit")
+    cb.on_train_epoch_start(trainer, module)
+    batch = [x, y]
+    cb.on_train_batch_start(trainer, module, batch, 0)
+    return batch
+
+
+def test_callback_correct_lam_false_uses_the_drawn_lambda_and_minmax_the_box():
+    n = 16
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 8, 8).contiguous()
+    y = torch.arange(n)  # unique labels: the own weight is exactly the own weight
+    for correct_lam in (True, False):
+        cb = CutMix(1.0, num_classes=n, per_sample=True, correct_lam=correct_lam, pairing="permutation")
+        trainer, module = fast_trainer(), UserClassifier(net=TinyCNN(), num_classes=n)
+        cb.setup(trainer, module, "fit")
+        replay = torch.Generator()
+        replay.set_state(cb.generator.get_state())
+        batch = [x, y]
+        cb.on_train_batch_start(trainer, module, batch, 0)
+        own = batch[1][torch.arange(n), y]
+        area = (batch[0] == x).float().flatten(1).mean(1)
+        drawn = LF.sample_mixup(n, 1.0, per_sample=True, pairing="permutation", generator=replay).lam
+        if correct_lam:
+            assert torch.allclose(own, area)
+        else:
+            assert torch.allclose(own, drawn)
+            assert not torch.allclose(own, area)  # some boxes were clipped
+    cb = CutMix(1.0, num_classes=n, per_sample=True, cutmix_minmax=(0.25, 0.5))
+    batch = _one_batch(cb, x, y)
+    own = batch[1][torch.arange(n), y]
+    area = (batch[0] == x).float().flatten(1).mean(1)
+    assert torch.allclose(own, area)
+    assert bool((area <= 1 - 2 * 2 / 64 + 1e-6).all())
+    assert bool((area >= 1 - 3 * 3 / 64 - 1e-6).all())
+
+
+@pytest.mark.parametrize("make_callback", [CutMix, MixUpCutMix])
+def test_five_dim_inputs_need_dims_in_the_callbacks_too(make_callback):
+    with pytest.raises(ValueError, match="cannot tell the layout of a 5-D input"):
+        _one_batch(make_callback(num_classes=3), torch.zeros(4, 2, 3, 4, 4), torch.tensor([0, 1, 2, 0]))
+    video = torch.rand(4, 2, 3, 4, 4)
+    batch = _one_batch(make_callback(num_classes=3, dims="NTCHW", prob=1.0), video, torch.tensor([0, 1, 2, 0]))
+    assert batch[0].shape == video.shape
+
+
+def test_elem_mode_draws_apply_and_switch_per_sample(tmp_path):
+    n = 64
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 8, 8).contiguous() + 1
+    y = torch.arange(n)
+    cb = MixUpCutMix(1.0, 1.0, switch_prob=0.5, num_classes=n, prob=0.6, mode="elem", pairing="permutation")
+    mixed, targets = _one_batch(cb, x, y)
+    own = targets[torch.arange(n), y]
+    unmixed = own == 1
+    kept_pixels = (mixed == x).float().flatten(1).mean(1)
+    cut = ~unmixed & (kept_pixels > 0)  # CutMix samples keep some original pixels exactly
+    blended = ~unmixed & (kept_pixels == 0)  # MixUp samples change every pixel
+    assert 10 < int(unmixed.sum()) < 45  # prob=0.6 per sample
+    assert int(cut.sum()) > 5
+    assert int(blended.sum()) > 5
+    assert torch.allclose(own[cut], kept_pixels[cut])
+    assert torch.equal(mixed[unmixed], x[unmixed])
+
+
+def test_pair_mode_gives_both_members_of_a_pair_the_same_draws():
+    n = 16
+    x = torch.rand(n, 1, 8, 8)
+    y = torch.arange(n)
+    for pairing in ("shift", "permutation"):
+        cb = MixUpCutMix(1.0, 1.0, num_classes=n, mode="pair", pairing=pairing)
+        _mixed, targets = _one_batch(cb, x.clone(), y)
+        partner = targets.clone()
+        partner[torch.arange(n), y] = 0
+        index = partner.argmax(1)  # the other label in each row
+        assert torch.equal(index[index], torch.arange(n))  # mutual pairs
+        own = targets[torch.arange(n), y]
+        assert torch.allclose(own, own[index])  # both members share lambda (or the box)
+        if pairing == "shift":
+            assert torch.equal(index, torch.arange(n).flip(0))  # timm's pairs i, N - 1 - i
+
+
+def test_multi_hot_targets_need_multi_label_and_are_smoothed_per_entry(tmp_path):
+    x = torch.rand(4, 1, 8, 8)
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"a row sums to 3.*multi_label=True"):
+        _one_batch(CutMix(num_classes=3, label_smoothing=0.1), x, y)
+    batch = _one_batch(CutMix(num_classes=3, label_smoothing=0.2, multi_label=True, prob=0.0), x, y)
+    assert torch.allclose(batch[1], y * 0.8 + 0.1)  # per-entry binary smoothing, timm's multi_label
+    batch = _one_batch(MixUp(1.0, num_classes=3, multi_label=True), x, y)
+    assert bool((batch[1].sum(1) > 1.01).any())  # still multi-hot, not renormalized
+    batch = _one_batch(LabelSmoothing(0.2, num_classes=3, multi_label=True), x, y)
+    assert torch.allclose(batch[1], y * 0.8 + 0.1)
+
+
+def test_dense_targets_are_refused_plainly_by_the_callbacks():
+    with pytest.raises(ValueError, match=r"segmentation masks \(N, H, W\) are not supported"):
+        _one_batch(CutMix(num_classes=3), torch.rand(4, 1, 8, 8), torch.zeros(4, 8, 8, dtype=torch.long))
+
+
+def test_callbacks_build_float64_targets_under_a_float64_default_dtype(tmp_path):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        L.seed_everything(0, verbose=False)
+        model = UserClassifier(net=TinyCNN())
+        fast_trainer(tmp_path, max_steps=2, callbacks=[MixUpCutMix(num_classes=3, label_smoothing=0.1)]).fit(
+            model, make_loader(*[t.double() if t.is_floating_point() else t for t in make_images(16)], 8)
+        )
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(t.dtype == torch.float64 for t in model.seen_targets["train"])

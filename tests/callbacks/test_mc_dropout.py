@@ -8,13 +8,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor
 
 from lightning_reg import MCDropoutEvaluation, hard_targets
 from lightning_reg.functional.mc_dropout import MCDropoutPrediction
 from lightning_reg.metrics import UncertaintyMetrics
-from tests.helpers import TinyMLP, UserClassifier, fast_trainer, make_classification, make_loader
+from tests.helpers import TinyMLP, UserClassifier, fast_trainer, make_classification, make_images, make_loader
 from tests.helpers.ddp import ddp_fork_trainer, scrubbed_ddp_env, skip_on_windows
 
 METRICS = ("acc", "nll", "brier", "ece", "entropy")
@@ -141,9 +141,38 @@ def test_reliability_diagram_is_written_and_sent_to_tensorboard(tmp_path: Path) 
     assert "mc/val/reliability" in events.Tags()["images"]
 
 
-def test_plot_without_logger_goes_to_the_root_dir(tmp_path: Path) -> None:
-    fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, stages=("test",))]).test(_model(), _loader())
-    assert (tmp_path / "mc_dropout" / "reliability_test_epoch0.png").exists()
+def test_plot_without_logger_writes_nothing_and_warns_never_into_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    trainer = fast_trainer(None, callbacks=[MCDropoutEvaluation(4, stages=("test",))])  # default_root_dir: the cwd
+    with pytest.warns(UserWarning, match=r"no logger and `default_root_dir` is the working directory: none is"):
+        trainer.test(_model(), _loader())
+    assert list(tmp_path.iterdir()) == []
+    # An explicit default_root_dir is where Lightning writes without a logger: the plot goes there.
+    fast_trainer(tmp_path / "root", callbacks=[MCDropoutEvaluation(4, stages=("test",))]).test(_model(), _loader())
+    assert (tmp_path / "root" / "mc_dropout" / "reliability_test_epoch0.png").exists()
+
+
+def test_plot_goes_to_the_loggers_directory(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path / "logs", name="csv")
+    fast_trainer(tmp_path, logger=logger, callbacks=[MCDropoutEvaluation(4, stages=("test",))]).test(
+        _model(), _loader()
+    )
+    assert (Path(logger.log_dir) / "mc_dropout" / "reliability_test_epoch0.png").stat().st_size > 1000
+    assert not (tmp_path / "mc_dropout").exists()
+
+
+def test_fast_dev_run_writes_no_plot_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for logger in (True, CSVLogger(tmp_path / "logs")):
+        trainer = L.Trainer(
+            fast_dev_run=True, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[MCDropoutEvaluation(4)],
+        )  # fmt: skip
+        trainer.fit(_model(), _loader(), _loader())
+        trainer.test(_model(), _loader())
+    assert not list(tmp_path.rglob("*.png"))
 
 
 @pytest.mark.parametrize(
@@ -171,6 +200,259 @@ def test_model_without_dropout_raises_at_validation(tmp_path: Path) -> None:
         trainer.validate(UserClassifier(TinyMLP(batch_norm=True)), _loader())
 
 
+class _CountingSteps(UserClassifier):
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__(net)
+        self.steps = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self.steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(
+    ("net", "match"),
+    [
+        (TinyMLP(batch_norm=True), "has no dropout layer"),
+        (torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.0), torch.nn.Linear(8, 3)), "has rate 0"),
+    ],
+)
+def test_pointless_sampling_raises_at_fit_start_before_any_training_step(
+    tmp_path: Path, net: torch.nn.Module, match: str
+) -> None:
+    model = _CountingSteps(net)
+    trainer = fast_trainer(tmp_path, max_epochs=2, callbacks=[MCDropoutEvaluation(4, plot=False)])
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(model, _loader(), _loader())
+    assert model.steps == 0
+
+
+def test_training_without_validation_sampling_is_not_checked(tmp_path: Path) -> None:
+    trainer = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, stages=("test",), plot=False)])
+    trainer.fit(UserClassifier(TinyMLP(batch_norm=True)), _loader(), _loader())  # no dropout, none sampled: fine
+
+
+class _BadBN(UserClassifier):
+    """Puts its BatchNorm in training mode inside forward: the statistics change during evaluation."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.net.body[1].train()
+        return super().forward(x)
+
+
+def test_running_statistics_are_checked_once_per_evaluation_and_still_catch_a_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _model()
+    bn = model.net.body[1]
+    reads = []
+    original = bn.named_buffers
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        reads.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(bn, "named_buffers", counting)
+    fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, plot=False)]).validate(model, _loader())  # 3 batches
+    assert len(reads) == 2  # one snapshot at the start, one comparison at the end: not per batch
+    with pytest.raises(RuntimeError, match="Running statistics changed during validate with Monte-Carlo dropout"):
+        fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, plot=False)]).validate(
+            _BadBN(TinyMLP(batch_norm=True, dropout=0.3)), _loader()
+        )
+
+
+def test_nan_running_statistics_do_not_raise_and_are_reported(tmp_path: Path) -> None:
+    model = _model()
+    model.net.body[1].running_var[:] = float("nan")  # what fp16 overflow leaves behind under precision="16-true"
+    trainer = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, plot=False)])
+    with pytest.warns(
+        RuntimeWarning, match=r"Running statistics of UserClassifier are NaN: \['net.body.1.running_var'\]"
+    ):
+        (results,) = trainer.validate(model, _loader())
+    assert results["mc/val/det_acc"] >= 0
+
+
+# --- the batch-forward protocol: the deterministic pass is the module's own validation ------------------------
+
+
+def _padded_sequences(n: int = 48, steps: int = 7, features: int = 8, seed: int = 0) -> tuple[Tensor, ...]:
+    """Variable-length sequences whose padding is large noise: a model that reads it predicts differently."""
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.arange(n) % 3
+    lengths = torch.randint(2, steps + 1, (n,), generator=g)
+    x = torch.randn(n, steps, features, generator=g) + targets[:, None, None].float()
+    padding = torch.arange(steps)[None, :] >= lengths[:, None]  # (N, T)
+    x[padding] = 20 * torch.randn(int(padding.sum()), features, generator=g)
+    return x, targets, lengths
+
+
+def _sequence_loader(*tensors: Tensor) -> Any:
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tensors), batch_size=16)
+
+
+def _zoo_case(name: str) -> tuple[L.LightningModule, Any]:
+    import zoo
+
+    torch.manual_seed(0)
+    if name == "lstm":  # [x, y, lengths]
+        x, y, lengths = _padded_sequences()
+        return zoo.RNNClassifier(3, hidden_size=16, dropout=0.3), _sequence_loader(x, y, lengths)
+    if name == "transformer":  # [x, y, attention_mask]
+        x, y, lengths = _padded_sequences()
+        mask = (torch.arange(7)[None, :] < lengths[:, None]).long()
+        model = zoo.TransformerClassifier(3, dim=16, depth=1, num_heads=2, head_dropout=0.3)
+        return model, _sequence_loader(x, y, mask)
+    images, y = make_images(48)
+    return zoo.create("cnn_small", num_classes=3), _sequence_loader(images, y)
+
+
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [
+        ("lstm", "cached"),  # the trunk once, with the lengths
+        ("transformer", "batched"),  # dropout in every block: x and its mask repeated along the batch
+        ("cnn_small", "cached"),
+    ],
+)
+def test_deterministic_pass_equals_the_zoo_modules_own_validation_metrics(
+    tmp_path: Path, name: str, method: str
+) -> None:
+    model, loader = _zoo_case(name)
+    callback = _Recording(8, plot=False)
+    (results,) = fast_trainer(tmp_path, callbacks=[callback]).validate(model, loader)
+    assert results["mc/val/det_acc"] == pytest.approx(results["val_acc"], abs=1e-6)
+    assert results["mc/val/det_nll"] == pytest.approx(results["val_loss"], rel=1e-5)
+    assert results["mc/val/mutual_info"] > 0
+    assert callback.methods == {method}
+
+
+class _MaskedTextModel(L.LightningModule):
+    """HuggingFace-style: dict batches, `forward(input_ids, attention_mask)` that needs the mask."""
+
+    def __init__(self, with_forward_inputs: bool = True) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.drop = torch.nn.Dropout(0.3)
+        self.head = torch.nn.Linear(16, 3)
+        self.with_forward_inputs = with_forward_inputs
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        h = self.embed(input_ids) * attention_mask[..., None]
+        return self.head(self.drop(h.sum(1) / attention_mask.sum(1, keepdim=True)))
+
+    def forward_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        self.log("val_loss", F.cross_entropy(logits, batch["labels"]), batch_size=len(logits))
+        self.log("val_acc", (logits.argmax(1) == batch["labels"]).float().mean(), batch_size=len(logits))
+
+
+class _NoForwardInputs(L.LightningModule):
+    """The same model without `forward_inputs`: the callback can only pass `batch[input_key]`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _MaskedTextModel()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.inner(input_ids, attention_mask)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        return None
+
+
+class _TextData(torch.utils.data.Dataset):
+    def __init__(self, n: int = 48) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.labels = torch.arange(n) % 3
+        self.ids = torch.randint(1, 50, (n, 9), generator=g)
+        lengths = torch.randint(2, 10, (n,), generator=g)
+        self.mask = (torch.arange(9)[None, :] < lengths[:, None]).long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def test_module_with_forward_inputs_and_an_attention_mask(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(_TextData(), batch_size=16)
+    callback = _Recording(8, plot=False, target_key="labels")
+    (results,) = fast_trainer(tmp_path, callbacks=[callback]).validate(_MaskedTextModel(), loader)
+    assert results["mc/val/det_nll"] == pytest.approx(results["val_loss"], rel=1e-5)
+    assert results["mc/val/det_acc"] == pytest.approx(results["val_acc"], abs=1e-6)
+    assert callback.methods == {"batched"}  # both arguments repeated along the batch
+    assert results["mc/val/mutual_info"] > 0
+
+
+def test_a_forward_that_needs_more_of_the_batch_names_forward_inputs_and_forward_fn(tmp_path: Path) -> None:
+    loader = torch.utils.data.DataLoader(_TextData(), batch_size=16)
+    trainer = fast_trainer(
+        tmp_path, callbacks=[MCDropoutEvaluation(4, plot=False, input_key="input_ids", target_key="labels")]
+    )
+    with pytest.raises(TypeError, match=r"attention_mask.*define `forward_inputs\(batch\)`.*or pass `forward_fn="):
+        trainer.validate(_NoForwardInputs(), loader)
+
+
+def test_forward_fn_computes_the_logits_and_is_sampled_by_the_loop(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(_TextData(), batch_size=16)
+    calls = []
+
+    def forward_fn(module: L.LightningModule, batch: dict[str, Tensor]) -> Tensor:
+        calls.append(1)
+        return module(batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    callback = _Recording(5, plot=False, target_key="labels", forward_fn=forward_fn)
+    (results,) = fast_trainer(tmp_path, callbacks=[callback]).validate(_MaskedTextModel(), loader)
+    assert results["mc/val/det_nll"] == pytest.approx(results["val_loss"], rel=1e-5)
+    assert callback.methods == {"naive"}
+    assert len(calls) == 3 * (5 + 1)  # per batch: 5 samples and the deterministic pass
+    with pytest.raises(TypeError, match="Expected `forward_fn` to be None or a callable"):
+        MCDropoutEvaluation(forward_fn=3)  # type: ignore[arg-type]
+
+
+# --- several dataloaders ------------------------------------------------------------------------------------------
+
+
+class _TwoLoaders(UserClassifier):
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = self._unpack(batch)
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = self._unpack(batch)
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_several_dataloaders_get_their_own_metrics_with_lightnings_suffix(tmp_path: Path, stage: str) -> None:
+    torch.manual_seed(0)
+    model = _TwoLoaders(TinyMLP(batch_norm=True, dropout=0.3))
+    sets = [make_classification(48, seed=0), make_classification(32, seed=5)]
+    loaders = [make_loader(*data, batch_size=16) for data in sets]
+    trainer = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, plot=False)])
+    (results, _) = getattr(trainer, stage)(model, loaders)
+    name = _LOG[stage]
+    assert not any(key.startswith(f"mc/{name}/") and "dataloader_idx" not in key for key in results)
+    for index, (inputs, targets) in enumerate(sets):
+        with torch.no_grad():
+            logits = model.eval()(inputs)
+        suffix = f"/dataloader_idx_{index}"
+        acc = float((logits.argmax(1) == targets).float().mean())
+        assert results[f"mc/{name}/det_acc{suffix}"] == pytest.approx(acc)
+        assert results[f"mc/{name}/det_nll{suffix}"] == pytest.approx(float(F.cross_entropy(logits, targets)), rel=1e-5)
+        assert f"mc/{name}/mutual_info{suffix}" in results
+    assert results[f"mc/{name}/det_nll/dataloader_idx_0"] != results[f"mc/{name}/det_nll/dataloader_idx_1"]
+
+
+_LOG = {"validate": "val", "test": "test"}
+
+
 # --- DDP: the logged metrics are the single-process metrics on the union --------------------------------
 
 
@@ -180,10 +462,12 @@ class _Recording(MCDropoutEvaluation):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.seen: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.methods: set[str] = set()
 
-    def _update(self, stage: Any, prediction: MCDropoutPrediction, targets: Tensor) -> None:
-        super()._update(stage, prediction, targets)
+    def _update(self, key: Any, prediction: MCDropoutPrediction, targets: Tensor) -> None:
+        super()._update(key, prediction, targets)
         self.seen.append((prediction.mean_probs, prediction.mutual_information, targets))
+        self.methods.add(prediction.method)
 
 
 class _RankWriter(L.Callback):
@@ -248,3 +532,60 @@ def test_mc_passes_run_in_the_precision_context_of_the_evaluation_step(tmp_path:
     assert len(model.autocast_in_eval) > 3
     assert all(model.autocast_in_eval)
     assert torch.isfinite(torch.tensor(results["mc/val/nll"]))
+
+
+# --- DDP: a rank that sees no evaluation batch still takes part in the collectives ---------------------------------
+
+
+class _RankZeroOnly(torch.utils.data.IterableDataset):
+    """An uneven iterable dataset (shards, a stream): rank 0 yields every sample, rank 1 none."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
+        self.inputs, self.targets = inputs, targets
+
+    def __iter__(self) -> Any:
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            return iter(())
+        return iter(zip(self.inputs, self.targets, strict=True))
+
+
+class _QuietValidation(UserClassifier):
+    """Logs nothing itself (its own `self.log(sync_dist=...)` would need every rank too)."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        return None
+
+
+class _LoggedWriter(L.Callback):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("mc/")}
+        (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(logged))
+
+
+@skip_on_windows
+def test_ddp_rank_without_batches_takes_part_and_both_ranks_log_the_union(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    torch.manual_seed(0)
+    model = _QuietValidation(TinyMLP(batch_norm=True, dropout=0.3))
+    data = make_classification(32)
+    loader = torch.utils.data.DataLoader(_RankZeroOnly(*data), batch_size=16)
+    strategy = DDPStrategy(start_method="fork", timeout=timedelta(seconds=60))  # a hang fails instead of waiting
+    with scrubbed_ddp_env():
+        trainer = ddp_fork_trainer(
+            tmp_path, strategy=strategy, callbacks=[MCDropoutEvaluation(4, plot=False), _LoggedWriter(tmp_path)]
+        )
+        trainer.validate(model, loader)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert "mc/val/mutual_info" in ranks[0]
+    inputs, targets = data  # all of it seen by rank 0: the deterministic metrics of one process on it
+    with torch.no_grad():
+        logits = model.eval()(inputs)
+    assert ranks[1]["mc/val/det_acc"] == pytest.approx(float((logits.argmax(1) == targets).float().mean()))
+    assert ranks[1]["mc/val/det_nll"] == pytest.approx(float(F.cross_entropy(logits, targets)), rel=1e-5)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_reg import CutMix, LabelSmoothing, MixUp
+from lightning_reg import CutMix, LabelSmoothing, MixUp, MixUpCutMix
 from lightning_reg import functional as LF
 from lightning_reg.callbacks._mixing import ReusableOutput
 from lightning_reg.mixins import MixedTargets, SparseMixingMixin
@@ -60,15 +60,30 @@ def test_prob_zero_gives_one_hot_targets_and_last_epoch_stops_mixing(tmp_path):
     assert [t.ndim for t in model.seen_targets["train"]] == [2, 2, 2, 1, 1, 1]
 
 
-def test_batch_size_one_is_skipped_with_one_warning_and_odd_sizes_work(tmp_path):
+def test_batch_size_one_is_not_mixed_with_one_warning_but_gets_smoothed_rows(tmp_path):
     L.seed_everything(0, verbose=False)
     model = UserClassifier()
     x, y = make_classification(8)
+    y[7] = 1  # the trailing batch of one sample is of class 1 of 3
     loader = make_loader(x, y, batch_size=7)  # batches of 7 and 1
     with pytest.warns(UserWarning, match="skips batches of size 1") as record:
-        fast_trainer(tmp_path, max_epochs=2, callbacks=[MixUp()]).fit(model, loader)
+        fast_trainer(tmp_path, max_epochs=2, callbacks=[MixUp(label_smoothing=0.3)]).fit(model, loader)
     assert sum("skips batches" in str(w.message) for w in record) == 1
-    assert [t.ndim for t in model.seen_targets["train"]] == [2, 1, 2, 1]
+    seen = model.seen_targets["train"]
+    assert [tuple(t.shape) for t in seen] == [(7, 3), (1, 3), (7, 3), (1, 3)]  # one kind of target per epoch
+    assert torch.allclose(seen[1], torch.tensor([[0.1, 0.8, 0.1]]))
+
+
+@pytest.mark.parametrize(
+    "make_callback", [lambda: MixUp(prob=0.0, label_smoothing=0.3), lambda: CutMix(prob=0.0, label_smoothing=0.3)]
+)
+def test_batches_not_drawn_for_mixing_get_smoothed_rows(tmp_path, make_callback):
+    L.seed_everything(0, verbose=False)
+    model = UserClassifier(net=TinyCNN())
+    x, y = make_images(16)
+    fast_trainer(tmp_path, max_steps=2, callbacks=[make_callback()]).fit(model, make_loader(x, y, 8))
+    for t, labels in zip(model.seen_targets["train"], y.split(8), strict=True):
+        assert torch.allclose(t, F.one_hot(labels, 3).float() * 0.7 + 0.1)
 
 
 def test_num_classes_comes_from_the_module_or_is_a_clear_error(tmp_path):
@@ -379,3 +394,226 @@ def test_a_layer_that_returns_no_tensor_or_does_not_run_is_reported(tmp_path):
         fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp(layer="net.unused")]).fit(
             UserClassifier(net=_Net()), loader
         )
+
+
+# --- issue 12, point 2: a second fit continues the stream --------------------------------------------------------
+def test_a_second_fit_continues_the_stream_instead_of_replaying_it(tmp_path):
+    L.seed_everything(0, verbose=False)
+    straight = UserClassifier()
+    fast_trainer(tmp_path, max_epochs=2, callbacks=[MixUp(alpha=1.0, per_sample=True)]).fit(straight, _loaders()[0])
+    L.seed_everything(0, verbose=False)
+    model, cb = UserClassifier(), MixUp(alpha=1.0, per_sample=True)
+    trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[cb])
+    trainer.fit(model, _loaders()[0])
+    trainer.fit_loop.max_epochs = 2  # raise max_epochs and fit again on the same Trainer and callback
+    trainer.fit(model, _loaders()[0])
+    first, second = model.seen_targets["train"][:3], model.seen_targets["train"][3:]
+    assert len(second) == 3
+    assert not any(torch.equal(a, b) for a, b in zip(first, second, strict=True))  # not a replay of epoch 1
+    # Mixed targets depend on the labels and the draws only: the second fit draws what epoch 2 of one fit draws.
+    for a, b in zip(straight.seen_targets["train"][3:], second, strict=True):
+        assert torch.equal(a, b)
+    # A second fine-tuning stage on a new Trainer with the same callback continues the stream too.
+    fast_trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(model, _loaders()[0])
+    assert not any(torch.equal(a, b) for a, b in zip(first, model.seen_targets["train"][6:], strict=True))
+
+
+# --- issue 12, point 3: SparseMixingMixin with two mixing callbacks ------------------------------------------------
+def test_sparse_targets_refuse_two_mixing_callbacks_at_fit_start(tmp_path):
+    model = _SparseUser(net=TinyCNN())
+    with pytest.raises(ValueError, match=r"MixUp and CutMix would each mix.*SparseMixingMixin.*MixUpCutMix"):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp(1.0), CutMix(1.0)]).fit(
+            model, make_loader(*make_images(16), 8)
+        )
+    assert model.seen_targets["train"] == []  # refused before the first batch
+
+
+def test_sparse_targets_that_are_mixed_already_are_not_mixed_again():
+    cb = CutMix(num_classes=3)
+    trainer = fast_trainer()
+    cb.setup(trainer, _SparseUser(), "fit")
+    mixed = MixedTargets(torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([0.6, 0.6]), 0.0, 3)
+    with pytest.raises(ValueError, match="mixed already"):
+        cb.on_train_batch_start(trainer, _SparseUser(), [torch.zeros(2, 1, 4, 4), mixed], 0)
+
+
+# --- issue 12, point 4: integer inputs ------------------------------------------------------------------------------
+def test_mixup_refuses_token_ids_and_names_layer(tmp_path):
+    tokens = torch.randint(0, 10, (16, 5))
+    with pytest.raises(TypeError, match=r"dtype torch.int64.*token ids.*MixUp\(layer="):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp(1.0)]).fit(
+            UserClassifier(net=_TokenNet()), make_loader(tokens, torch.arange(16) % 3, 8)
+        )
+
+
+def test_mixup_still_blends_uint8_images(tmp_path):
+    cb = MixUp(1.0, num_classes=3)
+    trainer = fast_trainer()
+    cb.setup(trainer, UserClassifier(), "fit")
+    x = torch.tensor([[0, 200], [100, 50]], dtype=torch.uint8)
+    batch = [x, torch.tensor([0, 1])]
+    cb.on_train_batch_start(trainer, UserClassifier(), batch, 0)
+    lam = float(batch[1][0, 0])
+    assert batch[0].dtype == torch.uint8
+    assert abs(float(batch[0][0, 1]) - (200 * lam + 50 * (1 - lam))) <= 0.5 + 1e-4  # the partner is [100, 50]
+
+
+# --- issue 12, point 6: two mixers warn; smoothing losses detected ---------------------------------------------------
+def test_mixup_and_cutmix_on_one_trainer_warn_once_naming_mixup_cutmix(tmp_path):
+    with pytest.warns(
+        UserWarning, match=r"MixUp and CutMix are all on this Trainer.*mixed 2 times.*MixUpCutMix"
+    ) as rec:
+        fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp(1.0), CutMix(1.0)]).fit(
+            UserClassifier(net=TinyCNN()), make_loader(*make_images(16), 8)
+        )
+    assert sum("MixUpCutMix" in str(w.message) for w in rec) == 1
+    with warnings.catch_warnings():  # a mixer with LabelSmoothing is not a double mix
+        warnings.filterwarnings("error", message=".*all on this Trainer.*")
+        fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp(1.0), LabelSmoothing(0.1)]).fit(
+            UserClassifier(), _loaders()[0]
+        )
+
+
+class _SmoothingLoss(UserClassifier):
+    def __init__(self, smoothing=0.1):
+        super().__init__()
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=smoothing)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.criterion(self(x), y)
+
+
+def test_a_smoothing_loss_held_by_the_module_is_a_second_smoothing_source(tmp_path):
+    with pytest.raises(ValueError, match=r"MixUp\(label_smoothing=0.2\), _SmoothingLoss.criterion = CrossEntropyLoss"):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp(label_smoothing=0.2)]).fit(_SmoothingLoss(), _loaders()[0])
+    from timm.loss import LabelSmoothingCrossEntropy
+
+    model = UserClassifier()
+    model.criterion = LabelSmoothingCrossEntropy(smoothing=0.1)
+    with pytest.raises(ValueError, match=r"LabelSmoothingCrossEntropy\(smoothing=0.1\)"):
+        fast_trainer(tmp_path, max_steps=1, callbacks=[LabelSmoothing(0.1)]).fit(model, _loaders()[0])
+    # The loss's own smoothing alone is one source: fine.
+    fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp(1.0)]).fit(_SmoothingLoss(), _loaders()[0])
+    fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp(label_smoothing=0.1)]).fit(_SmoothingLoss(0.0), _loaders()[0])
+
+
+# --- issue 12, point 7: a typo in layer= --------------------------------------------------------------------------
+def test_a_typo_in_layer_names_the_closest_submodules_only():
+    import timm
+
+    class _Vit(UserClassifier):
+        def __init__(self):
+            super().__init__(net=timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, depth=12))
+
+    model = _Vit()
+    assert len(list(model.named_modules())) > 150
+    with pytest.raises(ValueError, match=r"Did you mean 'net.patch_embed'") as info:
+        MixUp(layer="net.patch_embd").setup(fast_trainer(), model, "fit")
+    assert len(str(info.value)) < 400  # a short message, not 200 module names
+    with pytest.raises(ValueError, match=r"Did you mean 'net.blocks.3.attn'"):
+        MixUp(layer="net.blocks.3.atn").setup(fast_trainer(), model, "fit")
+    with pytest.raises(ValueError, match="No name is close"):
+        MixUp(layer="typo").setup(fast_trainer(), model, "fit")
+
+
+# --- issue 20, points 8 and 9: no host sync, no blocking copy per batch --------------------------------------------
+_MIXERS = {
+    "mixup": lambda: MixUp(1.0, num_classes=3),
+    "mixup per_sample": lambda: MixUp(1.0, num_classes=3, per_sample=True, pairing="permutation"),
+    "mixup elem": lambda: MixUp(1.0, num_classes=3, mode="elem", prob=0.5),
+    "cutmix": lambda: CutMix(1.0, num_classes=3, pairing="permutation"),
+    "cutmix per_sample": lambda: CutMix(1.0, num_classes=3, per_sample=True),
+    "mixup_cutmix elem": lambda: MixUpCutMix(num_classes=3, mode="elem", label_smoothing=0.1),
+    "mixup_cutmix pair": lambda: MixUpCutMix(num_classes=3, mode="pair", pairing="permutation"),
+    "label_smoothing": lambda: LabelSmoothing(0.1, num_classes=3),
+}
+
+
+@pytest.mark.parametrize("name", list(_MIXERS))
+def test_batches_on_a_device_are_mixed_without_reading_any_device_value(name):
+    # On the meta device every read of a value (`.item()`, `int()`, `bool()`, `.tolist()`, a copy to the host)
+    # raises: a batch that passes has no host sync. Only the first batch of an epoch checks the labels (on CPU here).
+    cb = _MIXERS[name]()
+    trainer, module = fast_trainer(), UserClassifier(net=TinyCNN())
+    cb.setup(trainer, module, "fit")
+    cb.on_train_epoch_start(trainer, module)
+    x, y = make_images(8)
+    cb.on_train_batch_start(trainer, module, [x, y], 0)  # validates the labels once (a host read, on the CPU)
+    for i in range(3):
+        batch = [x.to("meta"), y.to("meta")]
+        cb.on_train_batch_start(trainer, module, batch, i + 1)
+        assert batch[1].device.type == "meta"
+        assert batch[1].shape == (8, 3)
+        assert batch[0].device.type == "meta"
+        assert batch[0].shape == x.shape
+
+
+def test_labels_out_of_range_are_a_clear_error_on_cpu_on_every_batch_and_once_per_epoch_on_devices():
+    from lightning_reg.functional.label_smoothing import mixed_one_hot
+
+    y = torch.tensor([0, 1, 3])
+    for fn in (
+        lambda v: LF.one_hot(y, 3, validate=v),
+        lambda v: mixed_one_hot(y, 3, 0.5, torch.tensor([1, 2, 0]), validate=v),
+    ):
+        for validate in (True, False):  # on the CPU the scatter checks for free
+            with pytest.raises(ValueError, match=r"indices in \[0, 3\).*\[0, 3\]"):
+                fn(validate)
+    cb = MixUp(1.0, num_classes=3)
+    trainer, module = fast_trainer(), UserClassifier()
+    cb.setup(trainer, module, "fit")
+    with pytest.raises(ValueError, match=r"indices in \[0, 3\)"):  # the first batch of an epoch validates
+        cb.on_train_batch_start(trainer, module, [torch.zeros(3, 8), y], 0)
+
+
+def test_draws_reach_a_cuda_device_through_pinned_memory_without_blocking(monkeypatch):
+    from lightning_reg.functional.mixup import to_device
+
+    calls = []
+
+    def fake_pin(self):
+        calls.append("pin")
+        return self
+
+    def fake_to(self, *args, **kwargs):
+        calls.append(("to", str(args[0]), kwargs.get("non_blocking")))
+        return self
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    monkeypatch.setattr(torch.Tensor, "to", fake_to)
+    to_device(torch.arange(3), "cuda")
+    assert calls == ["pin", ("to", "cuda", True)]
+
+
+# --- issue 20, point 10: one lambda for inputs and targets under bf16 ---------------------------------------------
+@pytest.mark.parametrize("mode", ["batch", "elem", "pair"])
+def test_bf16_inputs_and_targets_get_the_same_per_sample_lambda(mode):
+    cb = MixUp(1.0, num_classes=2, per_sample=True, mode=mode)
+    trainer, module = fast_trainer(), UserClassifier()
+    cb.setup(trainer, module, "fit")
+    # Sample 0 holds ones (class 1), its only partner zeros (class 0): the blend is lerp(0, 1, lam) = lam, exact in
+    # bf16 when lam is a bf16 number, so the pixel shows the lambda the inputs got; the target the one they got.
+    x = torch.stack([torch.ones(4), torch.zeros(4)]).to(torch.bfloat16)
+    rounded = 0
+    for step in range(30):
+        batch = [x, torch.tensor([1, 0])]
+        cb.on_train_batch_start(trainer, module, batch, step)
+        pixel, own = float(batch[0][0, 0]), float(batch[1][0, 1])
+        assert pixel == own  # before: the target kept the float32 lambda, off by up to 2e-3
+        rounded += own != float(torch.tensor(own, dtype=torch.float32).to(torch.bfloat16).float()) or own not in (0, 1)
+    assert rounded > 0  # lambdas were really drawn (not all 0 or 1)
+
+
+def test_bf16_batch_lambda_is_the_same_for_inputs_and_targets_to_float32_precision():
+    # One lambda per batch is a Python float: torch's bf16 lerp computes in float32 with it, as the targets do.
+    cb = MixUp(1.0, num_classes=2)
+    trainer, module = fast_trainer(), UserClassifier()
+    cb.setup(trainer, module, "fit")
+    x = torch.stack([torch.ones(4), torch.zeros(4)]).to(torch.bfloat16)
+    for step in range(10):
+        batch = [x, torch.tensor([1, 0])]
+        cb.on_train_batch_start(trainer, module, batch, step)
+        own = float(batch[1][0, 1])
+        assert float(batch[0][0, 0]) == float(torch.tensor(own).to(torch.bfloat16))  # the bf16 result of that lam

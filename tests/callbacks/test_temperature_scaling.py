@@ -319,6 +319,8 @@ def test_errors(tmp_path: Path) -> None:
     train, val = _loaders()
     with pytest.raises(ValueError, match="is the training dataloader"):
         fast_trainer(tmp_path, callbacks=[TemperatureScaling()]).fit(_user_model(), train, train)
+    with pytest.raises(RuntimeError, match="limit_val_batches=0"):
+        fast_trainer(tmp_path, callbacks=[TemperatureScaling()], limit_val_batches=0).fit(_user_model(), train, val)
     with pytest.raises(ValueError, match="found 2 val dataloaders"):
         fast_trainer(tmp_path, callbacks=[TemperatureScaling()]).fit(
             _TwoLoaders(TinyCNN(num_classes=3)), train, [val, val]

@@ -79,5 +79,58 @@ def test_mixed_one_hot_writes_into_out_and_rejects_a_wrong_out():
     result = mixed_one_hot(y, 3, 0.25, index, smoothing=0.1, out=out)
     assert result.data_ptr() == out.data_ptr()
     assert torch.equal(result, mixed_one_hot(y, 3, 0.25, index, smoothing=0.1))
-    with pytest.raises(ValueError, match=r"Expected `out` as float32 of shape \(3, 3\)"):
+    with pytest.raises(ValueError, match=r"Expected `out` as a float tensor of shape \(3, 3\)"):
         mixed_one_hot(y, 3, 0.25, index, out=torch.empty(3, 4))
+
+
+# --- issue 12, point 5: multi-hot and dense targets -----------------------------------------------------------------
+def test_multi_hot_rows_are_smoothed_per_entry_and_mixed_as_timm_does():
+    from timm.data.mixup import mixup_target
+
+    from lightning_reg.functional.label_smoothing import mixed_one_hot
+
+    y = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    index = torch.arange(3).flip(0)  # timm pairs i with N - 1 - i
+    for lam in (1.0, 0.3):
+        expected = mixup_target(y, 4, lam=lam, smoothing=0.2, multi_label=True)
+        assert torch.allclose(mixed_one_hot(y, 4, lam, index, 0.2, multi_label=True), expected)
+    assert torch.allclose(LF.one_hot(y, 4, 0.2, multi_label=True), y * 0.8 + 0.1)
+    with pytest.raises(ValueError, match="multi-hot float rows"):
+        LF.one_hot(torch.tensor([0, 1]), 4, multi_label=True)
+
+
+def test_rows_that_are_not_distributions_are_reported_with_the_fix():
+    from lightning_reg.functional.label_smoothing import check_rows
+
+    check_rows(torch.tensor([[0.3, 0.7]]))
+    with pytest.raises(ValueError, match=r"rows sum to 1, but a row sums to 2.*multi_label=True"):
+        check_rows(torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+    check_rows(torch.tensor([[1.0, 1.0], [0.0, 1.0]]), multi_label=True)
+    with pytest.raises(ValueError, match=r"entries in \[0, 1\].*softmax"):
+        check_rows(torch.tensor([[2.0, -1.0]]))
+
+
+@pytest.mark.parametrize("targets", [torch.zeros(2, 4, 4, dtype=torch.long), torch.zeros(2, 4, 4)])
+def test_dense_targets_say_plainly_that_they_are_not_supported(targets):
+    with pytest.raises(ValueError, match=r"segmentation masks \(N, H, W\) are not supported") as info:
+        LF.one_hot(targets, 3)
+    assert "Squeeze" not in str(info.value)
+
+
+# --- issue 12, point 8: float64 default dtype -------------------------------------------------------------------
+def test_mixed_one_hot_follows_a_float64_default_dtype():
+    from lightning_reg.functional.label_smoothing import mixed_one_hot
+
+    y, index = torch.tensor([0, 2, 1]), torch.tensor([1, 2, 0])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for lam in (0.3, torch.tensor([0.2, 0.5, 0.9])):
+            out = mixed_one_hot(y, 3, lam, index, smoothing=0.1)
+            rows = LF.one_hot(y, 3, smoothing=0.1)
+            w = lam[:, None] if isinstance(lam, torch.Tensor) else lam
+            assert out.dtype == rows.dtype == torch.float64
+            assert torch.allclose(out, w * rows + (1 - w) * rows[index], atol=1e-15)
+    finally:
+        torch.set_default_dtype(previous)
+    assert mixed_one_hot(y, 3, 0.3, index, dtype=torch.float64).dtype == torch.float64

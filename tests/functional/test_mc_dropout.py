@@ -140,10 +140,61 @@ def test_switching_only_dropout_modules_of_a_transformer_gives_zero_spread_under
 def test_drop_path_is_sampled_only_when_asked() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), DropPath(0.5), nn.Dropout(0.0), nn.Linear(8, 3)).eval()
     inputs = torch.randn(6, 8)
-    without = mc_dropout_predict(model, inputs, 8)
+    with pytest.raises(ValueError, match=r"every dropout layer .* has rate 0.*pass `include_drop_path=True`"):
+        mc_dropout_predict(model, inputs, 8)
     with_drop_path = mc_dropout_predict(model, inputs, 8, include_drop_path=True)
-    assert without.probs.std(dim=0).max() == 0
     assert with_drop_path.probs.std(dim=0).max() > 1e-4
+
+
+def test_timm_vit_with_only_drop_path_raises_naming_include_drop_path() -> None:
+    # timm builds nn.Dropout(p=0) everywhere by default; only stochastic depth is random.
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=2, num_heads=2, drop_path_rate=0.3
+    ).eval()
+    inputs = torch.randn(4, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"rate 0 .*2 drop-path layers with a rate above 0.*include_drop_path=True"):
+        mc_dropout_predict(vit, inputs, 4)
+    with pytest.raises(ValueError, match="include_drop_path=True"):
+        LF.find_mc_dropout_sites(vit)
+    assert mc_dropout_predict(vit, inputs, 4, include_drop_path=True).probs.std(dim=0).max() > 1e-4
+
+
+def test_torchvision_stochastic_depth_is_drop_path() -> None:
+    from torchvision.models import efficientnet_b0
+    from torchvision.ops import StochasticDepth
+
+    torch.manual_seed(0)
+    model = efficientnet_b0(num_classes=3, dropout=0.0, stochastic_depth_prob=0.2).eval()
+    depth = [m for m in model.modules() if isinstance(m, StochasticDepth)]
+    assert len(depth) == 16
+    # Off by default, with the hint (the first block's rate is 0); on with include_drop_path, all of them.
+    with pytest.raises(ValueError, match=r"15 drop-path layers .*StochasticDepth.*include_drop_path=True"):
+        LF.find_mc_dropout_sites(model)
+    found = LF.find_mc_dropout_sites(model, include_drop_path=True)
+    assert set(depth) <= set(found.sites)
+    inputs = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        model.train()(inputs)  # non-trivial BN statistics
+    model.eval()
+    out = mc_dropout_predict(model, inputs, 3, include_drop_path=True, generator=torch.Generator().manual_seed(0))
+    assert out.probs.std(dim=0).max() > 1e-6  # small at initialization, but the samples differ
+
+
+def test_stochastic_depth_in_batch_mode_shares_one_draw_per_call_and_takes_the_naive_loop() -> None:
+    from torchvision.ops import StochasticDepth
+
+    torch.manual_seed(0)
+    inputs = torch.randn(6, 8)
+    for mode, taken in (("row", "cached"), ("batch", "naive")):
+        model = nn.Sequential(nn.Linear(8, 8), StochasticDepth(0.5, mode), nn.Linear(8, 3)).eval()
+        out = mc_dropout_predict(model, inputs, 8, include_drop_path=True, generator=torch.Generator().manual_seed(0))
+        assert out.method == taken
+        if mode == "batch":  # one draw per pass: every row of a sample is dropped or kept together
+            naive = mc_dropout_predict(
+                model, inputs, 8, include_drop_path=True, method="naive", generator=torch.Generator().manual_seed(0)
+            )
+            assert torch.equal(out.probs, naive.probs)
 
 
 def test_zoo_cnn_shows_spread_under_inference_mode_and_no_grad() -> None:
@@ -209,14 +260,11 @@ def test_changed_running_statistics_raise() -> None:
         mc_dropout_predict(_SneakyBN(), torch.randn(4, 8), 2)
 
 
-def test_dropout_with_p_zero_gives_the_eval_output_on_every_path() -> None:
-    torch.manual_seed(0)
+@pytest.mark.parametrize("method", ["auto", "batched", "naive"])
+def test_every_dropout_rate_zero_raises_on_every_path(method: str) -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.0), nn.Linear(16, 3)).eval()
-    inputs = torch.randn(5, 8)
-    expected = model(inputs).softmax(-1)
-    for kwargs in ({}, {"method": "batched"}, {"method": "batched", "chunk_size": 3}, {"method": "naive"}):
-        out = mc_dropout_predict(model, inputs, 4, **kwargs)
-        torch.testing.assert_close(out.probs, expected.expand(4, -1, -1))
+    with pytest.raises(ValueError, match=r"every dropout layer of Sequential has rate 0 \(1 layer: `3`\)"):
+        mc_dropout_predict(model, torch.randn(5, 8), 4, method=method)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -334,7 +382,146 @@ def test_bad_method_and_inputs_and_outputs_raise() -> None:
     model = TinyMLP(dropout=0.5)
     with pytest.raises(ValueError, match="Expected `method` to be one of"):
         mc_dropout_predict(model, torch.randn(2, 8), 3, method="loop")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="Expected `inputs` to be a non-empty tensor"):
+    with pytest.raises(ValueError, match="Expected `inputs` to hold a non-empty tensor"):
         mc_dropout_predict(model, torch.randn(0, 8), 3)
     with pytest.raises(ValueError, match=r"Expected the model to return logits of shape \(6, num_classes\)"):
         mc_dropout_predict(nn.Sequential(nn.Dropout(0.5), nn.Unflatten(1, (2, 4))), torch.randn(2, 8), 3)
+
+
+# --- layers that mix rows in eval mode, (N, 1) logits, NaN statistics, MPS, forward inputs --------------------
+
+
+def _batch_stat_bn(where: str) -> nn.Module:
+    """A BatchNorm that normalizes with the batch's statistics in eval mode, after (head) or around (trunk) dropout."""
+    bn = nn.BatchNorm1d(16, track_running_stats=False)
+    if where == "head":  # a Sequential: split before the dropout, so the cached path samples the head with the BN
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 16), bn, nn.Linear(16, 3))
+    return nn.Sequential(nn.Dropout(0.5), nn.Linear(8, 16), bn, nn.Linear(16, 3))  # no split: dropout comes first
+
+
+@pytest.mark.parametrize(("where", "taken"), [("head", "cached"), ("trunk", "naive")])
+def test_batch_statistics_in_eval_are_sampled_as_the_naive_loop_draw_for_draw(where: str, taken: str) -> None:
+    torch.manual_seed(0)
+    model = _batch_stat_bn(where).eval()
+    inputs = torch.randn(6, 8)
+    naive = mc_dropout_predict(model, inputs, 20, method="naive", generator=torch.Generator().manual_seed(1))
+    ours = mc_dropout_predict(model, inputs, 20, generator=torch.Generator().manual_seed(1), deterministic=True)
+    assert ours.method == taken
+    # Each pass sees exactly the 6 rows the naive loop sees: the same draws give the same probabilities.
+    torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
+    assert ours.deterministic_probs is not None
+    torch.testing.assert_close(ours.deterministic_probs, model(inputs).softmax(-1))
+
+
+def test_a_frozen_batch_norm_keeps_its_running_statistics_and_the_batched_path() -> None:
+    # Lightning's BaseFinetuning.freeze sets track_running_stats=False but keeps the buffers: eval uses them.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout(0.5), nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)).eval()
+    model[2].track_running_stats = False
+    assert mc_dropout_predict(model, torch.randn(6, 8), 4).method == "batched"
+
+
+def test_a_layer_of_your_own_that_mixes_rows_opts_in() -> None:
+    class BatchCentering(nn.Module):
+        mc_dropout_mixes_rows = True
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x - x.mean(dim=0, keepdim=True)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), BatchCentering(), nn.Linear(16, 3)).eval()
+    inputs = torch.randn(6, 8)
+    naive = mc_dropout_predict(model, inputs, 10, method="naive", generator=torch.Generator().manual_seed(1))
+    ours = mc_dropout_predict(model, inputs, 10, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
+
+
+def test_a_single_logit_per_row_raises_and_names_the_two_logit_fix() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+    for method in ("auto", "batched", "naive"):
+        with pytest.raises(ValueError, match=r"got shape \(\d+, 1\).*torch.cat\(\[torch.zeros_like\(z\), z\], dim=1\)"):
+            mc_dropout_predict(model, torch.randn(4, 8), 3, method=method)  # type: ignore[arg-type]
+    # The fix the message names: softmax of [0, z] is [1 - sigmoid(z), sigmoid(z)].
+    z = torch.randn(4, 1)
+    torch.testing.assert_close(torch.cat([torch.zeros_like(z), z], 1).softmax(1)[:, 1:], z.sigmoid())
+
+
+def test_nan_running_statistics_are_not_a_change_and_are_reported_as_nan() -> None:
+    torch.manual_seed(0)
+    model = TinyMLP(batch_norm=True, dropout=0.5).eval()
+    model.body[1].running_var[0] = float("nan")  # what fp16 overflow leaves behind under precision="16-true"
+    with pytest.warns(RuntimeWarning, match=r"Running statistics of TinyMLP are NaN: \['body.1.running_var'\]"):
+        out = mc_dropout_predict(model, torch.randn(4, 8), 3)
+    assert out.probs.isnan().any()
+
+
+def test_check_running_statistics_compares_nan_with_nan_and_still_sees_changes() -> None:
+    bn = nn.BatchNorm1d(3)
+    bn.running_mean[0] = float("nan")
+    from lightning_reg.functional.mc_dropout import check_running_statistics, running_statistics
+
+    before = running_statistics(bn)
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        check_running_statistics(bn, before, during="a test")
+    bn.running_mean[1] = 5.0
+    with pytest.raises(RuntimeError, match=r"changed during a test: \['running_mean'\]"):
+        check_running_statistics(bn, before, during="a test")
+
+
+def test_generator_on_mps_uses_the_mps_rng_functions(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No MPS here: record what `_rng_from` asks of torch.mps (which has no `device` or `current_device`).
+    from lightning_reg.functional.mc_dropout import _rng_from
+
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: calls.append(("get", None)) or torch.tensor([7]))
+    monkeypatch.setattr(torch.mps, "manual_seed", lambda seed: calls.append(("seed", seed)))
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state: calls.append(("set", int(state))))
+    cpu_state = torch.get_rng_state()
+    with _rng_from(torch.Generator().manual_seed(0), torch.device("mps")):
+        torch.rand(3)  # the CPU RNG is forked too
+    assert [c[0] for c in calls] == ["get", "seed", "set"]
+    assert calls[2] == ("set", 7)
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    expected_seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(0)))
+    assert calls[1] == ("seed", expected_seed)
+
+
+class _Masked(nn.Module):
+    """``forward(x, mask)``: mean over the unmasked steps; a model that needs its second argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor, mask: Tensor, *, scale: Tensor | None = None) -> Tensor:
+        h = self.drop(self.proj(x)) * mask[..., None]  # (N, T, 8)
+        h = h.sum(1) / mask.sum(1, keepdim=True)
+        return self.head(h if scale is None else h * scale)
+
+
+def test_forward_inputs_repeat_every_batched_argument_and_pass_shared_ones_as_they_are() -> None:
+    from lightning_reg.forward import ForwardInputs
+
+    torch.manual_seed(0)
+    model = _Masked().eval()
+    x, mask = torch.randn(4, 6, 8), (torch.arange(6)[None] < torch.tensor([6, 3, 2, 1])[:, None]).float()
+    inputs = ForwardInputs((x, mask), {"scale": torch.tensor(2.0)})  # the scalar is shared, not repeated
+    generator = torch.Generator
+    naive = mc_dropout_predict(model, inputs, 5, method="naive", generator=generator().manual_seed(1))
+    per_sample = mc_dropout_predict(
+        model, inputs, 5, method="batched", chunk_size=4, generator=generator().manual_seed(1)
+    )
+    assert torch.equal(per_sample.probs, naive.probs)
+    batched = mc_dropout_predict(model, inputs, 5, method="batched", deterministic=True)  # 20 rows in one pass
+    assert batched.method == "batched"
+    assert batched.probs.shape == (5, 4, 3)
+    assert batched.deterministic_probs is not None
+    torch.testing.assert_close(batched.deterministic_probs, model(x, mask, scale=torch.tensor(2.0)).softmax(-1))
+    # A function of the model is sampled with the naive loop, draw for draw.
+    opaque = mc_dropout_predict(
+        model, lambda m: m(x, mask, scale=torch.tensor(2.0)), 5, generator=generator().manual_seed(1)
+    )
+    assert opaque.method == "naive"
+    assert torch.equal(opaque.probs, naive.probs)

@@ -214,3 +214,44 @@ def test_out_must_not_share_memory_with_inputs_or_serve_inputs_that_require_grad
 def test_sample_mixup_rejects_an_unknown_pairing():
     with pytest.raises(ValueError, match=r"`pairing` to be one of \['shift', 'permutation'\], but got 'flip'"):
         LF.sample_mixup(4, 1.0, pairing="flip")
+
+
+# --- issue 12, point 23: permutation pairing without fixed points ---------------------------------------------------
+def test_permutation_pairing_is_a_uniform_derangement():
+    from collections import Counter
+
+    from lightning_reg.functional.mixup import derangement
+
+    g = _gen()
+    draws = [LF.sample_mixup(8, 1.0, pairing="permutation", generator=g).index for _ in range(300)]
+    assert all(bool((d != torch.arange(8)).all()) for d in draws)  # nobody is paired with itself
+    assert all(sorted(d.tolist()) == list(range(8)) for d in draws)
+    counts = Counter(tuple(derangement(4, generator=g).tolist()) for _ in range(2700))
+    assert len(counts) == 9  # all 9 derangements of 4 elements
+    assert max(counts.values()) < 400
+    assert min(counts.values()) > 200
+    assert derangement(2, generator=g).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="int >= 2"):
+        derangement(1)
+    assert LF.sample_mixup(1, 1.0, pairing="permutation", generator=g).index.tolist() == [0]  # N=1: nothing to mix
+
+
+def test_every_sample_blends_two_labels_as_in_torchvisions_tests():
+    # torchvision's TestCutMixMixUp: labels unique in the batch, so every mixed row has exactly 2 non-zero entries.
+    g = _gen()
+    y = torch.arange(32)
+    for pairing in ("shift", "permutation"):
+        for _ in range(20):
+            params = LF.sample_mixup(32, 1.0, pairing=pairing, generator=g)
+            target = LF.mixed_one_hot(y, 100, params.lam, params.index)
+            assert target.shape == (32, 100)
+            assert torch.allclose(target.sum(-1), torch.ones(32))
+            assert bool(((target != 0).sum(-1) == 2).all())
+
+
+def test_draws_move_to_a_device_as_one_object():
+    params = LF.sample_mixup(4, 1.0, per_sample=True, generator=_gen())
+    moved = params.to(torch.device("meta"))
+    assert moved.index.device.type == "meta"
+    assert moved.lam.device.type == "meta"
+    assert moved.shift == params.shift

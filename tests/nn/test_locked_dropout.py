@@ -54,3 +54,16 @@ def test_locked_dropout_rejects_bad_p(p):
 def test_locked_dropout_rejects_inputs_without_a_time_dimension():
     with pytest.raises(ValueError, match="at least 3 dimensions"):
         locked_dropout(torch.ones(4, 5), 0.5)
+
+
+@pytest.mark.parametrize("shape", [(4, 7, 5), (3, 2, 6)])
+def test_a_generator_on_another_device_draws_the_mask_there_and_copies_it(shape):
+    # A CPU generator with inputs elsewhere (CUDA in practice; the meta device here): torch's bernoulli_ would
+    # refuse (CUDA) or ignore (meta) the generator. The mask is drawn from the generator on its own device.
+    generator = torch.Generator().manual_seed(3)
+    reference = torch.Generator().manual_seed(3)
+    y = locked_dropout(torch.ones(shape, device="meta"), 0.5, generator=generator)
+    assert y.device.type == "meta"
+    assert y.shape == shape
+    torch.empty(shape[0], 1, shape[2]).bernoulli_(0.5, generator=reference)  # the same draw on the CPU
+    assert torch.equal(generator.get_state(), reference.get_state())

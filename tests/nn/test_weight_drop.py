@@ -82,3 +82,16 @@ def test_weight_drop_rejects_unknown_weight_names():
         WeightDrop(nn.LSTM(2, 2), weights=["weight_hh"])
     with pytest.raises(ValueError, match="has no `weight_hh_\\*` parameters"):
         WeightDrop(nn.Linear(2, 2))
+
+
+def test_a_generator_on_another_device_draws_the_mask_there_and_copies_it():
+    # A CPU generator with weights elsewhere (CUDA in practice; the meta device here).
+    generator = torch.Generator().manual_seed(3)
+    reference = torch.Generator().manual_seed(3)
+    dropped = weight_drop(torch.ones(4, 6, device="meta"), 0.5, generator=generator)
+    assert dropped.device.type == "meta"
+    torch.empty(4, 6).bernoulli_(0.5, generator=reference)
+    assert torch.equal(generator.get_state(), reference.get_state())
+    # On one device, the same generator state gives the same mask as before the change.
+    cpu = weight_drop(torch.ones(4, 6), 0.5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(cpu, torch.empty(4, 6).bernoulli_(0.5, generator=torch.Generator().manual_seed(3)) * 2)
