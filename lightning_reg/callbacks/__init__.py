@@ -7,6 +7,7 @@ from lightning_reg.callbacks.label_smoothing import LabelSmoothing
 from lightning_reg.callbacks.mc_dropout import MCDropoutEvaluation
 from lightning_reg.callbacks.mixup import MixUp
 from lightning_reg.callbacks.mixup_cutmix import MixUpCutMix
+from lightning_reg.callbacks.regularization_check import RegularizationCheck
 
 __all__: list[str] = [
     "BNRecalibration",
@@ -16,4 +17,5 @@ __all__: list[str] = [
     "MixUpCutMix",
     "LabelSmoothing",
     "MCDropoutEvaluation",
+    "RegularizationCheck",
 ]
