@@ -272,7 +272,7 @@ def _train_and_test(
     plot_to: Path,
 ) -> tuple[list[DemoRow], str, Path | None]:
     import zoo
-    from lightning_reg import MCDropoutEvaluation
+    from lightning_reg import MCDropoutEvaluation, RegularizationCheck
 
     setup = _SETUPS[name]
     L.seed_everything(seed, verbose=False)
@@ -283,7 +283,7 @@ def _train_and_test(
     )
     mc = MCDropoutEvaluation(n_samples=_MC_SAMPLES, stages=("test",), plot=True)
     task = progress.add_task(f"{name} {recipe}", total=epochs) if progress is not None else None
-    callbacks: list[Callback] = [*extra, mc]
+    callbacks: list[Callback] = [*extra, mc, RegularizationCheck()]
     if progress is not None:
         callbacks.append(_EpochProgress(progress, task))
     with tempfile.TemporaryDirectory(prefix="lightning-reg-demo-") as root:

@@ -120,7 +120,9 @@ def _names(names: Sequence[str]) -> str:
 
 
 # --- inventory ---------------------------------------------------------------------------------------------
-DropoutFamily = Literal["dropout", "channel dropout", "locked dropout", "drop path", "weight drop", "attention", "rnn"]
+DropoutFamily = Literal[
+    "dropout", "channel dropout", "locked dropout", "drop path", "weight drop", "attention", "rnn", "functional"
+]
 
 
 @dataclass(frozen=True)
@@ -196,8 +198,12 @@ class RegularizationSummary:
             [n.name, n.kind, _fmt(n.momentum), _fmt(n.eps), _fmt(n.track_running_stats), n.state] for n in self.norms
         ]
         tables = [
-            ("Dropout-like layers", ["where", "kind", "drops", "rate", "mode"], drop_rows),
-            ("Normalization layers", ["where", "kind", "momentum", "eps", "track_running_stats", "state"], norm_rows),
+            ("Dropout-like layers", ["where", "kind", "drops", "rate", "mode"], _compact(drop_rows)),
+            (
+                "Normalization layers",
+                ["where", "kind", "momentum", "eps", "track_running_stats", "state"],
+                _compact(norm_rows),
+            ),
         ]
         if self.decay is None:
             tables.append(("Weight decay", ["note"], [["no optimizer yet: configured at fit start"]]))
@@ -236,6 +242,19 @@ class RegularizationSummary:
                 table.add_row(*row)
             tables.append(table)
         return Group(*tables)
+
+
+_INDEX = re.compile(r"(?<![^.])\d+(?![^.])")  # a numeric path component: `blocks.3.norm1` -> `blocks.*.norm1`
+
+
+def _compact(rows: list[list[str]]) -> list[list[str]]:
+    """Rows that differ only in the indices of their module path (repeated blocks) as one ``blocks.*.x (xN)`` row."""
+    groups: dict[tuple[str, ...], list[list[str]]] = {}
+    for row in rows:
+        groups.setdefault((_INDEX.sub("*", row[0]), *row[1:]), []).append(row)
+    return [
+        [f"{key[0]} (x{len(members)})", *key[1:]] if len(members) > 1 else members[0] for key, members in groups.items()
+    ]
 
 
 def _fmt(value: object) -> str:
@@ -281,8 +300,13 @@ def _dropout_layer(name: str, module: nn.Module) -> DropoutLayer | None:
         family, rate = "weight drop", _number(module, "p")
     elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
         family, rate = "attention", float(module.dropout)
-    elif isinstance(module, nn.RNNBase) and module.dropout > 0:
+    elif isinstance(module, nn.RNNBase) and module.dropout > 0 and module.num_layers > 1:
         family, rate = "rnn", float(module.dropout)  # between stacked layers of one nn.LSTM/GRU/RNN
+    elif type(module).__module__.startswith("timm.") and _number(module, "drop_rate", "attn_drop_p") > 0:
+        # timm models that drop with `F.dropout(x, self.drop_rate, self.training)` in `forward_head` (ResNet,
+        # EfficientNet, ...) or `dropout_p=self.attn_drop_p` in SDPA: MCDropoutEvaluation samples them too.
+        family, rate = "functional", _number(module, "drop_rate", "attn_drop_p")
+        kind = f"{kind}.drop_rate" if _number(module, "drop_rate") > 0 else f"{kind}.attn_drop_p"
     else:
         return None
     return DropoutLayer(name, kind, family, rate, module.training)
