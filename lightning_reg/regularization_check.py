@@ -193,7 +193,9 @@ class RegularizationSummary:
 
     def tables(self) -> list[tuple[str, list[str], list[list[str]]]]:
         """``(title, header, rows)`` of each table."""
-        drop_rows = [[d.name, d.kind, d.family, f"{d.rate:g}", "train" if d.training else "eval"] for d in self.dropouts]
+        drop_rows = [
+            [d.name, d.kind, d.family, f"{d.rate:g}", "train" if d.training else "eval"] for d in self.dropouts
+        ]
         norm_rows = [
             [n.name, n.kind, _fmt(n.momentum), _fmt(n.eps), _fmt(n.track_running_stats), n.state] for n in self.norms
         ]
@@ -209,8 +211,15 @@ class RegularizationSummary:
             tables.append(("Weight decay", ["note"], [["no optimizer yet: configured at fit start"]]))
         else:
             decay_rows = [
-                [g.optimizer, str(g.group), _fmt(g.lr), f"{g.weight_decay:g}", g.applied, str(g.params)]
-                + [str(len(g.norm_or_bias))]
+                [
+                    g.optimizer,
+                    str(g.group),
+                    _fmt(g.lr),
+                    f"{g.weight_decay:g}",
+                    g.applied,
+                    str(g.params),
+                    str(len(g.norm_or_bias)),
+                ]
                 for g in self.decay
             ]
             header = ["optimizer", "group", "lr", "weight_decay", "applied as", "params", "norm/bias decayed"]
@@ -407,7 +416,8 @@ def decay_groups(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) 
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
-        >>> [(g.optimizer, g.weight_decay, len(g.norm_or_bias)) for g in decay_groups(net, [torch.optim.AdamW(net.parameters())])]
+        >>> groups = decay_groups(net, [torch.optim.AdamW(net.parameters())])
+        >>> [(g.optimizer, g.weight_decay, len(g.norm_or_bias)) for g in groups]
         [('0: AdamW', 0.01, 3)]
     """
     special = _norm_or_bias_ids(model)
@@ -515,8 +525,8 @@ def _smoothing_sources(model: nn.Module, callbacks: Sequence[object]) -> list[st
         elif "MixingCallback" in names and float(getattr(cb, "label_smoothing", 0.0) or 0.0) > 0:
             sources.append(f"{type(cb).__name__}(label_smoothing={cb.label_smoothing})")  # type: ignore[attr-defined]
     attribute = getattr(model, "label_smoothing", None)
-    hparams = getattr(model, "hparams", None)
-    hparam = hparams.get("label_smoothing") if isinstance(hparams, dict) or hasattr(hparams, "get") else None
+    hparams: Any = getattr(model, "hparams", None)
+    hparam = hparams.get("label_smoothing") if hasattr(hparams, "get") else None
     value = attribute if isinstance(attribute, int | float) and not isinstance(attribute, bool) else hparam
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         sources.append(f"{type(model).__name__}.label_smoothing={value}")
@@ -569,7 +579,7 @@ def _check_smoothing_and_mixing(model: nn.Module, callbacks: Sequence[object]) -
 
 
 def _check_mc_dropout(model: nn.Module, callbacks: Sequence[object], dropouts: list[DropoutLayer]) -> list[Finding]:
-    findings = []
+    findings: list[Finding] = []
     mcs = _mc_callbacks(callbacks)
     if not mcs:
         return findings
@@ -684,7 +694,8 @@ def regularization_findings(
 
     Example:
         >>> net = nn.Linear(3, 2)
-        >>> [f.code for f in regularization_findings(net, optimizers=[torch.optim.Adam(net.parameters(), weight_decay=1e-4)])]
+        >>> adam = torch.optim.Adam(net.parameters(), weight_decay=1e-4)
+        >>> [f.code for f in regularization_findings(net, optimizers=[adam])]
         ['coupled-weight-decay', 'decay-on-norm-or-bias']
     """
     callbacks, optimizers = _trainer_parts(trainer, callbacks, optimizers)
@@ -865,7 +876,10 @@ class ForwardTrace(TorchFunctionMode):
         modules = dict(model.named_modules())
         findings = []
         if self.feeds:
-            pairs = [f"`{d}` -> `{bns[0]}`" + (f" (+{len(bns) - 1})" if len(bns) > 1 else "") for d, bns in self.feeds.items()]
+            pairs = [
+                f"`{d}` -> `{bns[0]}`" + (f" (+{len(bns) - 1})" if len(bns) > 1 else "")
+                for d, bns in self.feeds.items()
+            ]
             involved = tuple(dict.fromkeys([*self.feeds, *(b for bns in self.feeds.values() for b in bns)]))
             findings.append(
                 Finding(
@@ -937,9 +951,8 @@ class ForwardTrace(TorchFunctionMode):
             if module is None or call.training:
                 continue
             layer = _dropout_layer(name, module)
-            if layer is not None and layer.rate > 0:
-                relevant.append(name)
-            elif isinstance(module, _BatchNorm | _InstanceNorm) and module.track_running_stats:
+            tracks = isinstance(module, _BatchNorm | _InstanceNorm) and module.track_running_stats
+            if (layer is not None and layer.rate > 0) or tracks:
                 relevant.append(name)
         unintended = []
         for name in relevant:
@@ -962,8 +975,7 @@ class ForwardTrace(TorchFunctionMode):
                 "in eval mode dropout does nothing and BatchNorm normalizes with fixed running statistics, so they "
                 "neither regularize nor adapt; this usually comes from a `.eval()` call (a pretrained backbone, an "
                 "evaluation in the training code) that was never undone",
-                "PyTorch `nn.Module.train`/`eval`; Lightning warns about modules in eval mode at the start of "
-                "training",
+                "PyTorch `nn.Module.train`/`eval`; Lightning warns about modules in eval mode at the start of training",
                 "call `.train()` on them (e.g. in `on_train_epoch_start`); if frozen statistics are intended "
                 "(fine-tuning), also freeze their parameters (`requires_grad_(False)`).",
             )

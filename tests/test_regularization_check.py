@@ -19,7 +19,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, RichProgressBar
 from torch import Tensor, nn
 
 import lightning_reg
@@ -180,9 +180,7 @@ def test_elementwise_dropout_on_feature_maps_is_found_and_spatial_dropout_is_not
 
 def test_dropout_on_pooled_or_attention_tensors_is_not_a_feature_map() -> None:
     # (N, C, 1, 1) after global pooling: element-wise and channel dropout are the same thing.
-    pooled = nn.Sequential(
-        nn.Conv2d(1, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Dropout(0.3), nn.Flatten(), nn.Linear(8, 3)
-    )
+    pooled = nn.Sequential(nn.Conv2d(1, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Dropout(0.3), nn.Flatten(), nn.Linear(8, 3))
     assert codes(fit(Module(pooled, adamw), images=True)) == []
     # A ViT: conv patch embedding, then nn.Dropout on the 4-D (N, heads, T, T) attention weights.
     vit = zoo.TransformerClassifier(
@@ -458,7 +456,8 @@ def test_inventory_weight_decay_as_each_optimizer_applies_it() -> None:
 
 
 def test_inventory_lists_our_callbacks_and_groups_repeated_blocks() -> None:
-    trainer = fast_trainer(callbacks=[MixUpCutMix(), LabelSmoothing(0.1), RegularizationCheck(), L.pytorch.callbacks.EarlyStopping("val_loss")])
+    callbacks = [MixUpCutMix(), LabelSmoothing(0.1), RegularizationCheck(), EarlyStopping("val_loss")]
+    trainer = fast_trainer(callbacks=callbacks)
     summary = regularization_summary(zoo.create("vit_tiny"), trainer)
     assert [name for name, _ in summary.callbacks] == ["MixUpCutMix", "LabelSmoothing", "EarlyStopping"]
     assert "smoothing=0.1" in dict(summary.callbacks)["LabelSmoothing"]
