@@ -755,7 +755,6 @@ class ForwardTrace(TorchFunctionMode):
         self.model = model
         self.feeds: dict[str, list[str]] = {}  # dropout name -> BatchNorm names it feeds (training BN with stats)
         self.calls: dict[str, _Call] = {}  # first call of every dropout-like and norm layer
-        self.model_training = model.training
         self._tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._handles: list[Any] = []
         self._active = False
@@ -765,7 +764,6 @@ class ForwardTrace(TorchFunctionMode):
         """Install the hooks and the mode."""
         if self._active:
             return self
-        self.model_training = self.model.training
         for name, module in self.model.named_modules():
             layer = _dropout_layer(name, module)
             if layer is not None:
@@ -943,8 +941,7 @@ class ForwardTrace(TorchFunctionMode):
         return findings
 
     def _eval_mode_findings(self, modules: dict[str, nn.Module]) -> list[Finding]:
-        if not self.model_training:
-            return []
+        # Everything traced ran inside a training step: a layer in eval mode there is left over or frozen.
         relevant = []
         for name, call in self.calls.items():
             module = modules.get(name)

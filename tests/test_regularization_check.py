@@ -335,6 +335,15 @@ def test_layers_left_in_eval_mode_are_found_unless_their_part_is_frozen() -> Non
         assert codes(fit(EvalDropout(frozen=True))) == []
 
 
+def test_a_whole_model_left_in_eval_mode_is_found() -> None:
+    model = Module(mlp(nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3)), adamw).eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+        check = fit(model)
+    assert codes(check) == ["eval-mode-in-training"]
+    assert "<model>" in check.findings[0].message
+
+
 def test_frozen_batchnorm_fine_tuning_is_intended_and_listed_as_frozen() -> None:
     model = zoo.ImageClassifier(num_classes=3, backbone="test_resnet", in_channels=1, freeze_bn=True)
     with warnings.catch_warnings():
