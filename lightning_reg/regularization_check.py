@@ -70,6 +70,7 @@ _WEIGHT_DROP = frozenset({"lightning_reg.nn.weight_drop.WeightDrop"})
 _CHANNEL_DROPOUT = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.FeatureAlphaDropout)
 _NORM_NAME = re.compile(r"Norm(\d+d)?$")
 _CONV = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_LAYOUT_CHANGES = frozenset({"permute", "transpose", "transpose_", "movedim", "moveaxis", "swapaxes", "swapdims"})
 _MAX_NAMES = 4  # module names quoted in one finding before "and N more"
 
 
@@ -811,6 +812,8 @@ class ForwardTrace(TorchFunctionMode):
                 dropouts |= tag.dropouts
                 if tag.conv_ndim:
                     conv_ndims.add(tag.conv_ndim)
+        if conv_ndims and getattr(func, "__name__", "") in _LAYOUT_CHANGES:
+            conv_ndims = set()  # channels no longer on dim 1 (ConvNeXt's channels-last MLP): not an NCHW map
         if dropouts or conv_ndims:
             for t in _tensors(out):
                 self._mark(t, dropouts, t.ndim if t.ndim in conv_ndims else 0)
@@ -830,7 +833,7 @@ class ForwardTrace(TorchFunctionMode):
     def _dropout_pre_hook(self, name: str, layer: DropoutLayer) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = self._record(name, module, args)
-            if x is None or layer.family != "dropout":
+            if x is None or layer.family != "dropout" or layer.rate == 0:
                 return
             tag = self._tags.get(x)
             if tag is not None and tag.conv_ndim and x.ndim == tag.conv_ndim and x.shape[2:].numel() > 1:

@@ -182,11 +182,35 @@ def test_dropout_on_pooled_or_attention_tensors_is_not_a_feature_map() -> None:
     # (N, C, 1, 1) after global pooling: element-wise and channel dropout are the same thing.
     pooled = nn.Sequential(nn.Conv2d(1, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Dropout(0.3), nn.Flatten(), nn.Linear(8, 3))
     assert codes(fit(Module(pooled, adamw), images=True)) == []
+    assert codes(fit(Module(cnn(nn.Dropout(0.0)), adamw), images=True)) == []  # timm's default: rate 0
     # A ViT: conv patch embedding, then nn.Dropout on the 4-D (N, heads, T, T) attention weights.
     vit = zoo.TransformerClassifier(
         num_classes=3, image_size=8, patch_size=2, in_channels=1, dim=16, depth=1, num_heads=2, attn_dropout=0.1
     )
     assert codes(fit(vit, images=True)) == []
+
+
+def test_elementwise_dropout_on_maps_in_a_torchvision_model_and_not_on_channels_last_maps() -> None:
+    # torchvision's SqueezeNet drops elements of the (N, 512, H, W) maps before its final 1x1 convolution.
+    squeezenet = torchvision.models.squeezenet1_1(num_classes=3).train()
+    with ForwardTrace(squeezenet) as trace:
+        squeezenet(torch.randn(2, 3, 64, 64))
+    assert [(f.code, f.modules) for f in trace.findings(squeezenet)] == [
+        ("elementwise-dropout-on-maps", ("classifier.0",))
+    ]
+
+    class ChannelsLast(nn.Module):  # ConvNeXt's MLP: Linear layers over a permuted (N, H, W, C) map
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc, self.drop = nn.Conv2d(1, 8, 3), nn.Linear(8, 8), nn.Dropout(0.1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.drop(self.fc(self.conv(x).permute(0, 2, 3, 1)))
+
+    net = ChannelsLast()
+    with ForwardTrace(net) as trace:
+        net(torch.randn(2, 1, 8, 8))
+    assert trace.findings(net) == []
 
 
 # --- 3. L2 through an adaptive optimizer --------------------------------------------------------------------
@@ -474,6 +498,24 @@ def test_inventory_lists_our_callbacks_and_groups_repeated_blocks() -> None:
     assert "net.blocks.*.norm1 (x12)" in text
     # Each of the 12 blocks' drop path has its own rate (linear in depth): kept apart.
     assert sum(1 for line in text.splitlines() if "DropPath" in line) == 11  # block 0 has rate 0: an Identity
+
+
+def test_lightnings_demo_transformer_is_listed_and_has_no_finding() -> None:
+    from lightning.pytorch.demos import LightningTransformer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Demo(LightningTransformer):
+        def prepare_data(self) -> None:  # the demo downloads WikiText-2 here; random tokens are enough
+            pass
+
+    model = Demo(vocab_size=50)
+    tokens = TensorDataset(torch.randint(50, (32, 12)), torch.randint(50, (32, 12)))
+    check = RegularizationCheck(summary="off")
+    fast_trainer(limit_train_batches=1, callbacks=[check]).fit(model, DataLoader(tokens, batch_size=16))
+    assert check.findings == []
+    assert check.summary is not None
+    families = {d.family for d in check.summary.dropouts}
+    assert families == {"dropout", "attention"}  # nn.Dropout modules and nn.MultiheadAttention(dropout=0.2)
 
 
 # --- the callback -------------------------------------------------------------------------------------------
