@@ -381,7 +381,8 @@ def norm_layers(model: nn.Module) -> list[NormLayer]:
     return layers
 
 
-_ADAPTIVE_DECOUPLABLE = ("Adam", "NAdam", "RAdam")  # torch's Adam/AdamW/NAdam/RAdam: `decoupled_weight_decay`
+# Coupled unless `decoupled_weight_decay=True` (torch >= 2.6 for Adam; AdamW always decouples, whatever its base).
+_ADAPTIVE_DECOUPLABLE = ("Adam", "NAdam", "RAdam")
 _ADAPTIVE_COUPLED = ("Adamax", "Adagrad", "RMSprop", "Adadelta", "SparseAdam")
 
 
@@ -391,9 +392,11 @@ def _applied(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> tuple[s
     if wd == 0:
         return "none", False
     classes = _class_names(optimizer)
-    if any(c in classes for c in _ADAPTIVE_DECOUPLABLE) and "decoupled_weight_decay" in group:
-        if group["decoupled_weight_decay"]:
-            return "decoupled: p *= 1 - lr * wd", False
+    if "AdamW" in classes or (
+        any(c in classes for c in _ADAPTIVE_DECOUPLABLE) and group.get("decoupled_weight_decay", False)
+    ):
+        return "decoupled: p *= 1 - lr * wd", False
+    if any(c in classes for c in _ADAPTIVE_DECOUPLABLE):
         return "L2 in the gradient, rescaled by the adaptive step", True
     if any(c in classes for c in _ADAPTIVE_COUPLED):
         return "L2 in the gradient, rescaled by the adaptive step", True

@@ -223,8 +223,10 @@ def test_elementwise_dropout_on_maps_in_a_torchvision_model_and_not_on_channels_
         (lambda p: torch.optim.Adam(split_groups(p, 1e-2), decoupled_weight_decay=True), []),
         (lambda p: torch.optim.SGD(split_groups(p, 1e-4), lr=0.1), []),
         (lambda p: torch.optim.Adam(p), []),
+        (lambda p: torch.optim.NAdam(split_groups(p, 1e-4)), ["coupled-weight-decay"]),
+        (lambda p: torch.optim.NAdam(split_groups(p, 1e-2), decoupled_weight_decay=True), []),
     ],
-    ids=["Adam", "RMSprop", "AdamW", "Adam-decoupled", "SGD", "Adam-no-decay"],
+    ids=["Adam", "RMSprop", "AdamW", "Adam-decoupled", "SGD", "Adam-no-decay", "NAdam", "NAdam-decoupled"],
 )
 def test_coupled_weight_decay_of_adaptive_optimizers(optimizer: Any, expected: list[str]) -> None:
     assert codes(fit(Module(mlp(nn.ReLU()), optimizer))) == expected
