@@ -107,7 +107,8 @@ def main() -> None:
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     table = "\n".join(
         [
-            "| model | plain step (ms) | traced step (ms) | trace extra (ms) | fit start (ms) | (fit start + trace) / step |",
+            "| model | plain step (ms) | traced step (ms) | trace extra (ms) | fit start (ms) "
+            "| (fit start + trace) / step |",
             "|---|---|---|---|---|---|",
             *rows,
         ]
