@@ -631,6 +631,15 @@ def test_dict_batches_and_accumulation_are_traced_through_the_real_step() -> Non
     assert codes(check) == ["small-bn-batch"]
 
 
+@pytest.mark.parametrize(
+    "flags", [{"precision": "bf16-mixed"}, {"fast_dev_run": True}], ids=["bf16-mixed", "fast_dev_run"]
+)
+def test_trainer_flags_keep_the_trace(flags: dict[str, Any]) -> None:
+    net = mlp(nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 16), nn.BatchNorm1d(16))
+    assert codes(fit(Module(net, adamw), batch_size=8, **flags)) == ["dropout-before-bn", "small-bn-batch"]
+    assert _hook_counts(net) == [0] * len(list(net.modules()))
+
+
 # --- no finding on the zoo, its configs, the demo and the examples ------------------------------------------
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*_digits*.yaml"))
 # Waiting for `TemperatureScaling` (issue 13, built on another branch): the regularized configs that evaluate MC
