@@ -64,7 +64,11 @@ class MyClassifier(L.LightningModule):
         self.log("test_acc", (self(x).argmax(1) == y).float().mean())
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.05)
+        # Decay the weight matrices and kernels only: biases and BatchNorm gains are left undecayed.
+        decay = [p for p in self.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=3e-3)
 
 
 def main(epochs: int = 10, limit_batches: int | float = 1.0) -> dict[str, float]:

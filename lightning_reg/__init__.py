@@ -9,8 +9,10 @@ from lightning_reg.callbacks.mc_dropout import MCDropoutEvaluation
 from lightning_reg.callbacks.mixup import MixUp
 from lightning_reg.callbacks.mixup_cutmix import MixUpCutMix
 from lightning_reg.callbacks.regmixup import RegMixup
+from lightning_reg.callbacks.regularization_check import RegularizationCheck
 from lightning_reg.callbacks.temperature_scaling import TemperatureScaling
 from lightning_reg.plotting import plot_reliability
+from lightning_reg.regularization_check import RegularizationWarning, regularization_summary
 from lightning_reg.targets import hard_targets
 
 __version__ = "0.1.0"
@@ -29,4 +31,7 @@ __all__ = [
     "LabelSmoothing",
     "TemperatureScaling",
     "RegMixup",
+    "RegularizationCheck",
+    "RegularizationWarning",
+    "regularization_summary",
 ]

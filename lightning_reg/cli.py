@@ -18,6 +18,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_reg.callbacks.regularization_check import RegularizationCheck
+
 __all__ = ["LightningRegCLI", "cli", "main"]
 
 
@@ -28,6 +30,7 @@ class LightningRegCLI(LightningCLI):
     ``trainer.enable_progress_bar`` is not ``false``, so a user's ``--trainer.callbacks+=TQDMProgressBar`` (or
     any ``ProgressBar``) replaces it and ``--trainer.enable_progress_bar false`` turns it off. (Lightning >= 2.6
     picks ``RichProgressBar`` itself when ``rich`` is installed; this makes it independent of that version.)
+    A :class:`~lightning_reg.RegularizationCheck` is added the same way unless the command configures one.
 
     Example:
         >>> import zoo
@@ -47,7 +50,11 @@ class LightningRegCLI(LightningCLI):
         # `None` (the Trainer's default) means enabled.
         enabled = trainer_config.get("enable_progress_bar") is not False
         if enabled and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+            callbacks = [*callbacks, RichProgressBar()]
+            kwargs["callbacks"] = callbacks
+        # The guard rails (inventory and checks at fit start), unless the command configures its own.
+        if not any(isinstance(c, RegularizationCheck) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, RegularizationCheck()]
         return super().instantiate_trainer(**kwargs)
 
 

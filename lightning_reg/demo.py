@@ -439,6 +439,7 @@ def _data(name: str, seed: int, *, noisy: bool) -> Any:
 
 def _fit(name: str, recipe: str, data: Any, seed: int, options: _Options) -> tuple[L.LightningModule, str, float]:
     import zoo
+    from lightning_reg import RegularizationCheck
 
     setup = _SETUPS[name]
     epochs = options.epochs if options.epochs is not None else setup.epochs
@@ -447,7 +448,7 @@ def _fit(name: str, recipe: str, data: Any, seed: int, options: _Options) -> tup
     extra = (
         regularizers(model, as_sequence=setup.as_sequence, num_classes=data.num_classes) if recipe != "plain" else []
     )
-    callbacks: list[Callback] = list(extra)
+    callbacks: list[Callback] = [*extra, RegularizationCheck()]
     if options.progress is not None:
         noisy = " noisy" if data.label_noise else ""
         task = options.progress.add_task(f"{name} {recipe}{noisy} s{seed}", total=epochs)

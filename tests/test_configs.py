@@ -102,6 +102,8 @@ def check_fitted(result, name: str) -> None:
     assert f"zoo.{type(result.model).__name__}" == written["model"]["class_path"]
     assert {"train_loss", "val_loss", "val_acc"} <= set(result.trainer.callback_metrics)
     ours = [type(c).__name__ for c in result.trainer.callbacks if type(c).__module__.startswith("lightning_reg")]
+    assert ours.count("RegularizationCheck") == 1  # the guard rails the CLI adds by default
+    ours.remove("RegularizationCheck")
     assert ours == [c["class_path"].rsplit(".", 1)[-1] for c in written["trainer"].get("callbacks", [])]
 
 

@@ -8,6 +8,7 @@ from lightning_reg.callbacks.mc_dropout import MCDropoutEvaluation
 from lightning_reg.callbacks.mixup import MixUp
 from lightning_reg.callbacks.mixup_cutmix import MixUpCutMix
 from lightning_reg.callbacks.regmixup import RegMixup
+from lightning_reg.callbacks.regularization_check import RegularizationCheck
 from lightning_reg.callbacks.temperature_scaling import TemperatureScaling
 
 __all__: list[str] = [
@@ -20,4 +21,5 @@ __all__: list[str] = [
     "MCDropoutEvaluation",
     "TemperatureScaling",
     "RegMixup",
+    "RegularizationCheck",
 ]
