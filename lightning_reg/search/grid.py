@@ -63,7 +63,11 @@ class OrderedGridSampler(BaseSampler):
 
     def missing(self, study: optuna.Study) -> list[int]:
         """Grid points without a complete, pruned or running trial."""
-        taken = {self.point_of(t) for t in study.get_trials(deepcopy=False, states=_TAKEN)}
+        # Trial k < len(points) holds point k from the moment it exists, before its parameters are stored.
+        taken = {
+            t.number if t.number < len(self.points) else self.point_of(t)
+            for t in study.get_trials(deepcopy=False, states=_TAKEN)
+        }
         return [i for i in range(len(self.points)) if i not in taken]
 
     def chosen(self, trial_number: int) -> int | None:
