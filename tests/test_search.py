@@ -172,7 +172,7 @@ def test_tpe_rerun_with_more_trials_runs_only_the_new_ones(tmp_path):
 def test_resuming_with_another_space_is_refused_before_any_trial(tmp_path, monkeypatch):
     run(tmp_path, {"model.dropout": [0.1]}, sampler="grid")
     monkeypatch.setattr(study_module, "_fit", fail_if_called)
-    with pytest.raises(ValueError, match="was run with space=.*Pass a new `--study-name`"):
+    with pytest.raises(ValueError, match=r"was run with space=.*Pass a new `--study-name`"):
         run(tmp_path, {"model.dropout": [0.2]}, sampler="grid")
 
 
@@ -272,7 +272,7 @@ def test_a_monitor_that_is_never_logged_fails_the_first_trial_and_stops(tmp_path
 
 def test_spawned_ddp_ranks_are_refused_with_the_strategy_that_works(tmp_path):
     fit_args = [*NO_CHECKPOINTS, "--trainer.strategy=ddp_spawn", "--trainer.devices=2"]
-    with pytest.raises(ValueError, match="Use `--trainer.strategy ddp`"):
+    with pytest.raises(ValueError, match=r"Use `--trainer\.strategy ddp`"):
         run(tmp_path, {"model.dropout": [0.1]}, fit_args=fit_args)
 
 
@@ -338,7 +338,8 @@ search(sys.argv[1], {"model.dropout": [0.1, 0.2], "model.weight_decay": [0.0, 0.
 """
 
 
-@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+# The journal file covers the behaviour in the default run; SQLite (same code path, another backend) is slow-only.
+@pytest.mark.parametrize("storage", ["journal", pytest.param("sqlite", marks=pytest.mark.slow)])
 def test_two_worker_processes_on_one_storage_finish_a_6_point_grid_without_repeats(tmp_path, storage):
     url = f"journal:{tmp_path / 'study.log'}" if storage == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
