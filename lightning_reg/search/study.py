@@ -413,6 +413,7 @@ def search(
         return max(target - len(taken), 0)
 
     leader = _Leader(monitor)
+    optuna.storages.fail_stale_trials(study)  # trials of killed workers (RDB heartbeats) are missing, not taken
     with _progress(progress, total=target) as bar:
         bar.advance(target - remaining())
         try:
