@@ -92,8 +92,7 @@ def main() -> None:
         f"| bare `lightning-reg fit` | {b:.2f} | {', '.join(f'{x:.2f}' for x in bare_s)} |",
         f"| search trial (the fit inside the search) | {t:.2f} | {', '.join(f'{x:.2f}' for x in trial_s)} |",
         f"| whole 1-trial search | {s:.2f} | {', '.join(f'{x:.2f}' for x in total_s)} |",
-        f"| constant: search - trial | {statistics.median(constant):.2f} | "
-        f"{', '.join(f'{x:.2f}' for x in constant)} |",
+        f"| constant: search - trial | {statistics.median(constant):.2f} | {', '.join(f'{x:.2f}' for x in constant)} |",
         "",
         f"**Trial / bare fit: {t / b:.3f}x** (goal <= 1.05x), plus a constant "
         f"{statistics.median(constant):.2f} s per search (config and space checks, study creation, the report "
