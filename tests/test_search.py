@@ -83,7 +83,7 @@ def test_a_3_point_grid_runs_3_trials_with_their_values_in_the_models_and_best_y
     assert reproduced.trainer.callback_metrics["val_loss"].item() == pytest.approx(study.best_value, rel=1e-6)
 
     rows = (out / "trials.csv").read_text().splitlines()
-    assert rows[0] == "trial,model.dropout,val_loss,state,seconds"
+    assert rows[0] == "trial,model.dropout,val_loss,val_acc,state,seconds"
     assert len(rows) == 4
     assert (out / "history.png").stat().st_size > 0
     assert (out / "params.png").stat().st_size > 0
@@ -124,6 +124,21 @@ def test_a_callback_switched_on_and_off_by_a_categorical(tmp_path):
         for t in study.trials
     ]
     assert [[c["class_path"] for c in cs] for cs in callbacks] == [["lightning_reg.LabelSmoothing"], []]
+
+
+def test_lightnings_early_stopping_in_the_config_stops_a_trial_as_in_a_plain_fit(tmp_path):
+    early_stopping = [
+        "--trainer.callbacks+=EarlyStopping",
+        "--trainer.callbacks.monitor=val_loss",
+        "--trainer.callbacks.patience=0",
+        "--trainer.callbacks.min_delta=10.0",  # no epoch improves by 10: stop after the second validation
+    ]
+    fit_args = [*NO_CHECKPOINTS, "--trainer.max_epochs=5", *early_stopping]
+    study = run(tmp_path, {"model.dropout": [0.2]}, sampler="grid", pruner="none", fit_args=fit_args)
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE
+    assert sorted(trial.intermediate_values) == [2, 4]
+    assert trial.value == trial.intermediate_values[4]
 
 
 # --- resume ---------------------------------------------------------------------------------------------

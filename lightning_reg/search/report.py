@@ -33,16 +33,20 @@ def _seconds(trial: FrozenTrial) -> float | None:
 
 
 def trial_rows(study: optuna.Study, space: SearchSpace) -> list[dict[str, Any]]:
-    """One row per trial: number, each parameter, the metric, the state and the seconds it took."""
+    """One row per trial: number, each parameter, the metric (and other validation metrics), state and seconds."""
     monitor = study.user_attrs.get("monitor", "value")
+    trials = study.get_trials(deepcopy=False)
+    # The final validation's other metrics (val_acc, ...) beside the monitored one.
+    extra = sorted({m for t in trials for m in t.user_attrs.get("metrics", {}) if m.startswith("val")} - {monitor})
     rows = []
-    for trial in study.get_trials(deepcopy=False):
+    for trial in trials:
         if trial.user_attrs.get("skipped"):
             continue
         values = space.decode(trial.params)
         row: dict[str, Any] = {"trial": trial.number}
         row.update({name: values.get(name) for name in space.names})
         row[monitor] = trial.value
+        row.update({m: trial.user_attrs.get("metrics", {}).get(m) for m in extra})
         row["state"] = _state(trial)
         seconds = _seconds(trial)
         row["seconds"] = round(seconds, 2) if seconds is not None else None

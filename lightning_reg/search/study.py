@@ -468,6 +468,8 @@ def _run_trial(
         trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
         raise
     trial.set_user_attr("seconds", time.perf_counter() - start)
+    metrics = {k: float(v) for k, v in result.trainer.callback_metrics.items() if v.numel() == 1}
+    trial.set_user_attr("metrics", metrics)  # the other metrics of the final validation, for the table
     if callback.pruned_at_step is not None:
         study.tell(trial, state=TrialState.PRUNED)
     else:
