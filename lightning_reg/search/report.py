@@ -163,9 +163,9 @@ def write_figures(study: optuna.Study, out: Path, names: list[str]) -> dict[str,
                 continue
         first = axes.flat[0] if hasattr(axes, "flat") else axes
         figure = first.figure
-        figure.tight_layout()
         path = out / f"{name}.png"
-        figure.savefig(path, dpi=100)
+        # Not tight_layout: it moves the slice plot's colorbar over the last panel.
+        figure.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(figure)
         written[name] = path
     return written
