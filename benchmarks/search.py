@@ -98,8 +98,9 @@ def main() -> None:
         f"{statistics.median(constant):.2f} s per search (config and space checks, study creation, the report "
         "with its figures), paid once, not per trial.",
         "",
-        "The machine is shared by several jobs; single runs vary by several percent. Both are in-process: the "
-        "interpreter's start-up (importing torch and Lightning, about 11 s on this machine) is the same for "
+        "The machine is shared by several jobs: at this load single runs of the same fit vary by tens of percent "
+        "(the runs column); compare medians, and rerun on an idle machine for a tighter ratio. Both are in-process: "
+        "the interpreter's start-up (importing torch and Lightning, about 11 s on this machine) is the same for "
         "`lightning-reg fit` and `lightning-reg search` and is not in either number.",
         "",
     ]

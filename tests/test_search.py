@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -182,6 +183,20 @@ def test_tpe_rerun_with_more_trials_runs_only_the_new_ones(tmp_path):
     run(tmp_path, space, n_trials=1, seed=0)
     study = run(tmp_path, space, n_trials=2, seed=1)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+
+
+def test_the_trial_of_a_killed_worker_is_failed_by_its_stale_heartbeat_and_rerun(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)  # grace period 3 s
+    space = {"model.dropout": [0.1, 0.2]}
+    storage = study_module.make_storage(None, tmp_path / "out")
+    dead = optuna.create_study(study_name="cnn_small_digits-search", storage=storage)
+    killed = dead.ask()  # a worker took trial 0 (grid point 0.1), beat once, then was killed
+    killed.suggest_categorical("model.dropout", [0.1, 0.2])
+    storage.record_heartbeat(killed._trial_id)
+    time.sleep(4)
+    study = run(tmp_path, space, sampler="grid")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert sorted(finished_params(study, "model.dropout")) == [0.1, 0.2]
 
 
 def test_resuming_with_another_space_is_refused_before_any_trial(tmp_path, monkeypatch):

@@ -244,12 +244,11 @@ def make_storage(storage: str | Any | None, out: Path) -> Any:
 @contextlib.contextmanager
 def _heartbeat(storage: Any, trial_id: int) -> Iterator[None]:
     """Record the trial's heartbeat while it runs (RDB storages only)."""
-    from optuna.storages._heartbeat import BaseHeartbeat
-
-    if not isinstance(storage, BaseHeartbeat) or storage.get_heartbeat_interval() is None:
+    # RDBStorage's public heartbeat methods (Optuna's BaseHeartbeat lives in a private module).
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+    if interval is None:
         yield
         return
-    interval = storage.get_heartbeat_interval()
     stop = threading.Event()
 
     def beat() -> None:
