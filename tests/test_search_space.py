@@ -148,3 +148,28 @@ def test_an_unknown_path_inside_the_callbacks_lists_what_is_there():
 def test_a_value_listed_twice_is_refused():
     with pytest.raises(SearchSpaceError, match="lists a value twice"):
         SearchSpace({"model.dropout": [0.1, 0.1]}).resolve(CONFIG)
+
+
+@pytest.mark.parametrize(
+    ("config", "space", "names"),
+    [
+        ("examples/configs/cnn_small_digits.yaml", "examples/search/dropout_grid.yaml", ["model.dropout"]),
+        (
+            "examples/search/cnn_small_digits_mixup.yaml",
+            "examples/search/regularization_tpe.yaml",
+            ["model.dropout", "model.weight_decay", "trainer.callbacks.MixUp.alpha"],
+        ),
+    ],
+)
+def test_the_example_spaces_fit_their_configs(config, space, names):
+    from pathlib import Path
+
+    from lightning_reg.search.study import _check_values_fit_config, complete_config
+
+    root = Path(__file__).parents[1]
+    base = complete_config(["--config", str(root / config)])
+    search_space = SearchSpace.from_file(root / space).resolve(base)
+    _check_values_fit_config(base, search_space)
+    assert search_space.names == names
+    if "grid" in space:
+        assert search_space.grid() == {"model.dropout": [0.1, 0.2, 0.3, 0.4, 0.5]}
