@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from argparse import ArgumentError
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -103,10 +104,25 @@ def complete_config(args: Sequence[str]) -> dict[str, Any]:
         (0.3, None)
     """
     try:
-        parsed = cli(list(args), run=False, cli_class=_ParseOnlyCLI, parser_kwargs={"exit_on_error": False})
+        with _quiet_cli():
+            parsed = cli(list(args), run=False, cli_class=_ParseOnlyCLI, parser_kwargs={"exit_on_error": False})
     except ArgumentError as error:
         raise ConfigError(f"The config does not parse ({' '.join(args)}): {error}") from error
-    return dict(yaml.safe_load(parsed.parser.dump(parsed.config, skip_none=False)))
+    # Keep None values: `trainer.gradient_clip_val: null` is a searchable path. (jsonargparse >= 4.49 renamed
+    # `skip_none` to `skip_unset`.)
+    try:
+        dumped = parsed.parser.dump(parsed.config, skip_unset=False)
+    except TypeError:  # jsonargparse < 4.49
+        dumped = parsed.parser.dump(parsed.config, skip_none=False)
+    return dict(yaml.safe_load(dumped))
+
+
+@contextlib.contextmanager
+def _quiet_cli() -> Iterator[None]:
+    """The search passes ``args`` on purpose: LightningCLI's warning about ``sys.argv`` also holding some is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        yield
 
 
 def _check_values_fit_config(base: Mapping[str, Any], space: SearchSpace) -> None:
@@ -130,7 +146,8 @@ def _fit(config: Mapping[str, Any], callback: TrialPruning, config_path: Path | 
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
         args = ["fit", "--config", str(config_path)]
-        return cli(args, cli_class=_TrialCLI, trainer_defaults={"callbacks": [callback]})
+        with _quiet_cli():
+            return cli(args, cli_class=_TrialCLI, trainer_defaults={"callbacks": [callback]})
 
 
 # --- DDP inside a trial -------------------------------------------------------------------------------------
@@ -236,9 +253,11 @@ def make_storage(storage: str | Any | None, out: Path) -> Any:
         )
     # Several workers on one SQLite file wait for its lock instead of failing after SQLite's 5 s default.
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
-    return optuna.storages.RDBStorage(
-        url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=3 * HEARTBEAT_SECONDS
-    )
+    with warnings.catch_warnings():  # "heartbeat_interval is an experimental feature": Optuna's, not the user's
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=3 * HEARTBEAT_SECONDS
+        )
 
 
 @contextlib.contextmanager
