@@ -117,9 +117,14 @@ def test_tpe_over_a_float_a_log_float_and_a_callback_argument_samples_inside_the
         assert mixup["init_args"]["alpha"] == trial.params["trainer.callbacks.MixUp.alpha"]
 
 
-def test_a_callback_switched_on_and_off_by_a_categorical(tmp_path):
+def test_a_callback_switched_on_and_off_by_a_categorical_with_a_maximized_monitor(tmp_path):
     space = {"trainer.callbacks.LabelSmoothing": [True, False]}
-    study = run(tmp_path, space, sampler="grid", fit_args=[*NO_CHECKPOINTS, "--trainer.callbacks+=LabelSmoothing"])
+    fit_args = [*NO_CHECKPOINTS, "--trainer.callbacks+=LabelSmoothing"]
+    study = run(tmp_path, space, sampler="grid", monitor="val_acc", mode="max", pruner="none", fit_args=fit_args)
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    accuracies = [t.user_attrs["metrics"]["val_acc"] for t in study.trials]
+    assert [t.value for t in study.trials] == accuracies
+    assert study.best_value == max(accuracies)
     callbacks = [
         yaml.safe_load((Path(t.user_attrs["dir"]) / "trial_config.yaml").read_text())["trainer"]["callbacks"]
         for t in study.trials
