@@ -1,11 +1,13 @@
 """The ``lightning-reg`` command: a ``LightningCLI`` over the zoo and our callbacks, plus ``lightning-reg demo``.
 
-``lightning-reg fit|validate|test|predict`` take any zoo model (``--model``), DataModule (``--data``) and
-callbacks (``--trainer.callbacks+=...``) by class name or in a YAML config
+``lightning-reg fit|validate|test|predict`` take any LightningModule (``--model``) and DataModule (``--data``) by
+import path (``--model my_pkg.MyModule``), zoo classes and our callbacks (``--trainer.callbacks+=...``) also by
+their short class name, or everything in a YAML config
 (``lightning-reg fit --config examples/configs/cnn_digits.yaml``); ``--print_config`` prints the full
 configuration. Progress shows with Lightning's ``RichProgressBar`` unless the command names another progress
 bar or ``--trainer.enable_progress_bar false``. ``lightning-reg demo`` is the main job on the bundled digits
-(see :mod:`lightning_reg.demo`).
+(see :mod:`lightning_reg.demo`); ``lightning-reg search`` is a hyperparameter search over a config (see
+:mod:`lightning_reg.search`).
 """
 
 from __future__ import annotations
@@ -58,17 +60,29 @@ class LightningRegCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def cli(args: Sequence[str] | None = None, *, run: bool = True) -> LightningCLI:
-    """Build (and by default run) the ``LightningCLI`` over ``zoo.ClassifierModule`` subclasses.
+def cli(
+    args: Sequence[str] | None = None,
+    *,
+    run: bool = True,
+    cli_class: type[LightningRegCLI] = LightningRegCLI,
+    trainer_defaults: dict[str, Any] | None = None,
+    parser_kwargs: dict[str, Any] | None = None,
+) -> LightningCLI:
+    """Build (and by default run) the ``LightningCLI`` over any ``LightningModule`` and ``LightningDataModule``.
 
-    Models, DataModules and callbacks are found by class path (``zoo.CNNClassifier``,
-    ``lightning_reg.MixUp``) or by the bare class name (``CNNClassifier``, ``MixUp``), because their modules
-    are imported here first.
+    Models, DataModules and callbacks are found by import path (``my_pkg.MyModule``, ``zoo.CNNClassifier``,
+    ``lightning_reg.MixUp``); the zoo's classes and our callbacks also by their bare class name
+    (``CNNClassifier``, ``MixUp``), because their modules are imported here first.
 
     Args:
         args: command-line arguments; ``sys.argv[1:]`` when None.
         run: run the subcommand (``fit``, ``test``, ...); with ``run=False`` the arguments are parsed
             into ``cli.model``/``cli.datamodule``/``cli.trainer`` without a subcommand.
+        cli_class: the ``LightningRegCLI`` (sub)class to build (``lightning-reg search`` uses one that adds its
+            reporting callback).
+        trainer_defaults: ``LightningCLI``'s ``trainer_defaults`` (callbacks listed there are always added).
+        parser_kwargs: extra keyword arguments of every parser (``{"exit_on_error": False}`` raises instead of
+            exiting).
 
     Returns:
         The ``LightningCLI`` instance, whose ``trainer`` holds the logged metrics.
@@ -79,17 +93,23 @@ def cli(args: Sequence[str] | None = None, *, run: bool = True) -> LightningCLI:
         ('CNNClassifier', 'DigitsDataModule')
     """
     import lightning_reg.callbacks  # noqa: F401  (makes our callbacks resolvable by short name)
-    import zoo
+    import zoo  # noqa: F401  (makes the zoo resolvable by short name)
 
-    return LightningRegCLI(
-        zoo.ClassifierModule,
+    # Base classes are Lightning's own, so that any user module resolves by import path; zoo.ClassifierModule
+    # here rejected `--model my_pkg.MyModule` ("does not correspond to a subclass of ClassifierModule").
+    return cli_class(
+        L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=list(args) if args is not None else None,
         run=run,
+        trainer_defaults=trainer_defaults,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "lightning-reg: train zoo models with one-line regularizers."},
+        parser_kwargs={
+            "description": "lightning-reg: train zoo models with one-line regularizers.",
+            **(parser_kwargs or {}),
+        },
     )
 
 
@@ -100,6 +120,11 @@ def main(args: Sequence[str] | None = None) -> None:
         from lightning_reg.demo import demo_cli
 
         demo_cli(argv[1:])
+        return
+    if argv[:1] == ["search"]:
+        from lightning_reg.search import search_cli
+
+        search_cli(argv[1:])
         return
     # None lets LightningCLI read sys.argv itself: passing sys.argv[1:] again as `args` makes it warn that both
     # were given.

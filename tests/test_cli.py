@@ -188,3 +188,106 @@ def test_registry_names_are_not_class_names(capsys):
         cli(["--model=cnn_small", "--data=DigitsDataModule", *QUIET], run=False)
     assert exit_info.value.code == 2
     assert "cnn_small" in capsys.readouterr().err
+
+
+# --- any LightningModule and DataModule by import path (issue 12, point 20) ------------------------------
+
+USER_PACKAGE = '''
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MyModule(L.LightningModule):
+    """A user's module that shares nothing with the zoo."""
+
+    def __init__(self, hidden: int = 8, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.num_classes = 10
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 10)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+'''
+
+
+@pytest.fixture
+def user_package(tmp_path, monkeypatch):
+    """A package `my_pkg` on sys.path, as a user's own project would be."""
+    package = tmp_path / "user_src" / "my_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(USER_PACKAGE)
+    monkeypatch.syspath_prepend(str(package.parent))
+    yield "my_pkg"
+    sys.modules.pop("my_pkg", None)
+
+
+def test_a_user_module_by_import_path_is_accepted_with_its_arguments(user_package):
+    result = cli([f"--model={user_package}.MyModule", "--model.hidden=5", "--data=DigitsDataModule", *QUIET], run=False)
+    assert type(result.model).__module__ == user_package
+    assert type(result.model).__name__ == "MyModule"
+    assert result.model.hparams.hidden == 5
+    assert result.model.net[1].out_features == 5
+
+
+def test_a_user_module_by_import_path_trains_with_our_callbacks_by_short_name(user_package, tmp_path):
+    result = cli(
+        [
+            "fit",
+            f"--model={user_package}.MyModule",
+            "--data=DigitsDataModule",
+            "--trainer.callbacks+=MixUp",
+            "--trainer.callbacks+=LabelSmoothing",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ]
+    )
+    assert result.trainer.global_step == 2
+    assert [type(c) for c in result.trainer.callbacks[:2]] == [lightning_reg.MixUp, lightning_reg.LabelSmoothing]
+    assert "val_loss" in result.trainer.callback_metrics
+
+
+def test_lightning_demo_boring_model_and_datamodule_by_import_path(tmp_path):
+    from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+
+    result = cli(
+        [
+            "fit",
+            "--model=lightning.pytorch.demos.boring_classes.BoringModel",
+            "--data=lightning.pytorch.demos.boring_classes.BoringDataModule",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ]
+    )
+    assert type(result.model) is BoringModel
+    assert type(result.datamodule) is BoringDataModule
+    assert result.trainer.global_step == 3
+
+
+def test_a_class_that_is_not_a_lightning_module_is_rejected_with_its_path(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--model=torch.nn.Linear", "--data=DigitsDataModule", *QUIET], run=False)
+    assert exit_info.value.code == 2
+    assert "torch.nn.Linear" in capsys.readouterr().err
