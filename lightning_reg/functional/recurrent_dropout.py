@@ -155,9 +155,10 @@ def _lstm_steps(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The LSTM recurrence over time-major projected inputs ``xp`` ``(T, N, 4H)``; returns ``(out, h, c)``."""
     outs = []
-    for t in range(xp.shape[0]):
+    # `unbind`, not `xp[t]`: the backward of one `select` per step would write a zero tensor of all of `xp`
+    for t, x_t in enumerate(xp.unbind(0)):
         hm = h if m_h is None else h * m_h
-        gates = torch.addmm(xp[t], hm, w_hh_t)  # (N, 4H), gates i, f, g, o
+        gates = torch.addmm(x_t, hm, w_hh_t)  # (N, 4H), gates i, f, g, o
         i, f, g, o = gates.chunk(4, dim=1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
@@ -177,10 +178,10 @@ def _gru_steps(
 ) -> tuple[Tensor, Tensor]:
     """The GRU recurrence over time-major projected inputs ``xp`` ``(T, N, 3H)``; returns ``(out, h)``."""
     outs = []
-    for t in range(xp.shape[0]):
+    for t, x_t in enumerate(xp.unbind(0)):
         hm = h if m_h is None else h * m_h
         gh = hm @ w_hh_t if b_hh is None else torch.addmm(b_hh, hm, w_hh_t)  # (N, 3H), gates r, z, n
-        i_r, i_z, i_n = xp[t].chunk(3, dim=1)
+        i_r, i_z, i_n = x_t.chunk(3, dim=1)
         h_r, h_z, h_n = gh.chunk(3, dim=1)
         r = torch.sigmoid(i_r + h_r)
         z = torch.sigmoid(i_z + h_z)
