@@ -1,4 +1,4 @@
-"""Keras's label_smoothing, l2 kernel_regularizer and mixup/cutmix in PyTorch, checked: `python examples/keras_losses.py`."""
+"""Keras's label_smoothing, l2 kernel_regularizer and mixup/cutmix in PyTorch: `python examples/keras_losses.py`."""
 
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def main() -> dict[str, float]:
     # In a Trainer, one line each: callbacks=[MixUp(alpha=0.2)], [CutMix(alpha=1.0)] or [MixUpCutMix(...)]
     # --8<-- [end:mixing]
     torch.testing.assert_close(mixed_targets.sum(-1), torch.ones(8))
+    assert mixed.shape == boxed.shape == images.shape
     torch.testing.assert_close(boxed_targets.sum(-1), torch.ones(8))
     return {"smoothed_loss": float(torch_loss), "cutmix_kept": float(kept)}
 

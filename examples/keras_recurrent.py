@@ -38,7 +38,7 @@ def main() -> dict[str, float]:
     model.eval()
     samples = mc_dropout_predict(model, x[:4], 20)  # Monte-Carlo dropout samples the recurrent masks too
     # --8<-- [end:zoo]
-    assert last.shape == (32, 64)
+    assert last.shape == h[0].shape == c[0].shape == (32, 64)
     assert seq.shape == (32, 20, 64)
     return {"mc_mutual_information": float(samples.mutual_information.mean())}
 
