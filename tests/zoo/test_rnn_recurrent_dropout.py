@@ -63,3 +63,25 @@ def test_fits_on_digit_rows_and_mc_dropout_evaluation_logs(tmp_path):
     assert trainer.global_step == 3
     assert "mc/val/mutual_info" in trainer.callback_metrics
     assert float(trainer.callback_metrics["mc/val/mutual_info"]) > 0
+
+
+def test_checkpoint_reloads_and_loads_into_the_plain_model(tmp_path):
+    torch.manual_seed(0)
+    model = zoo.create("lstm", num_classes=3, input_size=4, hidden_size=8, num_layers=2, recurrent_dropout=0.3)
+    trainer = fast_trainer(tmp_path, max_steps=1)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(8, 5, 4), torch.arange(8) % 3), batch_size=4
+    )
+    trainer.fit(model, train_dataloaders=loader)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    restored = zoo.RNNClassifier.load_from_checkpoint(path)
+    assert restored.hparams.recurrent_dropout == 0.3
+    assert isinstance(restored.net.layers[0], VariationalLSTM)
+    plain = zoo.create("lstm", num_classes=3, input_size=4, hidden_size=8, num_layers=2)
+    plain.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+    x = torch.randn(3, 5, 4)
+    model.eval(), restored.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x))
+        torch.testing.assert_close(plain(x), model(x))
