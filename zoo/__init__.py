@@ -4,6 +4,7 @@ from zoo import data
 from zoo.classifier import ClassifierModule
 from zoo.cnn import CNNClassifier
 from zoo.image_classifier import ImageClassifier
+from zoo.mlp import MLPClassifier
 from zoo.registry import MODELS, create, list_models
 from zoo.rnn import RNNClassifier
 from zoo.transformer import TransformerClassifier
@@ -13,6 +14,7 @@ __all__ = [
     "ClassifierModule",
     "CNNClassifier",
     "ImageClassifier",
+    "MLPClassifier",
     "RNNClassifier",
     "TransformerClassifier",
     "create",

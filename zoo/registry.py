@@ -12,12 +12,15 @@ import timm
 from zoo.classifier import ClassifierModule
 from zoo.cnn import CNNClassifier
 from zoo.image_classifier import ImageClassifier
+from zoo.mlp import MLPClassifier
 from zoo.rnn import RNNClassifier
 from zoo.transformer import TransformerClassifier
 
 __all__ = ["MODELS", "create", "list_models"]
 
 MODELS: dict[str, Callable[..., ClassifierModule]] = {
+    # Dense blocks (Linear-BN-ReLU-Dropout) on flattened inputs: 64 features for the 8x8 digits by default.
+    "mlp": MLPClassifier,
     # Conv-BN-ReLU CNNs; the defaults fit 8x8 digits (in_channels=1), any size works (global pooling).
     "cnn_small": partial(CNNClassifier, widths=(32, 64), depth=1),
     "cnn": partial(CNNClassifier, widths=(32, 64, 128), depth=2),
@@ -47,7 +50,7 @@ def list_models() -> list[str]:
 
     Example:
         >>> list_models()
-        ['cnn', 'cnn_small', 'gru', 'lstm', 'resnet18', 'transformer', 'vit_tiny']
+        ['cnn', 'cnn_small', 'gru', 'lstm', 'mlp', 'resnet18', 'transformer', 'vit_tiny']
     """
     return sorted(MODELS)
 

@@ -1,4 +1,4 @@
-"""Recurrent classifiers: LSTM/GRU with input, locked and DropConnect dropout, LayerNorm, variable lengths."""
+"""Recurrent classifiers: LSTM/GRU with input, locked, recurrent and DropConnect dropout, LayerNorm, lengths."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from lightning_reg.nn import LockedDropout, WeightDrop
+from lightning_reg.nn import LockedDropout, VariationalGRU, VariationalLSTM, WeightDrop
 from zoo.classifier import ClassifierModule
 
 __all__ = ["RNN", "Cell", "Pooling", "RNNClassifier"]
@@ -29,9 +29,20 @@ class RNN(nn.Module):
 
     Each recurrent layer is its own ``nn.LSTM``/``nn.GRU`` so that locked dropout and LayerNorm can sit between
     layers: ``[embedding] -> locked input dropout -> (rnn -> [LayerNorm]) x num_layers`` with locked dropout
-    between layers, then pooling over time and a dropout + linear head. With ``weight_drop > 0`` every layer's
-    hidden-to-hidden matrices get DropConnect (:class:`lightning_reg.nn.WeightDrop`), which keeps the fused
-    cuDNN kernel, unlike Keras' step-by-step ``recurrent_dropout``.
+    between layers, then pooling over time and a dropout + linear head.
+
+    Two regularizers of the recurrence, usable alone or together:
+
+    - ``recurrent_dropout`` is Keras's (``LSTM(recurrent_dropout=q)``; :class:`lightning_reg.nn.VariationalLSTM`):
+      each sequence draws one mask on the recurrent state, kept for all its time steps, at every forward pass.
+      Sequences of a batch get different masks, so Monte-Carlo dropout samples it exactly, batched; it needs a
+      step loop in Python (``benchmarks/results/recurrent_dropout.md``) instead of the fused kernel.
+    - ``weight_drop`` is AWD-LSTM's DropConnect (:class:`lightning_reg.nn.WeightDrop`): entries of the
+      hidden-to-hidden *matrices* are dropped, one mask per forward pass shared by the whole batch; the fused
+      (cuDNN) kernel still runs.
+
+    ``input_dropout`` (and ``hidden_dropout`` between layers) is locked dropout on the layer inputs, which is
+    Keras's ``dropout``: one mask per sequence, fixed over time.
 
     The output dropout is applied to the pooled features in the head. That is exactly variational (locked)
     dropout on the output sequence: a mask that is constant over time commutes with taking the last step and
@@ -51,6 +62,7 @@ class RNN(nn.Module):
         input_dropout: locked dropout on the (embedded) inputs.
         hidden_dropout: locked dropout between recurrent layers.
         weight_drop: DropConnect rate on the hidden-to-hidden weights.
+        recurrent_dropout: Keras's recurrent dropout rate on the state (one mask per sequence, fixed in time).
         dropout: dropout on the pooled output, before the classifier.
         layer_norm: LayerNorm after each recurrent layer.
         pooling: ``"last"`` (the state after each sequence's last real step; for the backward direction, after
@@ -63,6 +75,9 @@ class RNN(nn.Module):
         >>> net = RNN(10, input_size=8, hidden_size=16, num_layers=2, bidirectional=True, weight_drop=0.2)
         >>> net(torch.randn(4, 8, 8)).shape
         torch.Size([4, 10])
+        >>> keras_like = RNN(10, input_size=8, hidden_size=16, input_dropout=0.2, recurrent_dropout=0.2)
+        >>> type(keras_like.layers[0]).__name__
+        'VariationalLSTM'
         >>> tokens = RNN(3, vocab_size=100, input_size=12, hidden_size=16, cell="gru")
         >>> tokens(torch.randint(100, (2, 5)), torch.tensor([5, 2])).shape
         torch.Size([2, 3])
@@ -82,6 +97,7 @@ class RNN(nn.Module):
         input_dropout: float = 0.0,
         hidden_dropout: float = 0.0,
         weight_drop: float = 0.0,
+        recurrent_dropout: float = 0.0,
         dropout: float = 0.0,
         layer_norm: bool = False,
         pooling: Pooling = "last",
@@ -100,6 +116,7 @@ class RNN(nn.Module):
             ("input_dropout", input_dropout),
             ("hidden_dropout", hidden_dropout),
             ("weight_drop", weight_drop),
+            ("recurrent_dropout", recurrent_dropout),
             ("dropout", dropout),
         ):
             _check_probability(name, p)
@@ -111,13 +128,25 @@ class RNN(nn.Module):
         self.embedding = nn.Embedding(vocab_size, input_size, padding_idx=padding_idx) if vocab_size else None
         self.input_drop = LockedDropout(input_dropout)
         self.hidden_drop = LockedDropout(hidden_dropout)
-        rnn_class = nn.LSTM if cell == "lstm" else nn.GRU
         directions = 2 if bidirectional else 1
         self.layers = nn.ModuleList()
         self.norms = nn.ModuleList()
         size = input_size
         for _ in range(num_layers):
-            rnn: nn.Module = rnn_class(size, hidden_size, batch_first=True, bidirectional=bidirectional)
+            rnn: nn.Module
+            if recurrent_dropout > 0:  # the same parameters as nn.LSTM/nn.GRU: checkpoints load either way
+                variational = VariationalLSTM if cell == "lstm" else VariationalGRU
+                rnn = variational(
+                    size,
+                    hidden_size,
+                    batch_first=True,
+                    bidirectional=bidirectional,
+                    recurrent_dropout=recurrent_dropout,
+                )
+            else:
+                rnn = (nn.LSTM if cell == "lstm" else nn.GRU)(
+                    size, hidden_size, batch_first=True, bidirectional=bidirectional
+                )
             self.layers.append(WeightDrop(rnn, p=weight_drop) if weight_drop > 0 else rnn)
             size = hidden_size * directions
             self.norms.append(nn.LayerNorm(size) if layer_norm else nn.Identity())
@@ -213,6 +242,7 @@ class RNNClassifier(ClassifierModule):
         input_dropout: float = 0.0,
         hidden_dropout: float = 0.0,
         weight_drop: float = 0.0,
+        recurrent_dropout: float = 0.0,
         dropout: float = 0.1,
         layer_norm: bool = True,
         pooling: Pooling = "last",
@@ -243,6 +273,7 @@ class RNNClassifier(ClassifierModule):
             input_dropout=input_dropout,
             hidden_dropout=hidden_dropout,
             weight_drop=weight_drop,
+            recurrent_dropout=recurrent_dropout,
             dropout=dropout,
             layer_norm=layer_norm,
             pooling=pooling,

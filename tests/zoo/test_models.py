@@ -14,6 +14,7 @@ from tests.helpers import fast_trainer
 TINY = {
     "cnn_small": ({"widths": (4, 8)}, (1, 8, 8)),
     "cnn": ({"widths": (4, 8, 8)}, (1, 8, 8)),
+    "mlp": ({"widths": (8, 8), "in_features": 64}, (1, 8, 8)),
     "resnet18": ({"in_channels": 1}, (1, 16, 16)),
     "lstm": ({"hidden_size": 8, "num_layers": 2, "weight_drop": 0.2, "hidden_dropout": 0.1}, (6, 8)),
     "gru": ({"hidden_size": 8, "bidirectional": True}, (6, 8)),
