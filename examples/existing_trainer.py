@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_reg import BNRecalibration, LabelSmoothing, MCDropoutEvaluation, MixUp, hard_targets
+from lightning_reg import BNRecalibration, LabelSmoothing, MCDropoutEvaluation, MixUp, TemperatureScaling, hard_targets
 from zoo.data import DigitsDataModule
 
 
@@ -84,6 +84,7 @@ def main(epochs: int = 10, limit_batches: int | float = 1.0) -> dict[str, float]
             MixUp(alpha=0.2),
             LabelSmoothing(0.1),
             BNRecalibration(num_batches=20),
+            TemperatureScaling(),  # the mixed and smoothed model is under-confident: calibrate on the val split
             MCDropoutEvaluation(n_samples=20, plot=False),
         ],
     )

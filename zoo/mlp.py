@@ -20,14 +20,16 @@ class MLP(nn.Module):
 
     Keras's ``Dense(256) -> BatchNormalization() -> Activation("relu") -> Dropout(0.2)``, repeated per width.
     The linear layer has no bias when a norm follows (the norm's shift replaces it). The last block's dropout
-    sits in the head, so ``forward_features`` ends at its ReLU (the timm convention of the zoo).
+    sits in the head, so ``forward_features`` ends at its ReLU (the timm convention of the zoo). With
+    ``norm="batch"`` dropout acts only there, after the last BatchNorm: dropout feeding a BatchNorm shifts its
+    variance between train and eval (Li et al., CVPR 2019).
 
     Args:
         num_classes: output classes.
         in_features: features of a flattened input sample (64 for the 8x8 digits, 3072 for CIFAR-10).
         widths: units of each hidden block.
         norm: ``"batch"`` (``nn.BatchNorm1d``), ``"layer"`` (``nn.LayerNorm``) or ``"none"``.
-        dropout: dropout after each hidden block, in ``[0, 1)``.
+        dropout: dropout after each hidden block (only before the classifier with ``norm="batch"``), in ``[0, 1)``.
         input_dropout: dropout on the flattened inputs, in ``[0, 1)``.
 
     Example:
@@ -70,7 +72,9 @@ class MLP(nn.Module):
             elif norm == "layer":
                 layers.append(nn.LayerNorm(width))
             layers.append(nn.ReLU(inplace=True))
-            if k < len(widths) - 1 and dropout > 0:
+            # With BatchNorm, dropout between blocks would feed the next BatchNorm (variance shift, Li et al.,
+            # CVPR 2019; the `dropout-before-bn` guard rail): then it acts only in the head, after the last BN.
+            if k < len(widths) - 1 and dropout > 0 and norm != "batch":
                 layers.append(nn.Dropout(dropout))
             size = width
         self.features = nn.Sequential(*layers)

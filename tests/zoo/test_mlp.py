@@ -16,14 +16,13 @@ def test_blocks_are_linear_norm_relu_dropout_and_match_a_hand_built_sequential()
     torch.manual_seed(0)
     net = MLP(3, in_features=12, widths=(8, 6), norm="batch", dropout=0.25)
     kinds = [type(m).__name__ for m in (*net.features, *net.head)]
-    assert kinds == [
-        "Flatten", "Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"
-    ]  # fmt: skip
+    # with BatchNorm, dropout only after the last BN (dropout feeding a BN shifts its variance)
+    assert kinds == ["Flatten", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"]
     assert net.features[1].bias is None  # the norm's shift replaces the bias
     # the same network written out by hand, as in the Keras articles, with the same weights
     reference = nn.Sequential(
         nn.Flatten(),
-        nn.Linear(12, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.25),
+        nn.Linear(12, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(),
         nn.Linear(8, 6, bias=False), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.25),
         nn.Linear(6, 3),
     )  # fmt: skip
@@ -63,8 +62,10 @@ def test_mc_dropout_caches_the_trunk_when_only_the_head_drops():
     out = mc_dropout_predict(one_block, torch.randn(6, 4), 10, generator=torch.Generator().manual_seed(0))
     assert out.method == "cached"
     assert float(out.mutual_information.mean()) > 0
-    two_blocks = MLP(3, in_features=4, widths=(16, 8), dropout=0.3).eval()
-    assert mc_dropout_predict(two_blocks, torch.randn(6, 4), 4).method == "batched"  # dropout in the trunk
+    two_bn_blocks = MLP(3, in_features=4, widths=(16, 8), dropout=0.3).eval()  # BN: dropout in the head only
+    assert mc_dropout_predict(two_bn_blocks, torch.randn(6, 4), 4).method == "cached"
+    two_ln_blocks = MLP(3, in_features=4, widths=(16, 8), norm="layer", dropout=0.3).eval()
+    assert mc_dropout_predict(two_ln_blocks, torch.randn(6, 4), 4).method == "batched"  # dropout in the trunk
 
 
 def test_errors_say_what_was_wrong():
