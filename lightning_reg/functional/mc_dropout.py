@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -504,6 +505,46 @@ class _Prefix(nn.Module):
         self.prefix, self.suffix = prefix, suffix
 
 
+_INPLACE_FUNCTIONS = frozenset(
+    {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow, operator.setitem}
+)
+_VIEW_METHODS = frozenset(
+    {
+        "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "narrow",
+        "select", "squeeze", "unsqueeze", "expand", "expand_as", "t", "split", "chunk", "unbind", "__getitem__",
+        "as_strided", "detach", "contiguous",
+    }
+)  # fmt: skip
+_VIEW_FUNCTIONS = frozenset(
+    {
+        torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.narrow,
+        torch.select, torch.split, torch.chunk, torch.unbind, torch.t, torch.detach, operator.getitem,
+    }
+)  # fmt: skip
+
+
+def _mutates_first_argument(model: nn.Module, node: Any) -> bool:
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).endswith("__")
+    if node.op == "call_function":
+        return node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace", False))
+    if node.op == "call_module":
+        return bool(getattr(model.get_submodule(str(node.target)), "inplace", False))
+    return False
+
+
+def _bases(node: Any) -> Iterator[Any]:
+    """``node`` and, through view-like operations, the nodes whose memory it may share."""
+    while True:
+        yield node
+        viewing = (node.op == "call_method" and node.target in _VIEW_METHODS) or (
+            node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+        )
+        if not viewing or not node.args or not hasattr(node.args[0], "op"):
+            return
+        node = node.args[0]
+
+
 def _trace_split(model: nn.Module, found: MCDropoutSites) -> _Prefix | str:
     """Split ``model``'s ``torch.fx`` graph at its stochastic nodes, or the reason why it cannot be split."""
     import torch.fx as fx
@@ -543,6 +584,13 @@ def _trace_split(model: nn.Module, found: MCDropoutSites) -> _Prefix | str:
     ]
     if all(node.op in ("placeholder", "get_attr") for node in frontier):
         return "the first sampled dropout reads the inputs directly: nothing to run once"
+    # The graph does not record what an in-place operation changes: one on a value that the sampled part reads (or
+    # on a view of it) would make that value differ between the prefix-once run and the naive loop. Refuse.
+    shared = set(frontier)
+    for node in graph.nodes:
+        mutating = node.args and hasattr(node.args[0], "op") and _mutates_first_argument(model, node)
+        if mutating and any(base in shared for base in _bases(node.args[0])):
+            return f"the in-place operation `{node.name}` changes `{node.args[0].name}`, which the sampled part reads"
     prefix_graph, suffix_graph = fx.Graph(), fx.Graph()
     env: dict[Any, Any] = {}
     for node in graph.nodes:
@@ -589,7 +637,8 @@ def _fx_split(
         return _FRONTIER
 
     def head(_: Any) -> Any:
-        return split.suffix(*frontier_holder[0])
+        values = frontier_holder[0]
+        return split.suffix(*values)
 
     return trunk, head
 

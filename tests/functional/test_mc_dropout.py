@@ -545,6 +545,15 @@ class _SkipAroundDropout(nn.Module):
         return self.head(h + self.drop(self.branch(h)))
 
 
+class _InPlaceOnThePrefix(_SkipAroundDropout):
+    """The stochastic part adds into a prefix value in place: each sample must start from the prefix's value."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body(x)
+        h.add_(self.drop(self.branch(h)))  # (torch.fx records `h += ...` as an out-of-place add; `add_` stays)
+        return self.head(h)
+
+
 class _TimmBackbone(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -566,7 +575,11 @@ def _resnet18_head_dropout() -> nn.Module:
 
 @pytest.mark.parametrize(
     ("make", "shape"),
-    [(_resnet18_head_dropout, (3, 3, 32, 32)), (_SkipAroundDropout, (6, 8)), (_TimmBackbone, (3, 1, 16, 16))],
+    [
+        (_resnet18_head_dropout, (3, 3, 32, 32)),
+        (_SkipAroundDropout, (6, 8)),
+        (_TimmBackbone, (3, 1, 16, 16)),
+    ],
     ids=["torchvision resnet18", "skip connection", "timm backbone"],
 )
 def test_any_traceable_module_runs_its_deterministic_prefix_once_with_the_naive_loops_draws(
@@ -613,3 +626,9 @@ def test_an_untraceable_module_falls_back_with_the_reason_logged(caplog: pytest.
         out = mc_dropout_predict(model, torch.randn(4, 8), 5)
     assert out.method == "batched"
     assert "torch.fx could not trace _DataDependent" in caplog.text
+    # A sampled value added in place into a prefix value: the graph does not show the dependence, so no prefix.
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="lightning_reg.functional.mc_dropout"):
+        out = mc_dropout_predict(_InPlaceOnThePrefix().eval(), torch.randn(6, 8), 5)
+    assert out.method == "batched"
+    assert "the in-place operation `add_` changes `body_2`, which the sampled part reads" in caplog.text
