@@ -26,7 +26,10 @@ Each of these modules is switched to training mode on its own (``module.training
 from __future__ import annotations
 
 import contextlib
+import logging
+import operator
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -444,6 +447,8 @@ class _RandomInTrunkError(Exception):
     """Raised by a forward hook when a sampled dropout runs inside the trunk: the features cannot be cached."""
 
 
+_log = logging.getLogger(__name__)
+
 Inputs = Tensor | ForwardInputs | Callable[[nn.Module], Tensor]
 """What :func:`mc_dropout_predict` samples: a tensor (the one argument of ``model``), the arguments of
 ``model.forward`` (:class:`~lightning_reg.forward.ForwardInputs`), or ``fn(model) -> logits``."""
@@ -451,7 +456,7 @@ Inputs = Tensor | ForwardInputs | Callable[[nn.Module], Tensor]
 
 def _split(
     model: nn.Module, found: MCDropoutSites, inputs: ForwardInputs
-) -> tuple[Callable[[], Any], Callable[[Tensor], Any]] | None:
+) -> tuple[Callable[[], Any], Callable[..., Any]] | None:
     """``(trunk, head)`` with ``model(*inputs) == head(trunk())``, or ``None`` when the model offers no split."""
     forward_features = getattr(model, "forward_features", None)
     forward_head = getattr(model, "forward_head", None)
@@ -464,7 +469,181 @@ def _split(
         if first > 0:
             trunk, head = model[:first], model[first:]  # split just before the first dropout
             return (lambda: trunk(inputs.args[0])), head
-    return None
+    return _fx_split(model, found, inputs)
+
+
+# Functions that draw random numbers when traced as graph nodes: what depends on them is not deterministic.
+_RANDOM_FUNCTIONS = frozenset(
+    {
+        torch.nn.functional.dropout,
+        torch.nn.functional.dropout1d,
+        torch.nn.functional.dropout2d,
+        torch.nn.functional.dropout3d,
+        torch.nn.functional.alpha_dropout,
+        torch.nn.functional.feature_alpha_dropout,
+        torch.bernoulli,
+        torch.rand,
+        torch.rand_like,
+        torch.randn,
+        torch.randn_like,
+        torch.randint,
+        torch.randint_like,
+        torch.randperm,
+        torch.multinomial,
+        torch.normal,
+    }
+)
+# Traced graphs per model, keyed by the modules that were active (a different set needs a different split).
+_FX_SPLITS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+class _Prefix(nn.Module):
+    """The deterministic prefix of a traced model and the stochastic rest, as two graph modules."""
+
+    def __init__(self, prefix: nn.Module, suffix: nn.Module) -> None:
+        super().__init__()
+        self.prefix, self.suffix = prefix, suffix
+
+
+_INPLACE_FUNCTIONS = frozenset(
+    {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow, operator.setitem}
+)
+_VIEW_METHODS = frozenset(
+    {
+        "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "narrow",
+        "select", "squeeze", "unsqueeze", "expand", "expand_as", "t", "split", "chunk", "unbind", "__getitem__",
+        "as_strided", "detach", "contiguous",
+    }
+)  # fmt: skip
+_VIEW_FUNCTIONS = frozenset(
+    {
+        torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.narrow,
+        torch.select, torch.split, torch.chunk, torch.unbind, torch.t, torch.detach, operator.getitem,
+    }
+)  # fmt: skip
+
+
+def _mutates_first_argument(model: nn.Module, node: Any) -> bool:
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).endswith("__")
+    if node.op == "call_function":
+        return node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace", False))
+    if node.op == "call_module":
+        return bool(getattr(model.get_submodule(str(node.target)), "inplace", False))
+    return False
+
+
+def _bases(node: Any) -> Iterator[Any]:
+    """``node`` and, through view-like operations, the nodes whose memory it may share."""
+    while True:
+        yield node
+        viewing = (node.op == "call_method" and node.target in _VIEW_METHODS) or (
+            node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+        )
+        if not viewing or not node.args or not hasattr(node.args[0], "op"):
+            return
+        node = node.args[0]
+
+
+def _trace_split(model: nn.Module, found: MCDropoutSites) -> _Prefix | str:
+    """Split ``model``'s ``torch.fx`` graph at its stochastic nodes, or the reason why it cannot be split."""
+    import torch.fx as fx
+
+    active = set(found.active)
+    stochastic_modules = {m for m in model.modules() if any(sub in active for sub in m.modules())}
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+            # A module that holds sampled dropout stays one node (its own code decides what it draws).
+            return (
+                module in active
+                or (module in found.gates and module in stochastic_modules)
+                or (super().is_leaf_module(module, qualified_name))
+            )
+
+    try:
+        graph = Tracer().trace(model)
+    except Exception as error:  # any tracing failure means: no split, take the other paths
+        return f"torch.fx could not trace {type(model).__name__} ({type(error).__name__}: {error})"
+    random_nodes = set()
+    for node in graph.nodes:
+        sampled = node.op == "call_module" and model.get_submodule(str(node.target)) in stochastic_modules
+        if sampled or (node.op == "call_function" and node.target in _RANDOM_FUNCTIONS):
+            random_nodes.add(node)
+        elif any(arg in random_nodes for arg in node.all_input_nodes) and node.op != "output":
+            random_nodes.add(node)  # depends on a draw
+    if not random_nodes:
+        return "no sampled dropout in the traced graph"
+    output = next(node for node in graph.nodes if node.op == "output")
+    frontier = [
+        node
+        for node in graph.nodes
+        if node not in random_nodes
+        and node.op != "output"
+        and any(user in random_nodes or user is output for user in node.users)
+    ]
+    if all(node.op in ("placeholder", "get_attr") for node in frontier):
+        return "the first sampled dropout reads the inputs directly: nothing to run once"
+    # The graph does not record what an in-place operation changes: one on a value that the sampled part reads (or
+    # on a view of it) would make that value differ between the prefix-once run and the naive loop. Refuse.
+    shared = set(frontier)
+    for node in graph.nodes:
+        mutating = node.args and hasattr(node.args[0], "op") and _mutates_first_argument(model, node)
+        if mutating and any(base in shared for base in _bases(node.args[0])):
+            return f"the in-place operation `{node.name}` changes `{node.args[0].name}`, which the sampled part reads"
+    prefix_graph, suffix_graph = fx.Graph(), fx.Graph()
+    env: dict[Any, Any] = {}
+    for node in graph.nodes:
+        if node not in random_nodes and node.op != "output":
+            env[node] = prefix_graph.node_copy(node, lambda n: env[n])
+    prefix_graph.output(tuple(env[node] for node in frontier))
+    env = {node: suffix_graph.placeholder(f"frontier_{i}") for i, node in enumerate(frontier)}
+    for node in graph.nodes:
+        if node in random_nodes or node.op == "output":
+            env[node] = suffix_graph.node_copy(node, lambda n: env[n])
+    return _Prefix(fx.GraphModule(model, prefix_graph), fx.GraphModule(model, suffix_graph))
+
+
+def _fx_split(
+    model: nn.Module, found: MCDropoutSites, inputs: ForwardInputs
+) -> tuple[Callable[[], Any], Callable[..., Any]] | None:
+    """The deterministic prefix of any traceable module, run once; the stochastic rest sampled (issue 19).
+
+    ``torch.fx`` traces the model with the sampled dropout as leaf nodes; every node that depends on a draw is
+    stochastic, the others are the prefix, and the prefix values the stochastic nodes read (the *frontier*: the
+    input of a head dropout, the identity of a skip connection around it) are computed once per batch. The rest
+    is sampled one sample of ``N`` rows per pass, in the naive loop's order: the same draws as the naive loop.
+    """
+    # The graph holds references to the submodules: retrace when any of them (or the sampled set) changed.
+    key = (tuple(id(m) for m in model.modules()), frozenset(id(m) for m in found.active))
+    cached = _FX_SPLITS.get(model)
+    if cached is None or cached[0] != key:
+        cached = (key, _trace_split(model, found))
+        _FX_SPLITS[model] = cached
+    split = cached[1]
+    if isinstance(split, str):
+        _log.debug("Monte-Carlo dropout: no deterministic prefix for %s: %s", type(model).__name__, split)
+        return None
+    frontier_holder: list[tuple[Any, ...]] = []
+
+    def trunk() -> Any:
+        try:
+            frontier_holder[:] = [inputs(split.prefix)]
+        except _RandomInTrunkError:
+            raise
+        except Exception as error:  # e.g. traced for an argument this call leaves out: no prefix
+            _log.debug("Monte-Carlo dropout: the traced prefix of %s failed (%s)", type(model).__name__, error)
+            return None
+        return _FRONTIER
+
+    def head(_: Any) -> Any:
+        values = frontier_holder[0]
+        return split.suffix(*values)
+
+    return trunk, head
+
+
+_FRONTIER = object()  # the trunk's output on the fx path: the frontier lives in the closure, not in a tensor
 
 
 def _features(trunk: Callable[[], Any], found: MCDropoutSites) -> Any | None:
@@ -673,7 +852,13 @@ def mc_dropout_predict(
         if split is not None:
             trunk, head = split
             features = _features(trunk, found)
-            if isinstance(features, Tensor) and features.ndim >= 1 and features.shape[0] == n:
+            if features is _FRONTIER:  # any module: its deterministic prefix ran once, the rest per sample
+                taken = "cached"
+                logits = torch.stack([_logits_of(head(None), n) for _ in range(n_samples)])
+                if deterministic:
+                    with _eval_mode(model):
+                        det_logits = _logits_of(head(None), n)
+            elif isinstance(features, Tensor) and features.ndim >= 1 and features.shape[0] == n:
                 taken = "cached"
                 cached = ForwardInputs((features,), {})
                 logits = _sample_rows(head, cached, features.shape[0], n_samples, n if per_sample else chunk_size)

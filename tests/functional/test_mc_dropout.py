@@ -525,3 +525,110 @@ def test_forward_inputs_repeat_every_batched_argument_and_pass_shared_ones_as_th
     )
     assert opaque.method == "naive"
     assert torch.equal(opaque.probs, naive.probs)
+
+
+# --- the deterministic prefix of any traceable module, once (issue 19) ---------------------------------------------
+
+
+class _SkipAroundDropout(nn.Module):
+    """No forward_features, not a Sequential: a skip connection around the dropout reads the prefix twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.branch = nn.Linear(16, 16)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body(x)
+        return self.head(h + self.drop(self.branch(h)))
+
+
+class _InPlaceOnThePrefix(_SkipAroundDropout):
+    """The stochastic part adds into a prefix value in place: each sample must start from the prefix's value."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body(x)
+        h.add_(self.drop(self.branch(h)))  # (torch.fx records `h += ...` as an out-of-place add; `add_` stays)
+        return self.head(h)
+
+
+class _TimmBackbone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = timm.create_model("test_resnet", num_classes=0, in_chans=1)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.LazyLinear(3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.drop(self.backbone(x)))
+
+
+def _resnet18_head_dropout() -> nn.Module:
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=3)
+    model.fc = nn.Sequential(nn.Dropout(0.5), model.fc)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (_resnet18_head_dropout, (3, 3, 32, 32)),
+        (_SkipAroundDropout, (6, 8)),
+        (_TimmBackbone, (3, 1, 16, 16)),
+    ],
+    ids=["torchvision resnet18", "skip connection", "timm backbone"],
+)
+def test_any_traceable_module_runs_its_deterministic_prefix_once_with_the_naive_loops_draws(
+    make: Callable[[], nn.Module], shape: tuple[int, ...]
+) -> None:
+    torch.manual_seed(0)
+    model = make()
+    with torch.no_grad():
+        model.train()(torch.randn(*shape))  # lazy layers, BN statistics
+    model.eval()
+    calls = []
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d))
+    handle = first.register_forward_hook(lambda *_: calls.append(1))
+    for seed in (0, 1):  # two batches: nothing is cached across them
+        inputs = torch.randn(*shape)
+        naive = mc_dropout_predict(model, inputs, 6, method="naive", generator=torch.Generator().manual_seed(seed))
+        calls.clear()
+        ours = mc_dropout_predict(model, inputs, 6, generator=torch.Generator().manual_seed(seed), deterministic=True)
+        assert ours.method == "cached"
+        assert len(calls) == 1  # the prefix once, for the samples and the deterministic pass
+        torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
+        assert ours.probs.std(dim=0).max() > 1e-5
+        assert ours.deterministic_probs is not None
+        torch.testing.assert_close(ours.deterministic_probs, model(inputs).softmax(-1))
+    handle.remove()
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.drop, self.head = nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj(x)
+        if h.sum() > 0:  # control flow on a tensor: torch.fx cannot trace it
+            h = -h
+        return self.head(self.drop(h))
+
+
+def test_an_untraceable_module_falls_back_with_the_reason_logged(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = _DataDependent().eval()
+    with caplog.at_level("DEBUG", logger="lightning_reg.functional.mc_dropout"):
+        out = mc_dropout_predict(model, torch.randn(4, 8), 5)
+    assert out.method == "batched"
+    assert "torch.fx could not trace _DataDependent" in caplog.text
+    # A sampled value added in place into a prefix value: the graph does not show the dependence, so no prefix.
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="lightning_reg.functional.mc_dropout"):
+        out = mc_dropout_predict(_InPlaceOnThePrefix().eval(), torch.randn(6, 8), 5)
+    assert out.method == "batched"
+    assert "the in-place operation `add_` changes `body_2`, which the sampled part reads" in caplog.text

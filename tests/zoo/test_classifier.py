@@ -69,3 +69,15 @@ def test_classifier_forward_head_of_features_equals_forward():
 def test_classifier_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         zoo.CNNClassifier(**kwargs)
+
+
+def test_forward_inputs_are_the_inputs_and_the_extras_and_other_layouts_are_refused():
+    model = zoo.RNNClassifier(3, hidden_size=8)
+    x, y, lengths = torch.randn(2, 5, 8), torch.tensor([0, 1]), torch.tensor([5, 2])
+    args = model.forward_inputs([x, y, lengths])
+    assert len(args) == 2
+    assert args[0] is x
+    assert args[1] is lengths
+    assert model.forward_inputs(x)[0] is x
+    with pytest.raises(TypeError, match=r"Override `forward_inputs\(batch\)`"):
+        model.forward_inputs({"inputs": x, "targets": y})

@@ -115,3 +115,21 @@ def test_mc_dropout_prediction_samples_the_transformer_dropout():
     assert prediction.probs.shape == (8, 3, 10)
     assert prediction.probs.std(dim=0).max() > 0  # attention dropout alone makes the samples differ
     assert not model.net.blocks[0].attn.attn_drop.training  # modes restored
+
+
+def test_an_attention_mask_batch_equals_the_lengths_batch_and_the_steps_use_it():
+    torch.manual_seed(0)
+    model = zoo.TransformerClassifier(3, dim=16, depth=1, num_heads=2).eval()
+    x, y, lengths = torch.randn(4, 6, 8), torch.tensor([0, 1, 2, 0]), torch.tensor([6, 3, 2, 1])
+    mask = (torch.arange(6)[None, :] < lengths[:, None]).long()  # 1 at real tokens (HuggingFace)
+    assert model.forward_inputs([x, y, mask]).keys() == {"x", "attention_mask"}
+    by_lengths, _ = model.forward_batch([x, y, lengths])
+    by_mask, _ = model.forward_batch([x, y, mask])
+    torch.testing.assert_close(by_mask, by_lengths)
+    x_changed = x.clone()
+    x_changed[1, 3:] = 100.0  # the padding: ignored
+    torch.testing.assert_close(model.forward_batch([x_changed, y, mask])[0], by_mask)
+    with pytest.raises(ValueError, match="at most one of `lengths` and `attention_mask`"):
+        model(x, lengths, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"Expected `attention_mask` of shape \(4, 6\)"):
+        model(x, attention_mask=mask[:, :5])
