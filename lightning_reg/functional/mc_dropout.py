@@ -561,6 +561,10 @@ def _trace_split(model: nn.Module, found: MCDropoutSites) -> _Prefix | str:
                 or (super().is_leaf_module(module, qualified_name))
             )
 
+    if "forward" in vars(model) or model._forward_hooks or model._forward_pre_hooks:
+        # torch.fx traces the class's `forward` and drops the instance's own (TemperatureScaling's division by T)
+        # and the root's forward hooks: the graph would not be what `model(...)` computes.
+        return f"{type(model).__name__} has an instance-level `forward` or forward hooks, which torch.fx does not trace"
     try:
         graph = Tracer().trace(model)
     except Exception as error:  # any tracing failure means: no split, take the other paths

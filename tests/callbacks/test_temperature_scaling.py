@@ -388,3 +388,14 @@ def test_two_ranks_get_one_t_equal_to_one_process_on_the_union(tmp_path: Path) -
     targets = torch.tensor(ranks[0]["targets"] + ranks[1]["targets"])
     assert len(targets) == 32  # each rank held half of the validation set
     assert ranks[0]["t"] == pytest.approx(fit_temperature(logits, targets), rel=1e-6)
+
+
+def test_mc_dropout_on_a_module_without_forward_head_is_scaled_too(tmp_path: Path) -> None:
+    """A plain user module: MC dropout's traced-prefix path must not drop the patched forward."""
+    ts = TemperatureScaling()
+    mc = MCDropoutEvaluation(n_samples=4, plot=False, stages=("validate",))
+    trainer, model, val = _fit(tmp_path, [ts, mc], max_epochs=1)
+    logits, targets = _raw(model, val)
+    assert float(trainer.callback_metrics["mc/val/det_nll"]) == pytest.approx(
+        temperature_nll(logits, targets, ts.temperature), rel=1e-5
+    )
