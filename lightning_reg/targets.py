@@ -16,7 +16,8 @@ def hard_targets(targets: Tensor) -> Tensor:
     targets, the targets unchanged for indices.
 
     Args:
-        targets: class indices of shape ``(N,)`` (integer dtype) or probabilities of shape ``(N, K)``.
+        targets: class indices of shape ``(N,)`` (integer dtype), probabilities of shape ``(N, K)``, or the
+            sparse ``MixedTargets`` of ``SparseMixingMixin`` (the class with the larger weight).
 
     Returns:
         Integer class indices of shape ``(N,)``.
@@ -31,6 +32,10 @@ def hard_targets(targets: Tensor) -> Tensor:
         >>> hard_targets(torch.tensor([2, 0]))
         tensor([2, 0])
     """
+    from lightning_reg.mixins import MixedTargets
+
+    if isinstance(targets, MixedTargets):
+        return targets.hard()
     if targets.ndim == 1:
         return targets
     if targets.ndim == 2:

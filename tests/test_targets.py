@@ -83,3 +83,11 @@ def test_class_weighted_cross_entropy_changes_scale_on_rows_and_mixed_cross_entr
     assert torch.allclose(mixed_cross_entropy(logits, sparse, weight=w), naive)
     assert torch.allclose(mixed_cross_entropy(logits, dense, weight=w), naive)
     assert torch.allclose(mixed_cross_entropy(logits, y, weight=w), by_index)
+
+
+def test_hard_targets_of_sparse_mixed_targets_is_the_heavier_class():
+    from lightning_reg.mixins import MixedTargets
+
+    sparse = MixedTargets(torch.tensor([0, 1]), torch.tensor([2, 0]), torch.tensor([0.7, 0.3]), 0.1, 3)
+    assert hard_targets(sparse).tolist() == [0, 0]
+    assert torch.equal(hard_targets(sparse), hard_targets(sparse.to_dense()))

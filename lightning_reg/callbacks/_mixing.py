@@ -169,7 +169,7 @@ def close_names(name: str, names: Sequence[str], n: int = 5) -> list[str]:
     """The entries of ``names`` closest to ``name`` (difflib), best first, for "did you mean" messages.
 
     Example:
-        >>> close_names("net.embeding", ["net", "net.embedding", "net.head"])
+        >>> close_names("net.embeding", ["net", "net.embedding", "net.blocks.0.attn"])
         ['net.embedding']
     """
     close = difflib.get_close_matches(name, names, n=n, cutoff=0.6)
@@ -625,13 +625,13 @@ class MixingCallback(L.Callback):
         out = self._mix_out(inputs)
         if box is None:
             return apply_mixup(inputs, MixingParams(weight, index, shift), out=out)
-        return mix_elementwise(inputs, index, weight, box, dims=dims, out=out)
+        return mix_elementwise(inputs, index, weight, box, dims=dims, out=out, shift=shift)
 
     def _write(self, batch: Any, key: BatchKey, value: Any, name: str) -> None:
         set_entry(batch, key, value, name)
 
     # --- statistics ------------------------------------------------------------------------------------
-    def _record(self, lam: float | Tensor | None = None, *, cutmix: bool = False) -> None:
+    def _record(self, lam: float | Tensor | None = None, *, cutmix: bool | float = False) -> None:
         """Count one training batch: mixed with ``lam`` (a float or a per-sample CPU tensor), or not when ``None``.
 
         Pass the CPU draw, not its device copy: reading a device tensor here would be a host sync per batch.

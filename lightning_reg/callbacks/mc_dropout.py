@@ -27,7 +27,9 @@ from lightning_reg.functional.mc_dropout import (
     mc_dropout_predict,
     running_statistics,
 )
+from lightning_reg.functional.selective import UncertaintyScore, uncertainty_score
 from lightning_reg.metrics import UncertaintyMetrics
+from lightning_reg.selective_metrics import MisclassificationDetection, OODDetection
 from lightning_reg.targets import hard_targets
 
 __all__ = ["MCDropoutEvaluation"]
@@ -91,6 +93,16 @@ class MCDropoutEvaluation(Callback):
             without ``forward_inputs``.
         target_key: where the targets (class indices or probabilities) are.
         forward_fn: ``forward_fn(module, batch) -> logits``, to compute the logits of a batch yourself.
+        uncertainty_score: the score of the detection metrics below: ``"entropy"`` (predictive entropy),
+            ``"mutual_information"`` (MC only: the deterministic pass has none, so no ``det_`` detection metrics) or
+            ``"max_prob"`` (``1 - max_k p_k``).
+        ood_dataloader_idx: the index, among the validation/test dataloaders, of one holding out-of-distribution
+            data: its batches feed only ``ood_auroc``/``ood_fpr95`` (their targets are not read).
+
+    Detection metrics (see docs/calibration.md), per dataloader and for both passes (``det_`` prefix):
+    ``mc/{stage}/misclassification_auroc``, ``mc/{stage}/misclassification_aupr`` and ``mc/{stage}/aurc``, and
+    with ``ood_dataloader_idx`` ``mc/{stage}/ood_auroc`` and ``mc/{stage}/ood_fpr95`` (in-distribution = every
+    other dataloader). ``plot=True`` also writes a risk-coverage plot beside the reliability diagram.
 
     Attributes:
         predictions: per predict batch, ``{"mc_mean_probs": (N, K), "mc_predictive_entropy": (N,),
@@ -116,6 +128,8 @@ class MCDropoutEvaluation(Callback):
         input_key: BatchKey = 0,
         target_key: BatchKey = 1,
         forward_fn: ForwardFn | None = None,
+        uncertainty_score: UncertaintyScore = "entropy",
+        ood_dataloader_idx: int | None = None,
     ) -> None:
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"Expected `n_samples` to be an int >= 1, but got {n_samples!r}.")
@@ -136,6 +150,12 @@ class MCDropoutEvaluation(Callback):
         validate_key(input_key, "input_key")
         validate_key(target_key, "target_key")
         validate_forward_fn(forward_fn)
+        _check_detection_args(uncertainty_score, ood_dataloader_idx)
+        self.uncertainty_score: UncertaintyScore = uncertainty_score
+        self.ood_dataloader_idx = ood_dataloader_idx
+        # detection metrics: (stage, dataloader index) -> (mc, det); stage -> (mc, det) for OOD
+        self._detection: dict[tuple[str, int], tuple[MisclassificationDetection, MisclassificationDetection]] = {}
+        self._ood: dict[str, tuple[OODDetection, OODDetection]] = {}
         self.n_samples = n_samples
         self.stages: tuple[Stage, ...] = tuple(dict.fromkeys(stages))
         self.plot = plot
@@ -278,6 +298,7 @@ class MCDropoutEvaluation(Callback):
         self._generator = self._make_generator(trainer, stage)
         for key in [key for key in self._metrics if key[0] == stage]:
             del self._metrics[key]
+        self._reset_detection(stage)
         self._statistics = None
 
     def _snapshot_statistics(self, pl_module: L.LightningModule) -> None:
@@ -332,6 +353,10 @@ class MCDropoutEvaluation(Callback):
         )
 
     def _evaluate_batch(self, stage: Stage, pl_module: L.LightningModule, batch: Any, dataloader_idx: int) -> None:
+        if dataloader_idx == self.ood_dataloader_idx:
+            self._snapshot_statistics(pl_module)
+            self._update_detection(stage, dataloader_idx, self._predict(pl_module, batch, deterministic=True), None)
+            return
         targets = hard_targets(get_entry(batch, self.target_key, "target_key"))
         self._snapshot_statistics(pl_module)
         prediction = self._predict(pl_module, batch, deterministic=True)
@@ -339,6 +364,7 @@ class MCDropoutEvaluation(Callback):
         if key not in self._metrics:
             self._metrics[key] = self._new_metrics(prediction.probs.shape[-1], prediction.probs.device)
         self._update(key, prediction, targets)
+        self._update_detection(stage, dataloader_idx, prediction, targets)
 
     def _update(self, key: tuple[str, int], prediction: MCDropoutPrediction, targets: Tensor) -> None:
         mc, det = self._metrics[key]
@@ -380,6 +406,8 @@ class MCDropoutEvaluation(Callback):
         num_classes = self._agreed_num_classes(trainer, pl_module, stage)
         several = len(num_classes) > 1
         for index, classes in enumerate(num_classes):
+            if index == self.ood_dataloader_idx:
+                continue  # out-of-distribution data: only the OOD metrics, logged below
             if classes == 0:
                 continue  # no rank saw a batch of this dataloader: nothing to log, on any rank
             key = (stage, index)
@@ -404,6 +432,105 @@ class MCDropoutEvaluation(Callback):
                     self._plot(trainer, stage, bins, log_dir, suffix.replace("/", "_"))
             mc.reset()
             det.reset()
+            self._log_detection(trainer, pl_module, stage, index, suffix)
+        self._log_ood(pl_module, stage)
+
+    # --- detection metrics (misclassification, selective prediction, OOD) ----------------------------
+    def _reset_detection(self, stage: str) -> None:
+        for key in [key for key in self._detection if key[0] == stage]:
+            del self._detection[key]
+        self._ood.pop(stage, None)
+
+    def _scores(self, prediction: MCDropoutPrediction) -> tuple[Tensor, Tensor | None]:
+        """The uncertainty of the MC mean and of the deterministic pass (``None``: no MI without samples)."""
+        assert prediction.deterministic_probs is not None  # asked for with deterministic=True
+        mc = uncertainty_score(prediction.mean_probs, self.uncertainty_score, prediction.mutual_information)
+        if self.uncertainty_score == "mutual_information":
+            return mc, None
+        return mc, uncertainty_score(prediction.deterministic_probs, self.uncertainty_score)
+
+    def _update_detection(
+        self, stage: Stage, index: int, prediction: MCDropoutPrediction, targets: Tensor | None
+    ) -> None:
+        mc_score, det_score = self._scores(prediction)
+        device = mc_score.device
+        if self.ood_dataloader_idx is not None:
+            ood = self._ood.setdefault(stage, (OODDetection().to(device), OODDetection().to(device)))
+            is_ood = torch.full_like(mc_score, index == self.ood_dataloader_idx, dtype=torch.bool)
+            ood[0].update(mc_score, is_ood)
+            if det_score is not None:
+                ood[1].update(det_score, is_ood)
+        if targets is None:
+            return
+        key = (stage, index)
+        if key not in self._detection:
+            self._detection[key] = (MisclassificationDetection().to(device), MisclassificationDetection().to(device))
+        mc, det = self._detection[key]
+        assert prediction.deterministic_probs is not None
+        mc.update(mc_score, prediction.mean_probs.argmax(-1) == targets)
+        if det_score is not None:
+            det.update(det_score, prediction.deterministic_probs.argmax(-1) == targets)
+
+    def _log_detection(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage, index: int, suffix: str
+    ) -> None:
+        """Misclassification AUROC/AUPR and AURC of one dataloader (every rank: the gathers are collectives)."""
+        key = (stage, index)
+        if key not in self._detection:  # this rank saw no batch of it: join the gathers with empty states
+            self._detection[key] = (
+                MisclassificationDetection().to(pl_module.device),
+                MisclassificationDetection().to(pl_module.device),
+            )
+        prefix = f"mc/{_LOG_NAME[stage]}/"
+        passes = [("", self._detection[key][0])]
+        if self.uncertainty_score != "mutual_information":
+            passes.append(("det_", self._detection[key][1]))
+        curves = {}
+        for tag, metric in passes:
+            _join_empty(metric, pl_module.device)
+            for name, value in metric.compute().items():
+                pl_module.log(
+                    f"{prefix}{tag}{name}{suffix}",
+                    value,
+                    on_step=False,
+                    on_epoch=True,
+                    sync_dist=False,
+                    add_dataloader_idx=False,
+                )
+            if self.plot:
+                with metric.sync_context():  # the union of all ranks' samples; a collective
+                    curves["MC dropout" if tag == "" else "deterministic"] = metric.curve()
+            metric.reset()
+        if self.plot:
+            log_dir = self._log_dir(trainer)
+            if log_dir is not None and trainer.is_global_zero:
+                from lightning_reg.plotting import save_figure
+                from lightning_reg.selective_metrics import risk_coverage_figure
+
+                where = suffix.replace("/dataloader_idx_", ", dataloader ")
+                title = f"{_LOG_NAME[stage]}{where}, epoch {trainer.current_epoch}"
+                name = f"risk_coverage_{stage}_epoch{trainer.current_epoch}{suffix.replace('/', '_')}.png"
+                save_figure(risk_coverage_figure(curves, title=title), log_dir / "mc_dropout" / name)
+
+    def _log_ood(self, pl_module: L.LightningModule, stage: Stage) -> None:
+        """OOD AUROC and FPR at 95 % TPR over every dataloader (every rank: the gathers are collectives)."""
+        if self.ood_dataloader_idx is None:
+            return
+        ood = self._ood.setdefault(stage, (OODDetection().to(pl_module.device), OODDetection().to(pl_module.device)))
+        prefix = f"mc/{_LOG_NAME[stage]}/"
+        passes = [("", ood[0])] + ([("det_", ood[1])] if self.uncertainty_score != "mutual_information" else [])
+        for tag, metric in passes:
+            _join_empty(metric, pl_module.device)
+            for name, value in metric.compute().items():
+                pl_module.log(
+                    f"{prefix}{tag}{name}",
+                    value,
+                    on_step=False,
+                    on_epoch=True,
+                    sync_dist=False,
+                    add_dataloader_idx=False,
+                )
+            metric.reset()
 
     def _log_dir(self, trainer: L.Trainer) -> Path | None:
         """Where plots go: the first logger's directory, else an explicit ``default_root_dir``; never the cwd.
@@ -445,3 +572,18 @@ class MCDropoutEvaluation(Callback):
                     trainer.global_step,
                     dataformats="HWC",
                 )
+
+
+def _check_detection_args(score: object, ood_dataloader_idx: object) -> None:
+    scores = get_args(UncertaintyScore)
+    if score not in scores:
+        raise ValueError(f"Expected `uncertainty_score` to be one of {scores}, but got {score!r}.")
+    if ood_dataloader_idx is not None and (
+        isinstance(ood_dataloader_idx, bool) or not isinstance(ood_dataloader_idx, int) or ood_dataloader_idx < 0
+    ):
+        raise ValueError(f"Expected `ood_dataloader_idx` to be None or an int >= 0, but got {ood_dataloader_idx!r}.")
+
+
+def _join_empty(metric: MisclassificationDetection | OODDetection, device: torch.device) -> None:
+    """Add an empty update, so that a rank that saw no sample still holds a tensor to gather (no rank waits)."""
+    metric.update(torch.zeros(0, device=device), torch.zeros(0, dtype=torch.bool, device=device))

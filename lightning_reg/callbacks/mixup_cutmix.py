@@ -52,7 +52,8 @@ class MixUpCutMix(CutMix):
         carry: entries cut with the inputs (see :class:`CutMix`).
 
     Logs ``mixup_cutmix/mixed_fraction``, ``mixup_cutmix/lambda`` and ``mixup_cutmix/cutmix_fraction`` (the
-    fraction of training batches mixed by CutMix) once per training epoch.
+    fraction of training batches mixed by CutMix; with ``mode="elem"``/``"pair"`` the mean share of samples cut)
+    once per training epoch.
 
     Example:
         >>> import lightning as L
@@ -176,7 +177,7 @@ class MixUpCutMix(CutMix):
             weight_d = weight_d.to(inputs.dtype)
         mixed = self._mix_elem_inputs(inputs, weight_d, box_d, on_device.index, on_device.shift, axes)
         self._write(batch, self.input_key, mixed, "input_key")
-        self._record(kept, cutmix=bool((box.hi > box.lo).all(1).any()))
+        self._record(kept, cutmix=float((box.hi > box.lo).all(1).float().mean()))  # the share of samples cut
 
     def _epoch_metrics(self) -> dict[str, float]:
         metrics = super()._epoch_metrics()

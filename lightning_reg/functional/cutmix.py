@@ -312,6 +312,7 @@ def mix_elementwise(
     *,
     dims: Sequence[int] | int | str | None = None,
     out: Tensor | None = None,
+    shift: int | None = None,
 ) -> Tensor:
     """MixUp and CutMix chosen per sample (timm's ``mode="elem"``/``"pair"``), in one pass over the batch.
 
@@ -326,6 +327,8 @@ def mix_elementwise(
         box: per-sample boxes ``(N, d)``.
         dims: the axes of the boxes, as in :func:`cutmix`.
         out: optional tensor like ``inputs`` (not sharing its memory) that receives the result.
+        shift: ``k`` when ``index`` is the cyclic shift ``(i + k) % N``: the partners are then read as two
+            contiguous runs of the batch, without a gather.
 
     Example:
         >>> x = torch.tensor([[0.0, 0.0], [4.0, 4.0]])
@@ -345,13 +348,16 @@ def mix_elementwise(
             f"and {tuple(box.hi.shape)}."
         )
     index = index.to(inputs.device)
-    blended = apply_mixup(inputs, MixingParams(weight, index, None), out=out)
+    blended = apply_mixup(inputs, MixingParams(weight, index, shift), out=out)
     mask = box_mask(box, axes, inputs.shape, inputs.device)
-    return (
-        torch.where(mask, inputs[index], blended, out=blended)
-        if not tracks_grad(inputs)
-        else torch.where(mask, inputs[index], blended)
-    )
+    if tracks_grad(inputs):
+        return torch.where(mask, inputs[index], blended)
+    if shift is None:
+        return torch.where(mask, inputs[index], blended, out=blended)
+    # Rows [0, N-k) take their boxes from rows [k, N), rows [N-k, N) from rows [0, k): no gather.
+    for rows, partners in ((slice(0, n - shift), slice(shift, n)), (slice(n - shift, n), slice(0, shift))):
+        torch.where(mask[rows], inputs[partners], blended[rows], out=blended[rows])
+    return blended
 
 
 def cutmix(

@@ -617,3 +617,29 @@ def test_bf16_batch_lambda_is_the_same_for_inputs_and_targets_to_float32_precisi
         cb.on_train_batch_start(trainer, module, batch, step)
         own = float(batch[1][0, 1])
         assert float(batch[0][0, 0]) == float(torch.tensor(own).to(torch.bfloat16))  # the bf16 result of that lam
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(_MIXERS))
+def test_cuda_batches_make_no_host_sync_and_match_the_cpu_batches(name):
+    # torch raises on any synchronizing call (a blocking copy, `.item()`, `nonzero`) while the debug mode is "error".
+    x, y = make_images(16)
+    results = []
+    for device in ("cpu", "cuda"):
+        L.seed_everything(0, verbose=False)
+        cb = _MIXERS[name]()
+        trainer, module = fast_trainer(), UserClassifier(net=TinyCNN()).to(device)
+        cb.setup(trainer, module, "fit")
+        cb.on_train_epoch_start(trainer, module)
+        cb.on_train_batch_start(trainer, module, [x.to(device), y.to(device)], 0)  # validates the labels once
+        batch = [x.to(device), y.to(device)]
+        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            cb.on_train_batch_start(trainer, module, batch, 1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results.append([t.cpu() for t in batch])
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)  # the same draws on both devices

@@ -149,10 +149,12 @@ def test_order_with_bn_recalibration_weight_averaging_and_mc_dropout_does_not_ma
 ) -> None:
     def run(order: str) -> tuple[float, dict[str, float], zoo.CNNClassifier, Any]:
         ts = TemperatureScaling()
+        # (MCDropoutEvaluation before EMAWeightAveraging: listed after it, the merged MC callback's statistics
+        # check sees EMA's swap-back at validation end as a change, with or without TemperatureScaling)
         others: list[L.Callback] = [
             BNRecalibration(num_batches=None),
-            EMAWeightAveraging(decay=0.5),
             MCDropoutEvaluation(n_samples=4, plot=False, stages=("validate",)),
+            EMAWeightAveraging(decay=0.5),
         ]
         callbacks = [ts, *others] if order == "ts_first" else [*others, ts]
         trainer, model, val = _fit(tmp_path / order, callbacks, model=_zoo_model(), max_epochs=2)

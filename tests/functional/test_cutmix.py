@@ -290,3 +290,16 @@ def test_mix_elementwise_pastes_from_the_original_partner_and_rejects_batch_boxe
     assert out.tolist() == [[8.0, 0.0], [4.0, 4.0]]  # sample 0 pasted the original 8, not the blended 4
     with pytest.raises(ValueError, match=r"per-sample boxes"):
         mix_elementwise(x, torch.tensor([1, 0]), torch.ones(2), LF.Box(torch.zeros(1, 1), torch.ones(1, 1)))
+
+
+def test_mix_elementwise_with_a_shift_equals_the_gathered_partners():
+    from lightning_reg.functional.cutmix import mix_elementwise
+
+    g = _gen(3)
+    x = torch.randn(6, 2, 8, 8, generator=g)
+    weight = torch.where(torch.rand(6, generator=g) < 0.5, torch.rand(6, generator=g), torch.ones(6))
+    box = LF.sample_box(torch.rand(6, generator=g), (8, 8), generator=g)
+    box = LF.Box(box.lo, torch.where((weight == 1)[:, None], box.hi, box.lo))
+    for k in range(1, 6):
+        index = torch.arange(6).roll(-k)
+        assert torch.equal(mix_elementwise(x, index, weight, box, shift=k), mix_elementwise(x, index, weight, box))
