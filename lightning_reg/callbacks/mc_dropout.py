@@ -169,7 +169,8 @@ class MCDropoutEvaluation(Callback):
         self._generator: torch.Generator | None = None
         # (stage, dataloader index) -> (mc, det)
         self._metrics: dict[tuple[str, int], tuple[UncertaintyMetrics, UncertaintyMetrics]] = {}
-        self._statistics: dict[str, Tensor] | None = None  # running statistics when the evaluation began
+        self._statistics: dict[str, Tensor] | None = None  # running statistics before the first sampled batch
+        self._statistics_checked = False  # the first sampled batch of this evaluation has been checked
         self._warned_no_log_dir = False
 
     @override
@@ -253,7 +254,7 @@ class MCDropoutEvaluation(Callback):
         find_mc_dropout_sites(pl_module, include_drop_path=self.include_drop_path)
         self.predictions = []
         self._generator = self._make_generator(trainer, "predict")
-        self._statistics = None
+        self._statistics, self._statistics_checked = None, False
 
     @override
     def on_predict_batch_end(
@@ -266,8 +267,7 @@ class MCDropoutEvaluation(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         """Add MC mean probabilities, predictive entropy and mutual information to the batch's prediction."""
-        self._snapshot_statistics(pl_module)
-        prediction = self._predict(pl_module, batch)
+        prediction = self._checked_predict(pl_module, batch, "predict")
         result = {
             "mc_mean_probs": prediction.mean_probs,
             "mc_predictive_entropy": prediction.predictive_entropy,
@@ -276,11 +276,6 @@ class MCDropoutEvaluation(Callback):
         if isinstance(outputs, MutableMapping):
             outputs.update(result)
         self.predictions.append({key: value.cpu() for key, value in result.items()})
-
-    @override
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Check once that no running statistic changed while predicting."""
-        self._check_statistics(pl_module, "predict")
 
     # --- helpers -----------------------------------------------------------------------------------
     def _active(self, trainer: L.Trainer, stage: Stage) -> bool:
@@ -299,21 +294,27 @@ class MCDropoutEvaluation(Callback):
         for key in [key for key in self._metrics if key[0] == stage]:
             del self._metrics[key]
         self._reset_detection(stage)
-        self._statistics = None
+        self._statistics, self._statistics_checked = None, False
 
-    def _snapshot_statistics(self, pl_module: L.LightningModule) -> None:
-        # Taken before the callback's first pass and checked once at the end of the evaluation, not around every
-        # batch (one host sync instead of several per normalization layer and batch). Not at the start of the
-        # evaluation: under DDP the module's first evaluation step broadcasts rank 0's buffers to the other ranks
-        # (`broadcast_buffers=True`), a legitimate change made before any sampling.
-        if self._statistics is None:
+    def _checked_predict(
+        self, pl_module: L.LightningModule, batch: Any, stage: str, deterministic: bool = False
+    ) -> MCDropoutPrediction:
+        """:meth:`_predict`, checking around the evaluation's first sampled batch that no running statistic changed.
+
+        Once per evaluation, not around every batch: every batch is sampled the same way, so the first shows whether
+        sampling touches the statistics (one host sync instead of several per normalization layer and batch). Around
+        our own pass only: other code may change the buffers legitimately between batches (DDP's buffer broadcast
+        in the evaluation step, weight averaging swapping its averaged buffers in and out at the epoch's ends).
+        """
+        first = not self._statistics_checked
+        if first:
             self._statistics = running_statistics(pl_module)
-
-    def _check_statistics(self, pl_module: L.LightningModule, stage: str) -> None:
-        """Compare with the snapshot (a rank that saw no batch has none: nothing to compare)."""
-        if self._statistics is not None:
+        prediction = self._predict(pl_module, batch, deterministic=deterministic)
+        if first and self._statistics is not None:
             before, self._statistics = self._statistics, None
+            self._statistics_checked = True
             check_running_statistics(pl_module, before, during=f"{stage} with Monte-Carlo dropout")
+        return prediction
 
     def _inputs(self, pl_module: L.LightningModule, batch: Any) -> Inputs:
         """What to sample: the module's forward arguments for the batch, or ``forward_fn`` as a function of it."""
@@ -354,12 +355,11 @@ class MCDropoutEvaluation(Callback):
 
     def _evaluate_batch(self, stage: Stage, pl_module: L.LightningModule, batch: Any, dataloader_idx: int) -> None:
         if dataloader_idx == self.ood_dataloader_idx:
-            self._snapshot_statistics(pl_module)
-            self._update_detection(stage, dataloader_idx, self._predict(pl_module, batch, deterministic=True), None)
+            prediction = self._checked_predict(pl_module, batch, stage, deterministic=True)
+            self._update_detection(stage, dataloader_idx, prediction, None)
             return
         targets = hard_targets(get_entry(batch, self.target_key, "target_key"))
-        self._snapshot_statistics(pl_module)
-        prediction = self._predict(pl_module, batch, deterministic=True)
+        prediction = self._checked_predict(pl_module, batch, stage, deterministic=True)
         key = (stage, dataloader_idx)
         if key not in self._metrics:
             self._metrics[key] = self._new_metrics(prediction.probs.shape[-1], prediction.probs.device)
@@ -402,7 +402,6 @@ class MCDropoutEvaluation(Callback):
         return agreed.tolist()
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage) -> None:
-        self._check_statistics(pl_module, stage)
         num_classes = self._agreed_num_classes(trainer, pl_module, stage)
         several = len(num_classes) > 1
         for index, classes in enumerate(num_classes):

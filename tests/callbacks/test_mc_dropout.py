@@ -254,11 +254,25 @@ def test_running_statistics_are_checked_once_per_evaluation_and_still_catch_a_ch
 
     monkeypatch.setattr(bn, "named_buffers", counting)
     fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, plot=False)]).validate(model, _loader())  # 3 batches
-    assert len(reads) == 2  # one snapshot at the start, one comparison at the end: not per batch
+    assert len(reads) == 2  # one snapshot before the first sampled batch, one comparison after it: not per batch
     with pytest.raises(RuntimeError, match="Running statistics changed during validate with Monte-Carlo dropout"):
         fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, plot=False)]).validate(
             _BadBN(TinyMLP(batch_norm=True, dropout=0.3)), _loader()
         )
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_weight_averaging_swapping_buffers_is_not_a_change_in_either_order(tmp_path: Path, ema_first: bool) -> None:
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    # EMAWeightAveraging swaps its averaged parameters and BN buffers in at validation start and out at validation
+    # end: a legitimate change around the evaluation, not one made by sampling.
+    mc = MCDropoutEvaluation(4, stages=("validate",), plot=False)
+    ema = EMAWeightAveraging(decay=0.5)
+    callbacks = [ema, mc] if ema_first else [mc, ema]
+    trainer = fast_trainer(tmp_path, max_epochs=2, callbacks=callbacks)
+    trainer.fit(_model(), _loader(), _loader())
+    assert {"mc/val/acc", "mc/val/det_acc"} <= set(trainer.callback_metrics)  # and no "statistics changed" error
 
 
 def test_nan_running_statistics_do_not_raise_and_are_reported(tmp_path: Path) -> None:
