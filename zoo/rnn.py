@@ -201,9 +201,11 @@ class RNN(nn.Module):
                 return x.mean(dim=1)
             valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]  # (N, T)
             return (x * valid[..., None]).sum(dim=1) / lengths.to(x.device, x.dtype)[:, None]
-        last = (lengths - 1).to(x.device) if lengths is not None else torch.full((x.shape[0],), x.shape[1] - 1)
-        rows = torch.arange(x.shape[0], device=x.device)
-        forward_last = x[rows, last.to(x.device), : self.hidden_size]  # (N, H): the forward pass ends at the end
+        if lengths is None:
+            forward_last = x[:, -1, : self.hidden_size]  # (N, H), no index tensor built on the host every forward
+        else:
+            rows = torch.arange(x.shape[0], device=x.device)
+            forward_last = x[rows, (lengths - 1).to(x.device), : self.hidden_size]  # (N, H): ends at each length
         if not self.bidirectional:
             return forward_last
         return torch.cat([forward_last, x[:, 0, self.hidden_size :]], dim=-1)  # the backward pass ends at step 0
