@@ -358,3 +358,17 @@ def test_callbacks_build_float64_targets_under_a_float64_default_dtype(tmp_path)
     finally:
         torch.set_default_dtype(previous)
     assert all(t.dtype == torch.float64 for t in model.seen_targets["train"])
+
+
+@pytest.mark.parametrize(("switch_prob", "low", "high"), [(0.9, 12, 16), (0.1, 0, 4)])
+def test_switch_prob_is_the_probability_of_cutmix(tmp_path, switch_prob, low, high):
+    switches = _RecordInputs()
+    L.seed_everything(0, verbose=False)
+    x, y = make_images(128)
+    cb = MixUpCutMix(mixup_alpha=1.0, cutmix_alpha=1.0, switch_prob=switch_prob)
+    fast_trainer(tmp_path, max_epochs=1, callbacks=[cb, switches]).fit(
+        UserClassifier(net=TinyCNN()), make_loader(x, y, 8)
+    )
+    # CutMix keeps original pixels exactly (more than a fifth of them); MixUp changes almost all.
+    cut = sum(bool((m == o).float().mean() > 0.2) for (m, _), o in zip(switches.batches, x.split(8), strict=True))
+    assert low <= cut <= high  # 16 batches: about 14 of them CutMix at 0.9, about 2 at 0.1

@@ -643,3 +643,37 @@ def test_cuda_batches_make_no_host_sync_and_match_the_cpu_batches(name):
         results.append([t.cpu() for t in batch])
     for a, b in zip(*results, strict=True):
         assert torch.allclose(a, b, atol=1e-6)  # the same draws on both devices
+
+
+class _RecordMixed(L.Callback):
+    """Records the mixed training inputs (after the mixing callback, which runs first)."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.inputs.append(batch[0].clone())
+
+
+def test_a_state_loaded_before_fit_is_where_the_stream_continues(tmp_path):
+    # Loading a state into a fresh callback by hand, before `fit` (not Lightning's resume, which loads after
+    # setup), must continue that stream: the draws equal the second epoch of one uninterrupted run.
+    x, y = make_classification(32)
+
+    def run(callback, epochs):
+        L.seed_everything(0, verbose=False)
+        record = _RecordMixed()
+        loader = make_loader(x, y, 8)  # unshuffled: the same batches every epoch
+        fast_trainer(tmp_path, max_epochs=epochs, callbacks=[callback, record]).fit(UserClassifier(), loader)
+        return record.inputs
+
+    straight = run(MixUp(alpha=1.0), 2)
+    first = MixUp(alpha=1.0)
+    run(first, 1)
+    fresh = MixUp(alpha=1.0)
+    fresh.load_state_dict(first.state_dict())
+    continued = run(fresh, 1)
+    assert len(continued) == 4
+    for a, b in zip(straight[4:], continued, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(straight[0], continued[0])  # not a restart of the stream

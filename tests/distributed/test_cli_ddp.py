@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import zoo
+from lightning_reg import TemperatureScaling
 from tests.helpers import fast_trainer
 from tests.helpers.ddp import DDP_ENV_VARS, free_port
 
@@ -56,6 +57,9 @@ def test_cli_fit_under_ddp_with_all_callbacks_saves_a_checkpoint_that_reproduces
 
     (checkpoint,) = tmp_path.rglob("*.ckpt")
     model = zoo.CNNClassifier.load_from_checkpoint(checkpoint)
-    (metrics,) = fast_trainer(tmp_path).validate(model, datamodule=zoo.data.DigitsDataModule(), verbose=False)
+    # the config calibrates (TemperatureScaling): its temperature comes back from the checkpoint's callback state
+    (metrics,) = fast_trainer(tmp_path, callbacks=[TemperatureScaling()]).validate(
+        model, datamodule=zoo.data.DigitsDataModule(), ckpt_path=checkpoint, verbose=False
+    )
     assert metrics["val_acc"] == pytest.approx(float(logged["val_acc"]), abs=1e-6)
     assert metrics["val_loss"] == pytest.approx(float(logged["val_loss"]), abs=1e-5)

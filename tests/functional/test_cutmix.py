@@ -303,3 +303,14 @@ def test_mix_elementwise_with_a_shift_equals_the_gathered_partners():
     for k in range(1, 6):
         index = torch.arange(6).roll(-k)
         assert torch.equal(mix_elementwise(x, index, weight, box, shift=k), mix_elementwise(x, index, weight, box))
+
+
+def test_box_side_is_the_root_of_one_minus_lam():
+    # lam is the share of the original sample kept: the box covers 1 - lam, side L * sqrt(1 - lam) = 50 for
+    # lam = 0.75 on 100 x 100 (a box from lam itself would have side 86).
+    g = torch.Generator().manual_seed(0)
+    boxes = [LF.sample_box(0.75, (100, 100), generator=g) for _ in range(40)]
+    sides = [int((b.hi - b.lo).max()) for b in boxes]
+    assert max(sides) == 50  # unclipped boxes have exactly that side; clipped ones are smaller
+    per_sample = LF.sample_box(torch.full((40,), 0.75), (100, 100), generator=g)
+    assert int((per_sample.hi - per_sample.lo).max()) == 50
