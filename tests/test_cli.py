@@ -85,7 +85,8 @@ def test_progress_shows_with_the_rich_progress_bar_by_default():
 def test_rich_progress_bar_is_added_beside_the_callbacks_of_a_config():
     result = cli(["--config", str(CONFIGS / "cnn_digits_regularized.yaml"), *QUIET], run=False)
     names = [type(c).__name__ for c in result.trainer.callbacks]
-    assert names[:5] == ["MixUpCutMix", "LabelSmoothing", "BNRecalibration", "MCDropoutEvaluation", "RichProgressBar"]
+    expected = ["MixUpCutMix", "LabelSmoothing", "BNRecalibration", "TemperatureScaling", "MCDropoutEvaluation"]
+    assert names[:6] == [*expected, "RichProgressBar"]
 
 
 def test_rich_progress_bar_is_added_beside_callbacks_appended_on_the_command_line():

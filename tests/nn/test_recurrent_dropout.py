@@ -285,13 +285,12 @@ def test_mc_dropout_samples_the_recurrent_masks(cell, method):
     assert not torch.allclose(out.mean_probs, plain)
 
 
-def test_mc_dropout_with_both_rates_zero_gives_the_deterministic_pass():
+def test_mc_dropout_with_both_rates_zero_is_refused_like_any_zero_rate_dropout():
     torch.manual_seed(0)
     model = SequenceClassifier(VariationalLSTM(I, H, batch_first=True)).eval()  # a site of rate 0, as nn.Dropout(0)
-    x = torch.randn(4, T, I)
-    out = mc_dropout_predict(model, x, 5)
-    with torch.no_grad():
-        torch.testing.assert_close(out.probs, model(x).softmax(-1).expand(5, -1, -1))
+    # every sample would be the deterministic pass: refused (issue 12.14), naming the layer
+    with pytest.raises(ValueError, match=r"every dropout layer of SequenceClassifier has rate 0 \(1 layer: `rnn`\)"):
+        mc_dropout_predict(model, torch.randn(4, T, I), 5)
 
 
 def test_weight_drop_composes_with_recurrent_dropout():
