@@ -31,6 +31,7 @@ from lightning_reg import (
     MixUpCutMix,
     RegularizationCheck,
     RegularizationWarning,
+    TemperatureScaling,
     regularization_summary,
 )
 from lightning_reg.nn import LockedDropout, WeightDrop
@@ -319,10 +320,6 @@ def test_mixup_and_cutmix_stacked_are_found_mixupcutmix_is_not() -> None:
 
 
 # --- 7. softened labels with MC dropout and no temperature scaling ------------------------------------------
-class TemperatureScaling(Callback):
-    """Stands for the calibration callback (detected by its class name)."""
-
-
 def test_mc_dropout_after_label_softening_needs_temperature_scaling() -> None:
     model = zoo.create("cnn_small")
     found = regularization_findings(model, callbacks=[MixUp(), MCDropoutEvaluation()])
@@ -643,10 +640,6 @@ def test_trainer_flags_keep_the_trace(flags: dict[str, Any]) -> None:
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*_digits*.yaml"))
 
 
-# Waiting for `TemperatureScaling` (issue 13, built on another branch): the regularized configs that evaluate MC
-# dropout after mixing and label smoothing are exactly what `mc-dropout-uncalibrated` is about. When the
-# callback lands, add it to those configs and empty this (test_known_findings_wait_for_temperature_scaling fails
-# as a reminder).
 @pytest.mark.parametrize("name", zoo.list_models())
 def test_no_finding_on_any_zoo_model_with_its_defaults(name: str) -> None:
     kwargs: dict[str, Any] = {"num_classes": 10}
