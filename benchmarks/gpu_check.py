@@ -230,22 +230,22 @@ def _reference_stats(model: Any, batches: list[Any]) -> list[tuple[Any, Any]]:
             ref(batch.double().cpu())
     for handle in handles:
         handle.remove()
-    stats = []
-    for values in captured:
-        x = torch.cat([v.transpose(0, 1).reshape(v.shape[1], -1) for v in values], dim=1)  # (C, N * spatial)
-        stats.append((x.mean(1), x.var(1, unbiased=True)))
-    return stats
+    return [_channel_stats(values) for values in captured]
+
+
+def _channel_stats(inputs: list[Any]) -> tuple[Any, Any]:
+    """Per channel, the mean and unbiased variance of a BN layer's inputs over every batch ``(N, C, ...)``."""
+    import torch
+
+    x = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in inputs], dim=1)  # (C, N * spatial)
+    return x.mean(1), x.var(1, unbiased=True)
 
 
 def _rel(got: Any, ref: Any, scale: Any) -> float:
     """Largest ``|got - ref|`` relative to ``|ref|``, floored at 1 % of ``scale`` (a mean near 0 has no scale)."""
-    return float(((got - ref).abs() / torch_maximum(ref.abs(), 0.01 * scale).clamp(min=1e-12)).max())
-
-
-def torch_maximum(a: Any, b: Any) -> Any:
     import torch
 
-    return torch.maximum(a, b)
+    return float(((got - ref).abs() / torch.maximum(ref.abs(), 0.01 * scale).clamp(min=1e-12)).max())
 
 
 def section_recalibrate_bn(ctx: Context) -> None:
@@ -294,8 +294,7 @@ def section_recalibrate_bn(ctx: Context) -> None:
                 handle.remove()
             exact, drift = [], []
             for layer, inputs, (mean64, var64) in zip(layers, seen, reference, strict=True):
-                x = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in inputs], dim=1)  # (C, N * spatial)
-                mean, var = x.mean(1), x.var(1, unbiased=True)
+                mean, var = _channel_stats(inputs)
                 got_mean, got_var = layer.running_mean.double().cpu(), layer.running_var.double().cpu()
                 exact += [_rel(got_mean, mean, var.sqrt()), _rel(got_var, var, var)]
                 drift += [_rel(got_mean, mean64, var64.sqrt()), _rel(got_var, var64, var64)]
