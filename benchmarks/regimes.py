@@ -31,6 +31,7 @@ _RECIPE_TEXT = {
     "cnn_small": "MixUpCutMix + LabelSmoothing + BNRecalibration",
     "cnn": "MixUpCutMix + LabelSmoothing + BNRecalibration",
     "resnet18": "MixUpCutMix + LabelSmoothing + BNRecalibration",
+    "mlp": "MixUpCutMix + LabelSmoothing + BNRecalibration",
     "lstm": "MixUp + LabelSmoothing",
     "gru": "MixUp + LabelSmoothing",
     "transformer": "MixUp + LabelSmoothing",

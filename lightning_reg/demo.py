@@ -56,11 +56,11 @@ __all__ = [
     "trainer_flags",
 ]
 
-ModelName = Literal["cnn_small", "cnn", "lstm", "gru", "transformer", "resnet18"]
+ModelName = Literal["cnn_small", "cnn", "lstm", "gru", "transformer", "resnet18", "mlp"]
 _MODELS: tuple[ModelName, ...] = get_args(ModelName)
 DEFAULT_MODELS: tuple[ModelName, ...] = ("cnn_small", "lstm")
-# One model per zoo family and size: the CNNs, both recurrent cells, the Transformer, and a timm backbone.
-FULL_MODELS: tuple[ModelName, ...] = ("cnn_small", "cnn", "lstm", "gru", "transformer", "resnet18")
+# One model per zoo family and size: the CNNs, both recurrent cells, the Transformer, a timm backbone and the MLP.
+FULL_MODELS: tuple[ModelName, ...] = ("cnn_small", "cnn", "lstm", "gru", "transformer", "resnet18", "mlp")
 FULL_SEEDS: tuple[int, ...] = (0, 1, 2)
 Recipe = Literal["plain", "regularized", "plain + AdaBN", "regularized + AdaBN"]
 _TRAINED: tuple[Recipe, ...] = ("plain", "regularized")
@@ -96,6 +96,8 @@ _SETUPS: dict[str, _ModelSetup] = {
     "transformer": _ModelSetup(as_sequence=True, epochs=40),
     # grey 8x8 input; timm head dropout as in the zoo CNNs (0.3), so that MC dropout has something to sample
     "resnet18": _ModelSetup(as_sequence=False, epochs=30, kwargs=(("in_channels", 1), ("drop_rate", 0.3))),
+    # flattened 8x8 images; BatchNorm blocks with dropout after the last one
+    "mlp": _ModelSetup(as_sequence=False, epochs=30),
 }
 
 
@@ -634,7 +636,7 @@ def demo(
 
     Args:
         models: zoo models, any of ``"cnn_small"``, ``"cnn"``, ``"lstm"``, ``"gru"``, ``"transformer"``,
-            ``"resnet18"``; ``None``: ``cnn_small`` and ``lstm``, or every one with ``full=True``.
+            ``"resnet18"``, ``"mlp"``; ``None``: ``cnn_small`` and ``lstm``, or every one with ``full=True``.
         epochs: training epochs of every model; ``None`` uses each model's default (30 for images, 40 for sequences).
         out: output folder (created if missing).
         seed: seed of every training (``lightning.seed_everything``), or several seeds: the tables then show the

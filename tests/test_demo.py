@@ -250,6 +250,7 @@ def test_full_runs_every_family_over_three_seeds_unless_told_otherwise() -> None
         "RNNClassifier",
         "TransformerClassifier",
         "ImageClassifier",
+        "MLPClassifier",
     }
     assert _check_seeds(0, full=True) == FULL_SEEDS == (0, 1, 2)
     assert _check_seeds([4, 5], full=True) == (4, 5)
