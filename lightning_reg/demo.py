@@ -75,6 +75,7 @@ MIDDLE_SEVERITY = 3
 _BATCH_SIZE = 64
 _MC_SAMPLES = 30
 _N_BINS = 15
+_MIN_TEMPERATURE = 1e-2  # fit_temperature's lower bound, passed explicitly so the report can tell who hit it
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,18 @@ class DemoResult:
     def legend(self) -> list[str]:
         """One line per model: its epochs and what "regularized" means for it."""
         return [f"{name}: regularized = {text}" for name, text in self.recipes.items()]
+
+    def temperatures_at_bound(self) -> dict[tuple[str, str], list[int]]:
+        """The seeds, per model and recipe, whose fitted temperature is the lower bound of the search.
+
+        That happens when the validation split holds no error: the NLL then falls all the way to ``T -> 0``, so the
+        temperature is not identifiable from the split, and the scaled model is overconfident on every test error.
+        """
+        hits: dict[tuple[str, str], list[int]] = {}
+        for m in self.measurements:
+            if m.metric == "temperature" and m.value <= _MIN_TEMPERATURE:
+                hits.setdefault((m.model, m.recipe), []).append(m.seed)
+        return hits
 
     def to_rich(self) -> Any:
         """The summary table as a ``rich.table.Table``."""
@@ -572,7 +585,9 @@ def _measure_model(name: str, seed: int, options: _Options) -> tuple[list[Measur
         record(recipe, "clean_nll", nll)
         record(recipe, "clean_ece", ece)
         val_logits, val_y = _logits(model, clean.val_set)
-        temperature = fit_temperature(val_logits, val_y, distributed=False)
+        with warnings.catch_warnings():  # a temperature at its bound is reported in the table's notes instead
+            warnings.simplefilter("ignore", UserWarning)
+            temperature = fit_temperature(val_logits, val_y, min_temperature=_MIN_TEMPERATURE, distributed=False)
         _, ts_nll, ts_ece = _calibration(scale_logits(test_logits, temperature), test_y)
         record(recipe, "temperature", temperature)
         record(recipe, "ts_nll", ts_nll)
@@ -790,6 +805,15 @@ def _global_rank() -> int:
 
 def _markdown_report(result: DemoResult) -> str:
     legend = "\n".join(f"- {line}" for line in result.legend())
+    at_bound = result.temperatures_at_bound()
+    if at_bound:
+        runs = "; ".join(
+            f"{model} {recipe}: seed(s) {', '.join(map(str, seeds))}" for (model, recipe), seeds in at_bound.items()
+        )
+        legend += (
+            f"\n- Temperature at its lower bound {_MIN_TEMPERATURE} (the validation split held no error, so the NLL "
+            f"keeps falling as T -> 0 and every test error then costs a large NLL): {runs}."
+        )
     seeds = ", ".join(map(str, result.seeds))
     spread = " Cells are mean ± sample standard deviation over the seeds." if len(result.seeds) > 1 else ""
     return (
