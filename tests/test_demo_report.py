@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from lightning_reg.demo import DemoResult, Measurement, _markdown_report
@@ -17,7 +18,7 @@ def test_a_validation_split_without_errors_drives_the_temperature_to_its_bound()
     # The premise of the note: every validation prediction right, so the NLL falls monotonically as T -> 0.
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.5, 0.5]])
     y = logits.argmax(1)
-    with torch.no_grad():
+    with pytest.warns(UserWarning, match="min_temperature"):
         assert fit_temperature(logits, y, min_temperature=1e-2, distributed=False) == 1e-2
 
 
