@@ -786,10 +786,9 @@ def mc_dropout_predict(
     - otherwise every batched tensor argument is repeated ``n_samples`` times along the batch dimension,
       ``chunk_size`` rows per forward pass (``"batched"``).
 
-    Both give the distribution of the naive loop of ``n_samples`` forward passes (``method="naive"``). A model with
-    a layer that mixes rows in eval mode (a BatchNorm with ``track_running_stats=False``) is sampled one sample of
-    ``N`` rows per pass, so that each pass sees the batch the naive loop sees (with the same generator, the same
-    draws); a mask shared by the batch (``WeightDrop``) takes the naive loop.
+    The cached path gives the naive loop's draws (with the same generator, the same probabilities); the batched
+    path its distribution (``method="naive"``). See the MC dropout page of the docs for layers that mix rows and
+    masks shared by the batch.
 
     Args:
         model: the network, in any mode: modes are restored after sampling (see :func:`mc_dropout_sampling`).
@@ -799,10 +798,9 @@ def mc_dropout_predict(
             draws from the global RNG, so it is forked and seeded from this generator). ``None`` draws from the
             global RNG as a training forward pass would (reproducible under ``seed_everything``).
         chunk_size: the most rows (copies of input items) per forward pass on the batched path, or per head
-            call on the cached path, to cap memory. ``None``: automatic: the cached path samples the head on all
-            ``n_samples * N`` rows at once; the batched path forwards ``max(N, 256)`` rows at a time, so small
-            batches share a forward pass and batches of 256 or more run one sample per pass (measured: see the
-            MC dropout page of the docs).
+            call on the cached path, to cap memory. ``None``: automatic: the cached path samples the head one
+            sample of ``N`` rows per call (the naive loop's draws); the batched path forwards ``max(N, 256)`` rows
+            at a time (measured: see the MC dropout page of the docs).
         include_drop_path: also sample stochastic depth (timm's ``DropPath``, torchvision's ``StochasticDepth``)
             and ``DropBlock2d``.
         method: ``"auto"``, ``"batched"`` (never cache) or ``"naive"`` (the reference loop).
@@ -893,7 +891,8 @@ def mc_dropout_predict(
             elif isinstance(features, Tensor) and features.ndim >= 1 and features.shape[0] == n:
                 taken = "cached"
                 cached = ForwardInputs((features,), {})
-                logits = _sample_rows(head, cached, features.shape[0], n_samples, n if per_sample else chunk_size)
+                rows = features.shape[0] if per_sample or chunk_size is None else chunk_size
+                logits = _sample_rows(head, cached, features.shape[0], n_samples, rows)
                 if deterministic:
                     with _eval_mode(model):
                         det_logits = _logits_of(head(features), n)
