@@ -135,9 +135,14 @@ class MCDropoutSites:
     active: list[nn.Module] = field(default_factory=list)
 
 
-def _find_sites(model: nn.Module, include_drop_path: bool) -> MCDropoutSites:
+Named = list[tuple[str, nn.Module]]
+"""``list(model.named_modules())``, taken once per call: each traversal hashes every module, and torchmetrics'
+``Metric.__hash__`` hashes its states (measured about 3 ms a call on a zoo model with its metrics)."""
+
+
+def _find_sites(named: Named, include_drop_path: bool) -> MCDropoutSites:
     found = MCDropoutSites()
-    for module in model.modules():
+    for _, module in named:
         kind = _classify(module, include_drop_path)
         if kind is None:
             continue
@@ -179,12 +184,18 @@ def find_mc_dropout_sites(model: nn.Module, *, include_drop_path: bool = False) 
         ...     print(str(error).split(", so")[0][-25:])
         has rate 0 (1 layer: `1`)
     """
-    found = _find_sites(model, include_drop_path)
-    names = {module: name or type(model).__name__ for name, module in model.named_modules()}
-    drop_paths = [m for m in model.modules() if _is_drop_path(m) and _rate(m) > 0] if not include_drop_path else []
+    return _checked_sites(model, list(model.named_modules()), include_drop_path)
+
+
+def _checked_sites(model: nn.Module, named: Named, include_drop_path: bool) -> MCDropoutSites:
+    found = _find_sites(named, include_drop_path)
+    if found.active and found.sites:
+        return found
+    names = {id(module): name or type(model).__name__ for name, module in named}
+    drop_paths = [m for _, m in named if _is_drop_path(m) and _rate(m) > 0] if not include_drop_path else []
     hint = (
         f" It has {len(drop_paths)} drop-path layer{'s' if len(drop_paths) > 1 else ''} with a rate above 0 "
-        f"(e.g. `{names[drop_paths[0]]}`, {type(drop_paths[0]).__name__}): pass `include_drop_path=True` to sample "
+        f"(e.g. `{names[id(drop_paths[0])]}`, {type(drop_paths[0]).__name__}): pass `include_drop_path=True` to sample "
         "them."
         if drop_paths
         else ""
@@ -197,7 +208,7 @@ def find_mc_dropout_sites(model: nn.Module, *, include_drop_path: bool = False) 
         )
     if not found.active:
         zero = found.sites
-        listed = ", ".join(f"`{names[m]}`" for m in zero[:3]) + (", ..." if len(zero) > 3 else "")
+        listed = ", ".join(f"`{names[id(m)]}`" for m in zero[:3]) + (", ..." if len(zero) > 3 else "")
         raise ValueError(
             f"Expected a model with dropout to sample for Monte-Carlo dropout, but every dropout layer of "
             f"{type(model).__name__} has rate 0 ({len(zero)} layer{'s' if len(zero) > 1 else ''}: {listed}), so all "
@@ -215,8 +226,12 @@ def running_statistics(model: nn.Module) -> dict[str, Tensor]:
         >>> sorted(running_statistics(nn.Sequential(nn.BatchNorm1d(2))))
         ['0.num_batches_tracked', '0.running_mean', '0.running_var']
     """
+    return _statistics(list(model.named_modules()))
+
+
+def _statistics(named: Named) -> dict[str, Tensor]:
     stats: dict[str, Tensor] = {}
-    for name, module in model.named_modules():
+    for name, module in named:
         if isinstance(module, _NormBase) and module.track_running_stats:
             for buffer_name, buffer in module.named_buffers(recurse=False):
                 if buffer is not None:
@@ -243,7 +258,11 @@ def check_running_statistics(model: nn.Module, before: dict[str, Tensor], *, dur
         >>> before = running_statistics(bn)
         >>> check_running_statistics(bn, before, during="nothing")  # unchanged: silent
     """
-    after = running_statistics(model)
+    _check_statistics(model, list(model.named_modules()), before, during)
+
+
+def _check_statistics(model: nn.Module, named: Named, before: dict[str, Tensor], during: str) -> None:
+    after = _statistics(named)
     names = sorted(before.keys() | after.keys())
     missing = [name for name in names if name not in before or name not in after]
     common = [name for name in names if name in before and name in after]
@@ -284,7 +303,7 @@ def check_running_statistics(model: nn.Module, before: dict[str, Tensor], *, dur
         )
 
 
-def _row_mixing_layers(model: nn.Module) -> list[nn.Module]:
+def _row_mixing_layers(named: Named) -> list[nn.Module]:
     """Layers whose eval-mode output for one row depends on the other rows of the batch.
 
     A BatchNorm without running statistics (``track_running_stats=False``) normalizes with the statistics of the
@@ -293,7 +312,7 @@ def _row_mixing_layers(model: nn.Module) -> list[nn.Module]:
     """
     return [
         m
-        for m in model.modules()
+        for _, m in named
         if (isinstance(m, _BatchNorm) and m.running_mean is None and m.running_var is None)
         or getattr(type(m), "mc_dropout_mixes_rows", False) is True
     ]
@@ -338,29 +357,38 @@ def mc_dropout_sampling(
         >>> net.training, net[2].training
         (True, True)
     """
-    found = find_mc_dropout_sites(model, include_drop_path=include_drop_path)
-    modes = {module: module.training for module in model.modules()}
-    stats = running_statistics(model) if check_statistics else None
+    with _sampling(model, list(model.named_modules()), include_drop_path, check_statistics) as found:
+        yield found
+
+
+@contextlib.contextmanager
+def _sampling(
+    model: nn.Module, named: Named, include_drop_path: bool, check_statistics: bool
+) -> Iterator[MCDropoutSites]:
+    found = _checked_sites(model, named, include_drop_path)
+    # (module, mode) pairs, not a dict: torchmetrics' `Metric.__hash__` hashes its states
+    modes = [(module, module.training) for _, module in named]
+    stats = _statistics(named) if check_statistics else None
     model.eval()
     try:
         for module in (*found.sites, *found.gates):
             module.training = True  # this module only: its children keep their eval mode
         yield found
     finally:
-        for module, mode in modes.items():
+        for module, mode in modes:
             module.training = mode
     if stats is not None:
-        check_running_statistics(model, stats, during="Monte-Carlo dropout sampling")
+        _check_statistics(model, named, stats, "Monte-Carlo dropout sampling")
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {module: module.training for module in model.modules()}
+def _eval_mode(model: nn.Module, named: Named) -> Iterator[None]:
+    modes = [(module, module.training) for _, module in named]
     model.eval()
     try:
         yield
     finally:
-        for module, mode in modes.items():
+        for module, mode in modes:
             module.training = mode
 
 
@@ -456,7 +484,7 @@ Inputs = Tensor | ForwardInputs | Callable[[nn.Module], Tensor]
 
 
 def _split(
-    model: nn.Module, found: MCDropoutSites, inputs: ForwardInputs
+    model: nn.Module, found: MCDropoutSites, inputs: ForwardInputs, named: Named
 ) -> tuple[Callable[[], Any], Callable[..., Any]] | None:
     """``(trunk, head)`` with ``model(*inputs) == head(trunk())``, or ``None`` when the model offers no split."""
     forward_features = getattr(model, "forward_features", None)
@@ -470,7 +498,7 @@ def _split(
         if first > 0:
             trunk, head = model[:first], model[first:]  # split just before the first dropout
             return (lambda: trunk(inputs.args[0])), head
-    return _fx_split(model, found, inputs)
+    return _fx_split(model, found, inputs, named)
 
 
 # Functions that draw random numbers when traced as graph nodes: what depends on them is not deterministic.
@@ -628,7 +656,7 @@ def _trace_key(module: nn.Module) -> tuple[Any, ...]:
 
 
 def _fx_split(
-    model: nn.Module, found: MCDropoutSites, inputs: ForwardInputs
+    model: nn.Module, found: MCDropoutSites, inputs: ForwardInputs, named: Named
 ) -> tuple[Callable[[], Any], Callable[..., Any]] | None:
     """The deterministic prefix of any traceable module, run once; the stochastic rest sampled (issue 19).
 
@@ -640,7 +668,7 @@ def _fx_split(
     # The graph holds references to the submodules and has the Python control flow of the trace baked in (`if
     # self.flag:` is traced for the flag's value then): retrace when a submodule, a plain attribute of one, its hooks
     # or the sampled set changed.
-    key = (tuple(_trace_key(m) for m in model.modules()), frozenset(id(m) for m in found.active))
+    key = (tuple(_trace_key(m) for _, m in named), frozenset(id(m) for m in found.active))
     cached = _FX_SPLITS.get(model)
     if cached is None or cached[0] != key:
         cached = (key, _trace_split(model, found))
@@ -786,9 +814,10 @@ def mc_dropout_predict(
     - otherwise every batched tensor argument is repeated ``n_samples`` times along the batch dimension,
       ``chunk_size`` rows per forward pass (``"batched"``).
 
-    The cached path gives the naive loop's draws (with the same generator, the same probabilities); the batched
-    path its distribution (``method="naive"``). See the MC dropout page of the docs for layers that mix rows and
-    masks shared by the batch.
+    Every path gives the distribution of the naive loop (``method="naive"``); the cached path gives its very draws
+    (the same probabilities for the same generator) when it samples one sample per call (``N >= 256``,
+    ``chunk_size=N``, the ``torch.fx`` prefix), or with threshold masks and one dropout in the head. See the MC
+    dropout page of the docs for layers that mix rows and masks shared by the batch.
 
     Args:
         model: the network, in any mode: modes are restored after sampling (see :func:`mc_dropout_sampling`).
@@ -798,9 +827,9 @@ def mc_dropout_predict(
             draws from the global RNG, so it is forked and seeded from this generator). ``None`` draws from the
             global RNG as a training forward pass would (reproducible under ``seed_everything``).
         chunk_size: the most rows (copies of input items) per forward pass on the batched path, or per head
-            call on the cached path, to cap memory. ``None``: automatic: the cached path samples the head one
-            sample of ``N`` rows per call (the naive loop's draws); the batched path forwards ``max(N, 256)`` rows
-            at a time (measured: see the MC dropout page of the docs).
+            call on the cached path, to cap memory. ``None``: ``max(N, 256)`` rows at a time, so small batches
+            share a call and batches of 256 or more take one sample per call (measured: see the MC dropout page of
+            the docs).
         include_drop_path: also sample stochastic depth (timm's ``DropPath``, torchvision's ``StochasticDepth``)
             and ``DropBlock2d``.
         method: ``"auto"``, ``"batched"`` (never cache) or ``"naive"`` (the reference loop).
@@ -861,6 +890,7 @@ def mc_dropout_predict(
     else:
         device = next((p.device for p in model.parameters()), device)
     mask_source = resolve_masks(masks, device)
+    named = list(model.named_modules())  # one traversal for the whole call
 
     def forward() -> Tensor:
         if forward_inputs is None:
@@ -871,14 +901,14 @@ def mc_dropout_predict(
     with (
         torch.no_grad(),
         _rng_from(generator, device),
-        mc_dropout_sampling(model, include_drop_path=include_drop_path, check_statistics=check_statistics) as found,
+        _sampling(model, named, include_drop_path, check_statistics) as found,
         threshold_masks(found.active) if mask_source == "threshold" else contextlib.nullcontext(),
     ):
         naive = method == "naive" or forward_inputs is None or _per_call_masks(found)
-        per_sample = bool(_row_mixing_layers(model))  # each pass must see exactly the N rows of the batch
+        per_sample = bool(_row_mixing_layers(named))  # each pass must see exactly the N rows of the batch
         taken: str = "naive" if naive else "batched"
         logits: Tensor | None = None
-        split = _split(model, found, forward_inputs) if method == "auto" and not naive else None  # type: ignore[arg-type]
+        split = _split(model, found, forward_inputs, named) if method == "auto" and not naive else None  # type: ignore[arg-type]
         if split is not None:
             trunk, head = split
             features = _features(trunk, found)
@@ -886,15 +916,16 @@ def mc_dropout_predict(
                 taken = "cached"
                 logits = torch.stack([_logits_of(head(None), n) for _ in range(n_samples)])
                 if deterministic:
-                    with _eval_mode(model):
+                    with _eval_mode(model, named):
                         det_logits = _logits_of(head(None), n)
             elif isinstance(features, Tensor) and features.ndim >= 1 and features.shape[0] == n:
                 taken = "cached"
                 cached = ForwardInputs((features,), {})
-                rows = features.shape[0] if per_sample or chunk_size is None else chunk_size
+                auto = max(features.shape[0], _AUTO_BATCHED_ROWS)  # small batches: several samples per head call
+                rows = features.shape[0] if per_sample else auto if chunk_size is None else chunk_size
                 logits = _sample_rows(head, cached, features.shape[0], n_samples, rows)
                 if deterministic:
-                    with _eval_mode(model):
+                    with _eval_mode(model, named):
                         det_logits = _logits_of(head(features), n)
         if logits is None and not naive and not per_sample:
             assert forward_inputs is not None
@@ -907,7 +938,7 @@ def mc_dropout_predict(
             n = first.shape[0]
             logits = torch.stack([first, *(forward() for _ in range(n_samples - 1))])
         if deterministic and det_logits is None:
-            with _eval_mode(model):
+            with _eval_mode(model, named):
                 det_logits = forward()
     probs = logits.float().softmax(dim=-1)
     det_probs = None if det_logits is None else det_logits.float().softmax(dim=-1)

@@ -49,13 +49,20 @@ def resolve_masks(masks: object, device: torch.device) -> Literal["torch", "thre
 
 
 def _random_words(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> Tensor:
-    """Independent uniform int32 words of ``shape``: full-range int64 draws, each viewed as two int32 words."""
-    count = math.prod(shape)
+    """Independent uniform int32 words of ``shape``: full-range int64 draws, each viewed as two int32 words.
+
+    Each row (index of the first dimension) takes its own ``ceil(row size / 2)`` int64 draws, so the words of a row do
+    not depend on how many rows are drawn together: sampling ``k`` samples of ``N`` rows in one call gives the words
+    of ``k`` calls of ``N`` rows (the naive loop's draws).
+    """
+    rows = shape[0] if shape else 1
+    per_row = math.prod(shape[1:]) if shape else 1
     where = device if generator is None or _same_device(generator, device) else generator.device
     # `random_(-2**63, None)` is torch's full 64-bit range (every bit uniform); `random_()` would leave the top
     # bit 0 (its range is [0, 2**63 - 1]), biasing every second word.
-    draws = torch.empty((count + 1) // 2, dtype=torch.int64, device=where).random_(-(2**63), None, generator=generator)
-    words = draws.view(torch.int32)[:count].view(shape)
+    draws = torch.empty((rows, (per_row + 1) // 2), dtype=torch.int64, device=where)
+    words = draws.random_(-(2**63), None, generator=generator).view(torch.int32)  # (rows, 2 * ceil(per_row / 2))
+    words = words.view(shape) if per_row % 2 == 0 else words[:, :per_row].reshape(shape)
     return words if where == device else words.to(device, non_blocking=True)
 
 
@@ -107,6 +114,13 @@ def threshold_dropout(
         return input
     if p == 1.0:  # as torch: every element times 0 (NaN stays NaN)
         return input.mul_(0.0) if inplace else input * 0.0
+    return _threshold_dropout(input, p, mask_dims, inplace, generator)
+
+
+def _threshold_dropout(
+    input: Tensor, p: float, mask_dims: int | None, inplace: bool, generator: torch.Generator | None
+) -> Tensor:
+    """:func:`threshold_dropout` for a valid ``0 < p < 1``, without the checks (it runs once per sample)."""
     shape = tuple(input.shape) if mask_dims is None else (*input.shape[:mask_dims], *(1,) * (input.ndim - mask_dims))
     kept = min(round((1.0 - p) * 2**32), 2**32 - 1)  # (keep probability) * 2**32; 2**32 itself is no int32
     words = _random_words(shape, input.device, generator)
@@ -152,7 +166,7 @@ def _threshold_forward(module: _DropoutNd, rule: _Rule, input: Tensor) -> Tensor
     dims = rule(input.ndim) if isinstance(input, Tensor) else False
     if not module.training or p in (0.0, 1.0) or dims is False:
         return type(module).forward(module, input)  # eval mode (the deterministic pass), p 0 or 1, odd ranks
-    return threshold_dropout(input, p, mask_dims=dims, inplace=module.inplace)
+    return _threshold_dropout(input, p, dims, module.inplace, None)
 
 
 @contextlib.contextmanager

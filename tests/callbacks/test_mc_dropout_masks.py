@@ -29,13 +29,13 @@ class _Recorder(UserClassifier):
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    original = mc_masks.threshold_dropout
+    original = mc_masks._threshold_dropout
 
     def counting(*args: Any, **kwargs: Any) -> Tensor:
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(mc_masks, "threshold_dropout", counting)
+    monkeypatch.setattr(mc_masks, "_threshold_dropout", counting)
     return calls
 
 

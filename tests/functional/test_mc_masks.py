@@ -24,13 +24,13 @@ def _keep_probability(p: float) -> float:
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    original = mc_masks.threshold_dropout
+    original = mc_masks._threshold_dropout
 
     def counting(*args: object, **kwargs: object) -> Tensor:
         calls.append(1)
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(mc_masks, "threshold_dropout", counting)
+    monkeypatch.setattr(mc_masks, "_threshold_dropout", counting)
     return calls
 
 
@@ -332,3 +332,23 @@ def test_training_after_sampling_keeps_torchs_dropout() -> None:
     torch.manual_seed(7)
     h = F.dropout(model[0](inputs), 0.5, training=True)  # torch's own mask, drawn from the global RNG
     torch.testing.assert_close(outputs[0], model[2](h))
+
+
+def test_the_words_of_a_row_do_not_depend_on_how_many_rows_are_drawn_together() -> None:
+    # 5 words a row (odd): each row takes 3 int64 draws, so 3 calls of 2 rows give the words of 1 call of 6 rows.
+    generator = torch.Generator().manual_seed(0)
+    together = mc_masks._random_words((6, 5), torch.device("cpu"), torch.Generator().manual_seed(0))
+    apart = torch.cat([mc_masks._random_words((2, 5), torch.device("cpu"), generator) for _ in range(3)])
+    assert torch.equal(together, apart)
+
+
+def test_several_samples_per_head_call_give_the_naive_loops_draws_with_an_odd_width() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 7), nn.ReLU(), nn.Dropout(0.5), nn.Linear(7, 3)).eval()
+    inputs = torch.randn(5, 8)  # 5 rows x 7 features: odd
+    ours = mc_dropout_predict(model, inputs, 6, generator=torch.Generator().manual_seed(0), masks="threshold")
+    naive = mc_dropout_predict(
+        model, inputs, 6, method="naive", generator=torch.Generator().manual_seed(0), masks="threshold"
+    )
+    assert ours.method == "cached"  # 30 rows in one head call (fewer than 256)
+    torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
