@@ -39,7 +39,7 @@ from torch import Tensor, nn
 import zoo
 from lightning_reg import functional as LF
 
-Run = Callable[[int], Tensor]  # n_samples -> output
+Run = Callable[[int, Tensor], Tensor]  # (n_samples, batch) -> output
 
 
 def _cpu_name() -> str:
@@ -60,21 +60,21 @@ def _resnet18_head_dropout() -> nn.Module:
     return model
 
 
-def _torch_uncertainty(model: nn.Module, inputs: Tensor) -> Run | str:
+def _torch_uncertainty(model: nn.Module) -> Run | str:
     try:
         from torch_uncertainty.methods.mc_dropout import mc_dropout
     except ImportError as error:
         return f"not importable ({error.name})"
     copied = copy.deepcopy(model)
 
-    def run(n: int) -> Tensor:
+    def run(n: int, inputs: Tensor) -> Tensor:
         wrapped = mc_dropout(copied, num_estimators=n, on_batch=False).eval()  # a wrapper: nothing is copied
         return wrapped(inputs).view(n, inputs.shape[0], -1).softmax(-1)
 
     return run
 
 
-def _baal(model: nn.Module, inputs: Tensor) -> Run | str:
+def _baal(model: nn.Module) -> Run | str:
     try:
         from baal.bayesian.caching_utils import MCCachingModule
         from baal.bayesian.dropout import MCDropoutModule
@@ -85,33 +85,34 @@ def _baal(model: nn.Module, inputs: Tensor) -> Run | str:
     args = TrainingArgs(criterion=nn.CrossEntropyLoss(), replicate_in_memory=False, use_cuda=False)
     wrapper = ModelWrapper(wrapped, args)
     # predict_on_batch gives (N, K, n): the probabilities of each sample, as the other columns compute them
-    return lambda n: wrapper.predict_on_batch(inputs, iterations=n).softmax(1)
+    return lambda n, inputs: wrapper.predict_on_batch(inputs, iterations=n).softmax(1)
 
 
-def _bench(model: nn.Module, inputs: Tensor, n: int, repeats: int) -> tuple[dict[str, float | str], str]:
+def _bench(model: nn.Module, batches: list[Tensor], n: int) -> tuple[dict[str, float | str], str]:
+    """Median times over ``batches[1:]`` (a new batch each repetition: baal's cache compares inputs by value)."""
     runs: dict[str, Run | str] = {
-        "eval": lambda _: model(inputs),
-        "naive": lambda k: LF.mc_dropout_predict(model, inputs, k, method="naive", masks="torch").probs,
-        "ours": lambda k: LF.mc_dropout_predict(model, inputs, k).probs,
-        "ours_torch_masks": lambda k: LF.mc_dropout_predict(model, inputs, k, masks="torch").probs,
-        "torch-uncertainty": _torch_uncertainty(model, inputs),
-        "baal": _baal(model, inputs),
+        "eval": lambda _, x: model(x),
+        "naive": lambda k, x: LF.mc_dropout_predict(model, x, k, method="naive", masks="torch").probs,
+        "ours": lambda k, x: LF.mc_dropout_predict(model, x, k).probs,
+        "ours_torch_masks": lambda k, x: LF.mc_dropout_predict(model, x, k, masks="torch").probs,
+        "torch-uncertainty": _torch_uncertainty(model),
+        "baal": _baal(model),
     }
     times: dict[str, list[float]] = {name: [] for name, run in runs.items() if not isinstance(run, str)}
     result: dict[str, float | str] = {name: run for name, run in runs.items() if isinstance(run, str)}
     with torch.inference_mode():
         for name in list(times):  # warm-up with 2 samples; a peer that fails on this model says why in its cell
             try:
-                runs[name](2)  # type: ignore[operator]
+                runs[name](2, batches[0])  # type: ignore[operator]
             except Exception as error:
                 result[name] = f"fails: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
                 del times[name]
-        for _ in range(repeats):
+        for inputs in batches[1:]:
             for name in times:
                 start = time.perf_counter()
-                runs[name](n)  # type: ignore[operator]
+                runs[name](n, inputs)  # type: ignore[operator]
                 times[name].append(time.perf_counter() - start)
-        path = LF.mc_dropout_predict(model, inputs[:2], 2).method
+        path = LF.mc_dropout_predict(model, batches[0], 2).method
     result.update({name: statistics.median(values) for name, values in times.items()})
     return result, path
 
@@ -146,8 +147,8 @@ def main() -> None:
     rows, checks = [], []
     for label, (model, shape) in cases.items():
         model = model.eval()
-        inputs = torch.randn(args.batch, *shape)
-        r, path = _bench(model, inputs, args.n_samples, args.repeats)
+        batches = [torch.randn(args.batch, *shape) for _ in range(args.repeats + 1)]  # warm-up, then one per repeat
+        r, path = _bench(model, batches, args.n_samples)
         eval_time = r["eval"]
         assert isinstance(eval_time, float)
         cells = " | ".join(_cell(r[name], eval_time) for name in _COLUMNS)
