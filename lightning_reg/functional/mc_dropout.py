@@ -40,7 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from lightning_reg.forward import ForwardInputs
-from lightning_reg.functional.mc_masks import Masks, resolve_masks, threshold_masks
+from lightning_reg.functional.mc_masks import AUTO_MIN_ELEMENTS, Masks, resolve_masks, threshold_masks
 from lightning_reg.functional.uncertainty import entropy
 
 __all__ = [
@@ -840,7 +840,8 @@ def mc_dropout_predict(
         masks: the masks of torch's ``Dropout``/``Dropout1d/2d/3d`` while sampling: ``"threshold"`` (32-bit
             random integers against a threshold, :func:`~lightning_reg.functional.mc_masks.threshold_dropout`;
             the same distribution, measured about 2x faster than torch's on the CPU), ``"torch"`` (torch's own),
-            or ``"auto"``: ``"threshold"`` on the CPU, ``"torch"`` elsewhere. Other dropout keeps torch's.
+            or ``"auto"``: ``"threshold"`` on the CPU for inputs of 4096 elements or more, ``"torch"`` elsewhere.
+            Other dropout keeps torch's.
 
     Returns:
         An :class:`MCDropoutPrediction`.
@@ -902,7 +903,9 @@ def mc_dropout_predict(
         torch.no_grad(),
         _rng_from(generator, device),
         _sampling(model, named, include_drop_path, check_statistics) as found,
-        threshold_masks(found.active) if mask_source == "threshold" else contextlib.nullcontext(),
+        threshold_masks(found.active, min_elements=AUTO_MIN_ELEMENTS if masks == "auto" else 0)
+        if mask_source == "threshold"
+        else contextlib.nullcontext(),
     ):
         naive = method == "naive" or forward_inputs is None or _per_call_masks(found)
         per_sample = bool(_row_mixing_layers(named))  # each pass must see exactly the N rows of the batch

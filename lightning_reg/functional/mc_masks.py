@@ -22,7 +22,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from lightning_reg.functional._bernoulli import _same_device
 
-__all__ = ["Masks", "resolve_masks", "threshold_dropout", "threshold_masks"]
+__all__ = ["AUTO_MIN_ELEMENTS", "Masks", "resolve_masks", "threshold_dropout", "threshold_masks"]
 
 Masks = Literal["auto", "torch", "threshold"]
 _MASKS: tuple[str, ...] = get_args(Masks)
@@ -161,16 +161,21 @@ _RULES: dict[Callable[..., Tensor], _Rule] = {
 }
 
 
-def _threshold_forward(module: _DropoutNd, rule: _Rule, input: Tensor) -> Tensor:
+# Below this many elements, torch's dropout is faster (Python overhead; measured one thread: 512 elements 26 us
+# against 47 us, 2048 44 us against 49 us, 4096 61 us against 44 us): `masks="auto"` keeps torch's there.
+AUTO_MIN_ELEMENTS = 4096
+
+
+def _threshold_forward(module: _DropoutNd, rule: _Rule, min_elements: int, input: Tensor) -> Tensor:
     p = float(module.p)
     dims = rule(input.ndim) if isinstance(input, Tensor) else False
-    if not module.training or p in (0.0, 1.0) or dims is False:
+    if not module.training or p in (0.0, 1.0) or dims is False or input.numel() < min_elements:
         return type(module).forward(module, input)  # eval mode (the deterministic pass), p 0 or 1, odd ranks
     return _threshold_dropout(input, p, dims, module.inplace, None)
 
 
 @contextlib.contextmanager
-def threshold_masks(modules: Iterable[nn.Module]) -> Iterator[list[nn.Module]]:
+def threshold_masks(modules: Iterable[nn.Module], *, min_elements: int = 0) -> Iterator[list[nn.Module]]:
     """Inside the block, torch's ``Dropout``/``Dropout1d``/``2d``/``3d`` among ``modules`` draw threshold masks.
 
     Each such module gets :func:`threshold_dropout` as its own ``forward`` (an instance attribute, removed on exit,
@@ -178,7 +183,8 @@ def threshold_masks(modules: Iterable[nn.Module]) -> Iterator[list[nn.Module]]:
     the block is the identity. The words come from the global RNG of the inputs' device (which
     :func:`~lightning_reg.functional.mc_dropout_predict` seeds from its generator and restores). Left alone:
     subclasses with their own ``forward`` (our ``LockedDropout``), ``AlphaDropout``/``FeatureAlphaDropout``, and
-    modules that already have an instance-level ``forward``.
+    modules that already have an instance-level ``forward``, and inputs of fewer than ``min_elements`` elements
+    (``masks="auto"`` passes :data:`AUTO_MIN_ELEMENTS`, below which torch's measured faster).
 
     Yields:
         The modules whose masks are replaced.
@@ -197,7 +203,7 @@ def threshold_masks(modules: Iterable[nn.Module]) -> Iterator[list[nn.Module]]:
             rule = _RULES.get(type(module).forward)
             if rule is None or "forward" in vars(module) or module in replaced:
                 continue
-            module.forward = functools.partial(_threshold_forward, module, rule)  # type: ignore[arg-type]
+            module.forward = functools.partial(_threshold_forward, module, rule, min_elements)  # type: ignore[arg-type]
             replaced.append(module)
         yield replaced
     finally:

@@ -219,11 +219,15 @@ def test_the_sampler_draws_threshold_masks_on_every_path_and_cached_equals_the_l
     assert not torch.equal(with_torch.probs, out.probs)
 
 
-def test_auto_is_threshold_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_is_threshold_on_the_cpu_from_4096_elements_and_torchs_below(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _count_calls(monkeypatch)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).eval()
-    mc_dropout_predict(model, torch.randn(3, 4), 4)
-    assert calls
+    model = nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.5), nn.Linear(64, 2)).eval()
+    mc_dropout_predict(model, torch.randn(64, 4), 4)  # the head: 4 x 64 rows of 64 features in one call
+    assert len(calls) == 1
+    mc_dropout_predict(model, torch.randn(3, 4), 4)  # 12 rows x 64: 768 elements, where torch's is faster
+    assert len(calls) == 1
+    mc_dropout_predict(model, torch.randn(3, 4), 4, masks="threshold")
+    assert len(calls) == 2
 
 
 def test_torchvision_resnet18_prefix_with_threshold_masks_is_the_loop_draw_for_draw() -> None:
