@@ -27,6 +27,7 @@ from lightning_reg.functional.mc_dropout import (
     mc_dropout_predict,
     running_statistics,
 )
+from lightning_reg.functional.mc_masks import Masks, resolve_masks
 from lightning_reg.functional.selective import UncertaintyScore, uncertainty_score
 from lightning_reg.metrics import UncertaintyMetrics
 from lightning_reg.selective_metrics import MisclassificationDetection, OODDetection
@@ -44,65 +45,30 @@ _STREAM = 0x4D43_4452  # "MCDR"
 class MCDropoutEvaluation(Callback):
     """Monte-Carlo dropout (`Gal & Ghahramani, 2016 <https://arxiv.org/abs/1506.02142>`_) at evaluation time.
 
-    In the chosen stages, each evaluation batch is also predicted by the callback itself twice: once in plain
-    eval mode (the deterministic prediction) and once with ``n_samples`` Monte-Carlo dropout samples (only
-    dropout sampled, BatchNorm in eval mode; the trunk runs once when the model splits into
-    ``forward_features``/``forward_head``, see :func:`~lightning_reg.functional.mc_dropout_predict`). The
-    model's own ``validation_step``/``test_step`` runs in plain eval mode, untouched. At the end of the epoch
-    it logs, reduced over DDP ranks, for the MC mean and (prefixed ``det_``) for the deterministic pass::
-
-        mc/val/acc  mc/val/nll  mc/val/brier  mc/val/ece  mc/val/entropy  mc/val/mutual_info
-        mc/val/det_acc  mc/val/det_nll  mc/val/det_brier  mc/val/det_ece  mc/val/det_entropy
-
-    (``mc/test/...`` in test). With several validation or test dataloaders each gets its own metrics, named with
-    Lightning's suffix: ``mc/val/acc/dataloader_idx_0``, ``mc/val/acc/dataloader_idx_1``, ... With ``plot=True`` it
-    writes a reliability diagram of both to ``<log_dir>/mc_dropout/reliability_<stage>_epoch<E>.png`` (the first
-    logger's directory, else an explicit ``default_root_dir``; never the working directory, nothing under
-    ``fast_dev_run``) and to TensorBoard when that logger is used.
-
-    The model is called on a batch through the library's one protocol (:mod:`lightning_reg.forward`): a
-    ``forward_fn(module, batch) -> logits`` when given (sampled with the naive loop: its inputs cannot be repeated
-    or split), else the arguments of ``module.forward_inputs(batch)`` when the module defines it (the zoo's do:
-    sequence lengths, attention masks), else ``batch[input_key]``. So the deterministic pass gives the module's own
-    validation metrics on the same batches.
-
-    In ``trainer.predict`` (always, whatever ``stages``) each batch gets the MC mean probabilities, the
-    predictive entropy and the mutual information: added to the batch's prediction when ``predict_step``
-    returns a dict (keys ``mc_mean_probs``, ``mc_predictive_entropy``, ``mc_mutual_information``), and always
-    stored, on the CPU, in :attr:`predictions` (one dict per batch, in order). Lightning returns the
-    predictions after the callbacks' ``on_predict_batch_end``, so a dict changed there is what
-    ``trainer.predict`` returns.
-
-    Training is unchanged: the callback draws from its own per-rank generator (seeded from
-    ``seed_everything``'s seed, the global rank, the stage and the global step), never from the global RNG.
-
-    Strategies: one device, ``ddp`` (``ddp_spawn``, ``ddp_fork``) and DeepSpeed ZeRO stages 1-2; the extra forward
-    passes run in the precision plugin's forward context, like the evaluation step. Strategies that shard the
-    parameters (FSDP, ``ModelParallel``, DeepSpeed ZeRO-3) are refused at setup, naming the alternative.
+    Each validation/test batch is also predicted with ``n_samples`` samples of only the dropout (BatchNorm stays in
+    eval mode) and once deterministically, by :func:`~lightning_reg.functional.mc_dropout_predict`; the metrics
+    (``mc/val/acc``, ``nll``, ``brier``, ``ece``, ``entropy``, ``mutual_info``, the same prefixed ``det_``, and the
+    detection metrics) are logged per dataloader at the epoch's end, reduced over DDP ranks. ``trainer.predict``
+    always samples: see :attr:`predictions`.
 
     Args:
         n_samples: Monte-Carlo samples per input.
         stages: where to evaluate and log: ``"validate"`` (validation in ``fit`` and ``trainer.validate``) and/or
             ``"test"``.
-        plot: write reliability diagrams.
-        include_drop_path: also sample timm's ``DropPath``/``DropBlock2d`` (stochastic depth is not dropout
-            sampling, so off by default).
+        plot: write reliability diagrams and risk-coverage plots under the logger's directory.
+        include_drop_path: also sample timm's ``DropPath``/``DropBlock2d`` and torchvision's ``StochasticDepth``.
         chunk_size: the most rows per forward pass when inputs are repeated along the batch (memory cap).
         n_bins: confidence bins of the ECE and the reliability diagram.
         input_key: where the inputs are in a batch (position in a list batch, or key of a dict batch), for modules
             without ``forward_inputs``.
         target_key: where the targets (class indices or probabilities) are.
         forward_fn: ``forward_fn(module, batch) -> logits``, to compute the logits of a batch yourself.
-        uncertainty_score: the score of the detection metrics below: ``"entropy"`` (predictive entropy),
-            ``"mutual_information"`` (MC only: the deterministic pass has none, so no ``det_`` detection metrics) or
-            ``"max_prob"`` (``1 - max_k p_k``).
-        ood_dataloader_idx: the index, among the validation/test dataloaders, of one holding out-of-distribution
-            data: its batches feed only ``ood_auroc``/``ood_fpr95`` (their targets are not read).
-
-    Detection metrics (see docs/calibration.md), per dataloader and for both passes (``det_`` prefix):
-    ``mc/{stage}/misclassification_auroc``, ``mc/{stage}/misclassification_aupr`` and ``mc/{stage}/aurc``, and
-    with ``ood_dataloader_idx`` ``mc/{stage}/ood_auroc`` and ``mc/{stage}/ood_fpr95`` (in-distribution = every
-    other dataloader). ``plot=True`` also writes a risk-coverage plot beside the reliability diagram.
+        uncertainty_score: the score of the detection metrics: ``"entropy"``, ``"mutual_information"`` (MC only)
+            or ``"max_prob"``.
+        ood_dataloader_idx: the index of a validation/test dataloader of out-of-distribution data: its batches feed
+            only ``ood_auroc``/``ood_fpr95``.
+        masks: the dropout masks while sampling: ``"auto"`` (32-bit threshold masks on the CPU, torch's
+            elsewhere), ``"threshold"`` or ``"torch"``; see :func:`~lightning_reg.functional.mc_dropout_predict`.
 
     Attributes:
         predictions: per predict batch, ``{"mc_mean_probs": (N, K), "mc_predictive_entropy": (N,),
@@ -112,8 +78,14 @@ class MCDropoutEvaluation(Callback):
         >>> import lightning as L
         >>> callback = MCDropoutEvaluation(n_samples=10, plot=False)
         >>> trainer = L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False)
-        >>> callback.n_samples, callback.stages
-        (10, ('validate', 'test'))
+        >>> callback.n_samples, callback.stages, callback.masks
+        (10, ('validate', 'test'), 'auto')
+
+    Notes:
+        The model is called through :mod:`lightning_reg.forward` (``forward_fn``, else ``forward_inputs(batch)``,
+        else ``batch[input_key]``); training is unchanged (the callback draws from its own per-rank generator); the
+        strategies that shard parameters (FSDP, ZeRO-3) are refused at setup. What is sampled, the paths, the
+        logged names and plots, and the measured speed: docs/mc_dropout.md.
     """
 
     def __init__(
@@ -130,6 +102,7 @@ class MCDropoutEvaluation(Callback):
         forward_fn: ForwardFn | None = None,
         uncertainty_score: UncertaintyScore = "entropy",
         ood_dataloader_idx: int | None = None,
+        masks: Masks = "auto",
     ) -> None:
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"Expected `n_samples` to be an int >= 1, but got {n_samples!r}.")
@@ -151,6 +124,8 @@ class MCDropoutEvaluation(Callback):
         validate_key(target_key, "target_key")
         validate_forward_fn(forward_fn)
         _check_detection_args(uncertainty_score, ood_dataloader_idx)
+        resolve_masks(masks, torch.device("cpu"))  # validates
+        self.masks: Masks = masks
         self.uncertainty_score: UncertaintyScore = uncertainty_score
         self.ood_dataloader_idx = ood_dataloader_idx
         # detection metrics: (stage, dataloader index) -> (mc, det); stage -> (mc, det) for OOD
@@ -336,6 +311,7 @@ class MCDropoutEvaluation(Callback):
                     include_drop_path=self.include_drop_path,
                     deterministic=deterministic,
                     check_statistics=False,
+                    masks=self.masks,
                 )
         except TypeError as error:
             if self.forward_fn is not None or hasattr(pl_module, "forward_inputs"):

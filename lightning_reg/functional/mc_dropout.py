@@ -40,6 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from lightning_reg.forward import ForwardInputs
+from lightning_reg.functional.mc_masks import AUTO_MIN_ELEMENTS, Masks, resolve_masks, threshold_masks
 from lightning_reg.functional.uncertainty import entropy
 
 __all__ = [
@@ -134,9 +135,14 @@ class MCDropoutSites:
     active: list[nn.Module] = field(default_factory=list)
 
 
-def _find_sites(model: nn.Module, include_drop_path: bool) -> MCDropoutSites:
+Named = list[tuple[str, nn.Module]]
+"""``list(model.named_modules())``, taken once per call: each traversal hashes every module, and torchmetrics'
+``Metric.__hash__`` hashes its states (measured about 3 ms a call on a zoo model with its metrics)."""
+
+
+def _find_sites(named: Named, include_drop_path: bool) -> MCDropoutSites:
     found = MCDropoutSites()
-    for module in model.modules():
+    for _, module in named:
         kind = _classify(module, include_drop_path)
         if kind is None:
             continue
@@ -178,12 +184,18 @@ def find_mc_dropout_sites(model: nn.Module, *, include_drop_path: bool = False) 
         ...     print(str(error).split(", so")[0][-25:])
         has rate 0 (1 layer: `1`)
     """
-    found = _find_sites(model, include_drop_path)
-    names = {module: name or type(model).__name__ for name, module in model.named_modules()}
-    drop_paths = [m for m in model.modules() if _is_drop_path(m) and _rate(m) > 0] if not include_drop_path else []
+    return _checked_sites(model, list(model.named_modules()), include_drop_path)
+
+
+def _checked_sites(model: nn.Module, named: Named, include_drop_path: bool) -> MCDropoutSites:
+    found = _find_sites(named, include_drop_path)
+    if found.active and found.sites:
+        return found
+    names = {id(module): name or type(model).__name__ for name, module in named}
+    drop_paths = [m for _, m in named if _is_drop_path(m) and _rate(m) > 0] if not include_drop_path else []
     hint = (
         f" It has {len(drop_paths)} drop-path layer{'s' if len(drop_paths) > 1 else ''} with a rate above 0 "
-        f"(e.g. `{names[drop_paths[0]]}`, {type(drop_paths[0]).__name__}): pass `include_drop_path=True` to sample "
+        f"(e.g. `{names[id(drop_paths[0])]}`, {type(drop_paths[0]).__name__}): pass `include_drop_path=True` to sample "
         "them."
         if drop_paths
         else ""
@@ -196,7 +208,7 @@ def find_mc_dropout_sites(model: nn.Module, *, include_drop_path: bool = False) 
         )
     if not found.active:
         zero = found.sites
-        listed = ", ".join(f"`{names[m]}`" for m in zero[:3]) + (", ..." if len(zero) > 3 else "")
+        listed = ", ".join(f"`{names[id(m)]}`" for m in zero[:3]) + (", ..." if len(zero) > 3 else "")
         raise ValueError(
             f"Expected a model with dropout to sample for Monte-Carlo dropout, but every dropout layer of "
             f"{type(model).__name__} has rate 0 ({len(zero)} layer{'s' if len(zero) > 1 else ''}: {listed}), so all "
@@ -214,8 +226,12 @@ def running_statistics(model: nn.Module) -> dict[str, Tensor]:
         >>> sorted(running_statistics(nn.Sequential(nn.BatchNorm1d(2))))
         ['0.num_batches_tracked', '0.running_mean', '0.running_var']
     """
+    return _statistics(list(model.named_modules()))
+
+
+def _statistics(named: Named) -> dict[str, Tensor]:
     stats: dict[str, Tensor] = {}
-    for name, module in model.named_modules():
+    for name, module in named:
         if isinstance(module, _NormBase) and module.track_running_stats:
             for buffer_name, buffer in module.named_buffers(recurse=False):
                 if buffer is not None:
@@ -242,7 +258,11 @@ def check_running_statistics(model: nn.Module, before: dict[str, Tensor], *, dur
         >>> before = running_statistics(bn)
         >>> check_running_statistics(bn, before, during="nothing")  # unchanged: silent
     """
-    after = running_statistics(model)
+    _check_statistics(model, list(model.named_modules()), before, during)
+
+
+def _check_statistics(model: nn.Module, named: Named, before: dict[str, Tensor], during: str) -> None:
+    after = _statistics(named)
     names = sorted(before.keys() | after.keys())
     missing = [name for name in names if name not in before or name not in after]
     common = [name for name in names if name in before and name in after]
@@ -283,7 +303,7 @@ def check_running_statistics(model: nn.Module, before: dict[str, Tensor], *, dur
         )
 
 
-def _row_mixing_layers(model: nn.Module) -> list[nn.Module]:
+def _row_mixing_layers(named: Named) -> list[nn.Module]:
     """Layers whose eval-mode output for one row depends on the other rows of the batch.
 
     A BatchNorm without running statistics (``track_running_stats=False``) normalizes with the statistics of the
@@ -292,7 +312,7 @@ def _row_mixing_layers(model: nn.Module) -> list[nn.Module]:
     """
     return [
         m
-        for m in model.modules()
+        for _, m in named
         if (isinstance(m, _BatchNorm) and m.running_mean is None and m.running_var is None)
         or getattr(type(m), "mc_dropout_mixes_rows", False) is True
     ]
@@ -337,29 +357,38 @@ def mc_dropout_sampling(
         >>> net.training, net[2].training
         (True, True)
     """
-    found = find_mc_dropout_sites(model, include_drop_path=include_drop_path)
-    modes = {module: module.training for module in model.modules()}
-    stats = running_statistics(model) if check_statistics else None
+    with _sampling(model, list(model.named_modules()), include_drop_path, check_statistics) as found:
+        yield found
+
+
+@contextlib.contextmanager
+def _sampling(
+    model: nn.Module, named: Named, include_drop_path: bool, check_statistics: bool
+) -> Iterator[MCDropoutSites]:
+    found = _checked_sites(model, named, include_drop_path)
+    # (module, mode) pairs, not a dict: torchmetrics' `Metric.__hash__` hashes its states
+    modes = [(module, module.training) for _, module in named]
+    stats = _statistics(named) if check_statistics else None
     model.eval()
     try:
         for module in (*found.sites, *found.gates):
             module.training = True  # this module only: its children keep their eval mode
         yield found
     finally:
-        for module, mode in modes.items():
+        for module, mode in modes:
             module.training = mode
     if stats is not None:
-        check_running_statistics(model, stats, during="Monte-Carlo dropout sampling")
+        _check_statistics(model, named, stats, "Monte-Carlo dropout sampling")
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {module: module.training for module in model.modules()}
+def _eval_mode(model: nn.Module, named: Named) -> Iterator[None]:
+    modes = [(module, module.training) for _, module in named]
     model.eval()
     try:
         yield
     finally:
-        for module, mode in modes.items():
+        for module, mode in modes:
             module.training = mode
 
 
@@ -455,7 +484,7 @@ Inputs = Tensor | ForwardInputs | Callable[[nn.Module], Tensor]
 
 
 def _split(
-    model: nn.Module, found: MCDropoutSites, inputs: ForwardInputs
+    model: nn.Module, found: MCDropoutSites, inputs: ForwardInputs, named: Named
 ) -> tuple[Callable[[], Any], Callable[..., Any]] | None:
     """``(trunk, head)`` with ``model(*inputs) == head(trunk())``, or ``None`` when the model offers no split."""
     forward_features = getattr(model, "forward_features", None)
@@ -469,7 +498,7 @@ def _split(
         if first > 0:
             trunk, head = model[:first], model[first:]  # split just before the first dropout
             return (lambda: trunk(inputs.args[0])), head
-    return _fx_split(model, found, inputs)
+    return _fx_split(model, found, inputs, named)
 
 
 # Functions that draw random numbers when traced as graph nodes: what depends on them is not deterministic.
@@ -578,6 +607,11 @@ def _trace_split(model: nn.Module, found: MCDropoutSites) -> _Prefix | str:
             random_nodes.add(node)  # depends on a draw
     if not random_nodes:
         return "no sampled dropout in the traced graph"
+    called = {str(node.target) for node in graph.nodes if node.op == "call_module"}
+    for name, module in model.named_modules():
+        if name and (module._forward_hooks or module._forward_pre_hooks) and name not in called:
+            # torch.fx runs the hooks of the modules it keeps as calls only; it traces through the others' forward
+            return f"`{name}` has forward hooks, which torch.fx drops when it traces through the module"
     output = next(node for node in graph.nodes if node.op == "output")
     frontier = [
         node
@@ -608,8 +642,21 @@ def _trace_split(model: nn.Module, found: MCDropoutSites) -> _Prefix | str:
     return _Prefix(fx.GraphModule(model, prefix_graph), fx.GraphModule(model, suffix_graph))
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _trace_key(module: nn.Module) -> tuple[Any, ...]:
+    """What a traced graph of ``module`` depends on besides tensors: its identity, plain attributes, hook counts."""
+    plain = tuple(
+        (name, value)
+        for name, value in vars(module).items()
+        if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value))
+    )
+    return id(module), plain, len(module._forward_hooks), len(module._forward_pre_hooks)
+
+
 def _fx_split(
-    model: nn.Module, found: MCDropoutSites, inputs: ForwardInputs
+    model: nn.Module, found: MCDropoutSites, inputs: ForwardInputs, named: Named
 ) -> tuple[Callable[[], Any], Callable[..., Any]] | None:
     """The deterministic prefix of any traceable module, run once; the stochastic rest sampled (issue 19).
 
@@ -618,8 +665,10 @@ def _fx_split(
     input of a head dropout, the identity of a skip connection around it) are computed once per batch. The rest
     is sampled one sample of ``N`` rows per pass, in the naive loop's order: the same draws as the naive loop.
     """
-    # The graph holds references to the submodules: retrace when any of them (or the sampled set) changed.
-    key = (tuple(id(m) for m in model.modules()), frozenset(id(m) for m in found.active))
+    # The graph holds references to the submodules and has the Python control flow of the trace baked in (`if
+    # self.flag:` is traced for the flag's value then): retrace when a submodule, a plain attribute of one, its hooks
+    # or the sampled set changed.
+    key = (tuple(_trace_key(m) for _, m in named), frozenset(id(m) for m in found.active))
     cached = _FX_SPLITS.get(model)
     if cached is None or cached[0] != key:
         cached = (key, _trace_split(model, found))
@@ -748,6 +797,7 @@ def mc_dropout_predict(
     method: Method = "auto",
     deterministic: bool = False,
     check_statistics: bool = True,
+    masks: Masks = "auto",
 ) -> MCDropoutPrediction:
     """Monte-Carlo dropout prediction: ``n_samples`` stochastic forward passes with only dropout sampled.
 
@@ -764,10 +814,10 @@ def mc_dropout_predict(
     - otherwise every batched tensor argument is repeated ``n_samples`` times along the batch dimension,
       ``chunk_size`` rows per forward pass (``"batched"``).
 
-    Both give the distribution of the naive loop of ``n_samples`` forward passes (``method="naive"``). A model with
-    a layer that mixes rows in eval mode (a BatchNorm with ``track_running_stats=False``) is sampled one sample of
-    ``N`` rows per pass, so that each pass sees the batch the naive loop sees (with the same generator, the same
-    draws); a mask shared by the batch (``WeightDrop``) takes the naive loop.
+    Every path gives the distribution of the naive loop (``method="naive"``); the cached path gives its very draws
+    (the same probabilities for the same generator) when it samples one sample per call (``N >= 256``,
+    ``chunk_size=N``, the ``torch.fx`` prefix), or with threshold masks and one dropout in the head. See the MC
+    dropout page of the docs for layers that mix rows and masks shared by the batch.
 
     Args:
         model: the network, in any mode: modes are restored after sampling (see :func:`mc_dropout_sampling`).
@@ -777,10 +827,9 @@ def mc_dropout_predict(
             draws from the global RNG, so it is forked and seeded from this generator). ``None`` draws from the
             global RNG as a training forward pass would (reproducible under ``seed_everything``).
         chunk_size: the most rows (copies of input items) per forward pass on the batched path, or per head
-            call on the cached path, to cap memory. ``None``: automatic: the cached path samples the head on all
-            ``n_samples * N`` rows at once; the batched path forwards ``max(N, 256)`` rows at a time, so small
-            batches share a forward pass and batches of 256 or more run one sample per pass (measured: see the
-            MC dropout page of the docs).
+            call on the cached path, to cap memory. ``None``: ``max(N, 256)`` rows at a time, so small batches
+            share a call and batches of 256 or more take one sample per call (measured: see the MC dropout page of
+            the docs).
         include_drop_path: also sample stochastic depth (timm's ``DropPath``, torchvision's ``StochasticDepth``)
             and ``DropBlock2d``.
         method: ``"auto"``, ``"batched"`` (never cache) or ``"naive"`` (the reference loop).
@@ -788,13 +837,18 @@ def mc_dropout_predict(
             cached features when the cached path is taken, at no extra trunk pass).
         check_statistics: check that no running statistic changed (one host sync per call); see
             :func:`mc_dropout_sampling`.
+        masks: the masks of torch's ``Dropout``/``Dropout1d/2d/3d`` while sampling: ``"threshold"`` (32-bit
+            random integers against a threshold, :func:`~lightning_reg.functional.mc_masks.threshold_dropout`;
+            the same distribution, measured about 2x faster than torch's on the CPU), ``"torch"`` (torch's own),
+            or ``"auto"``: ``"threshold"`` on the CPU for inputs of 4096 elements or more, ``"torch"`` elsewhere.
+            Other dropout keeps torch's.
 
     Returns:
         An :class:`MCDropoutPrediction`.
 
     Raises:
-        ValueError: for ``n_samples < 1``, a bad ``chunk_size`` or ``method``, a model without dropout (or with
-            every rate 0), or a model that does not return ``(N, K)`` logits with ``K >= 2``.
+        ValueError: for ``n_samples < 1``, a bad ``chunk_size``, ``method`` or ``masks``, a model without dropout (or
+            with every rate 0), or a model that does not return ``(N, K)`` logits with ``K >= 2``.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -836,6 +890,8 @@ def mc_dropout_predict(
         n, device = int(tensors[0].shape[0]), tensors[0].device
     else:
         device = next((p.device for p in model.parameters()), device)
+    mask_source = resolve_masks(masks, device)
+    named = list(model.named_modules())  # one traversal for the whole call
 
     def forward() -> Tensor:
         if forward_inputs is None:
@@ -846,13 +902,16 @@ def mc_dropout_predict(
     with (
         torch.no_grad(),
         _rng_from(generator, device),
-        mc_dropout_sampling(model, include_drop_path=include_drop_path, check_statistics=check_statistics) as found,
+        _sampling(model, named, include_drop_path, check_statistics) as found,
+        threshold_masks(found.active, min_elements=AUTO_MIN_ELEMENTS if masks == "auto" else 0)
+        if mask_source == "threshold"
+        else contextlib.nullcontext(),
     ):
         naive = method == "naive" or forward_inputs is None or _per_call_masks(found)
-        per_sample = bool(_row_mixing_layers(model))  # each pass must see exactly the N rows of the batch
+        per_sample = bool(_row_mixing_layers(named))  # each pass must see exactly the N rows of the batch
         taken: str = "naive" if naive else "batched"
         logits: Tensor | None = None
-        split = _split(model, found, forward_inputs) if method == "auto" and not naive else None  # type: ignore[arg-type]
+        split = _split(model, found, forward_inputs, named) if method == "auto" and not naive else None  # type: ignore[arg-type]
         if split is not None:
             trunk, head = split
             features = _features(trunk, found)
@@ -860,14 +919,16 @@ def mc_dropout_predict(
                 taken = "cached"
                 logits = torch.stack([_logits_of(head(None), n) for _ in range(n_samples)])
                 if deterministic:
-                    with _eval_mode(model):
+                    with _eval_mode(model, named):
                         det_logits = _logits_of(head(None), n)
             elif isinstance(features, Tensor) and features.ndim >= 1 and features.shape[0] == n:
                 taken = "cached"
                 cached = ForwardInputs((features,), {})
-                logits = _sample_rows(head, cached, features.shape[0], n_samples, n if per_sample else chunk_size)
+                auto = max(features.shape[0], _AUTO_BATCHED_ROWS)  # small batches: several samples per head call
+                rows = features.shape[0] if per_sample else auto if chunk_size is None else chunk_size
+                logits = _sample_rows(head, cached, features.shape[0], n_samples, rows)
                 if deterministic:
-                    with _eval_mode(model):
+                    with _eval_mode(model, named):
                         det_logits = _logits_of(head(features), n)
         if logits is None and not naive and not per_sample:
             assert forward_inputs is not None
@@ -880,7 +941,7 @@ def mc_dropout_predict(
             n = first.shape[0]
             logits = torch.stack([first, *(forward() for _ in range(n_samples - 1))])
         if deterministic and det_logits is None:
-            with _eval_mode(model):
+            with _eval_mode(model, named):
                 det_logits = forward()
     probs = logits.float().softmax(dim=-1)
     det_probs = None if det_logits is None else det_logits.float().softmax(dim=-1)
