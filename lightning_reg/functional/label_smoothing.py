@@ -11,14 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_reg.functional._checks import (
-    MULTI_LABEL_INDICES,
-    check_columns,
-    check_num_classes,
-    check_range,
-    check_smoothing,
-    check_targets,
-)
+from lightning_reg.functional import _checks as checks
 from lightning_reg.functional._targets import scatter, smooth_rows, target_dtype
 
 __all__ = ["one_hot", "smooth"]
@@ -41,7 +34,7 @@ def smooth(probs: Tensor, smoothing: float, *, multi_label: bool = False) -> Ten
         >>> smooth(torch.tensor([[1.0, 1.0, 0.0]]), 0.2, multi_label=True)
         tensor([[0.9000, 0.9000, 0.1000]])
     """
-    return smooth_rows(probs, check_smoothing(smoothing), multi_label)
+    return smooth_rows(probs, checks.check_smoothing(smoothing), multi_label)
 
 
 def one_hot(
@@ -76,16 +69,16 @@ def one_hot(
         >>> one_hot(torch.tensor([1]), 2, smoothing=0.1)
         tensor([[0.0500, 0.9500]])
     """
-    check_num_classes(num_classes)
-    check_smoothing(smoothing)
-    targets = check_targets(targets)
+    checks.check_num_classes(num_classes)
+    checks.check_smoothing(smoothing)
+    targets = checks.check_targets(targets)
     if targets.ndim == 2:
-        check_columns(targets, num_classes)
+        checks.check_columns(targets, num_classes)
         return smooth_rows(targets, smoothing, multi_label)
     if multi_label:
-        raise ValueError(MULTI_LABEL_INDICES.format(shape=tuple(targets.shape)))
+        raise ValueError(checks.MULTI_LABEL_INDICES.format(shape=tuple(targets.shape)))
     if validate and targets.device.type != "cpu":
-        check_range(targets, num_classes)
+        checks.check_range(targets, num_classes)
     # One pass: fill the off-value s/K, scatter the on-value 1 - s + s/K (timm's `mixup_target` convention).
     probs = torch.full(
         (targets.shape[0], num_classes), smoothing / num_classes, device=targets.device, dtype=target_dtype(dtype)
