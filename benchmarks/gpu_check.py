@@ -169,10 +169,9 @@ def section_parity(ctx: Context) -> None:
                 g = torch.Generator().manual_seed(2)
                 params = LF.sample_mixup(n, 1.0, per_sample=per_sample, generator=g)
                 box = LF.sample_box(params.lam, (8, 8), generator=g)
-                cpu_x, cpu_y, _ = LF.cutmix(x, targets, params.lam, params.index, box=box)
+                cpu_x, cpu_y, _ = LF.cutmix(x, targets, box, params.index)
                 dev_box = type(box)(*(t.to(dev) for t in box))
-                lam = params.lam.to(dev) if isinstance(params.lam, torch.Tensor) else params.lam
-                dev_x, dev_y, _ = LF.cutmix(x.to(dev), targets.to(dev), lam, params.index.to(dev), box=dev_box)
+                dev_x, dev_y, _ = LF.cutmix(x.to(dev), targets.to(dev), dev_box, params.index.to(dev))
                 v["max_abs_inputs"] = _max_abs(cpu_x, dev_x)
                 v["max_abs_targets"] = _max_abs(cpu_y, dev_y)
                 v["ok"] = v["max_abs_inputs"] == 0.0 and v["max_abs_targets"] <= 1e-6

@@ -52,13 +52,14 @@ def main() -> dict[str, float]:
     targets = LF.one_hot(torch.arange(8) % 4, 4)
     params = LF.sample_mixup(8, alpha=0.2, generator=torch.Generator().manual_seed(0))  # lam ~ Beta, a pairing
     mixed, mixed_targets = LF.mixup(images, targets, params.lam, params.index)
-    boxed, boxed_targets, kept = LF.cutmix(images, targets, 0.7, params.index)  # kept: the area really kept
+    box = LF.sample_box(0.7, (32, 32), generator=torch.Generator().manual_seed(0))  # a box of about 30 %
+    boxed, boxed_targets, kept = LF.cutmix(images, targets, box, params.index)  # kept: the area really kept
     # In a Trainer, one line each: callbacks=[MixUp(alpha=0.2)], [CutMix(alpha=1.0)] or [MixUpCutMix(...)]
     # --8<-- [end:mixing]
     torch.testing.assert_close(mixed_targets.sum(-1), torch.ones(8))
     assert mixed.shape == boxed.shape == images.shape
     torch.testing.assert_close(boxed_targets.sum(-1), torch.ones(8))
-    return {"smoothed_loss": float(torch_loss), "cutmix_kept": float(kept)}
+    return {"smoothed_loss": float(torch_loss), "cutmix_kept": float(kept[0])}
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def _perfect_classifier_on_mixed_targets():
     y = torch.arange(8) % 4
     logits = F.one_hot(y, 4).float() * 10  # predicts every label right
     params = LF.sample_mixup(8, 1.0, generator=torch.Generator().manual_seed(0))
-    soft = LF.mixed_one_hot(y, 4, 0.7, params.index)  # own class keeps 0.7
+    _, soft = LF.mixup(torch.zeros(8, 1), LF.one_hot(y, 4), 0.7, params.index)  # own class keeps 0.7
     return y, logits, soft
 
 

@@ -1,49 +1,12 @@
-"""Shared machinery of the mixing and smoothing callbacks: generator, state, num_classes, batch access.
+"""The base class of the mixing and smoothing callbacks: generator, state, batch access, per-epoch statistics.
 
 Every callback owns a CPU ``torch.Generator`` seeded from (Lightning's seed, global rank, a salt from its
-``state_key``): reproducible under ``seed_everything`` and different on every DDP rank. Its state is saved in
-``state_dict()`` as a uint8 tensor and ints, so a checkpoint loads with ``torch.load(weights_only=True)`` and a
-resumed run draws what an uninterrupted run would.
-
-Smoothing once: label smoothing is linear, so it commutes with mixing. ``LabelSmoothing`` smooths whatever
-targets reach it (indices or probabilities) exactly once, before or after a mixing callback. Two sources of
-smoothing (a ``LabelSmoothing`` callback and a mixing callback's ``label_smoothing``, or the module's own
-``label_smoothing``) would smooth twice: :func:`check_single_smoothing` rejects that at fit start.
-
-One kind of target per epoch: while a mixing callback is active, every training batch reaches the step with
-(smoothed) ``(N, K)`` probabilities, also the batches it does not mix (``prob``, a batch of one sample).
-
-One stream per callback: the generator is created at the first ``fit``; a second ``fit`` on the same callback
-continues its stream (a fine-tuning stage draws new lambdas), and only a new callback or a checkpoint starts
-or restores it. It is derived again only when the data-parallel rank changed (a new device layout).
-
-Callbacks that mix the inputs (``mixes_inputs``) check their company at fit start: two of them on one Trainer
-mix every batch twice (a warning that names ``MixUpCutMix``), and with ``SparseMixingMixin`` two mixes cannot be
-kept as one pair of labels (an error).
-
-No host syncs per batch: every random draw is made on the CPU generator (Python scalars, or small CPU tensors
-that go to the device through pinned memory with ``non_blocking=True``), the epoch statistics are summed from
-the CPU draws, and the label range (or, for float targets, that rows are distributions) is checked on the first
-training batch of each epoch only; later batches rely on the kernels' own bounds checks (see
-``functional/label_smoothing.py``).
-
-Speed: the mixed inputs and the dense mixed targets are written into callback-owned tensors
-(:class:`ReusableOutput`) that are reused on the next batch only when nothing else refers to their memory any
-more (the training step, its autograd graph, views, a user who kept the batch): so a batch someone still holds
-is never overwritten, and in the usual loop (batch consumed, graph freed) nothing new is allocated: on a large
-batch a fresh allocation costs more than the blend itself (page faults).
-
-Logging: at the end of every training epoch a mixing callback logs through ``pl_module.log`` (``on_step=False,
-on_epoch=True``, averaged over ranks) ``{name}/mixed_fraction``, the fraction of training batches it mixed, and
-``{name}/lambda``, the mean weight kept on the original samples over the training batches (1 for a batch it
-did not mix), where ``name`` is ``mixup``, ``cutmix`` or ``mixup_cutmix`` (which also logs
-``mixup_cutmix/cutmix_fraction``, the fraction of training batches mixed by CutMix). Both are defined for every
-epoch, so every rank logs the same keys. The cost is a few float additions a batch and one log call an epoch.
+``state_key``) and saved in ``state_dict()``; docs/mixing.md explains the streams, the checks at fit start, why no
+batch makes a host sync, the reused output tensors and the logged statistics.
 """
 
 from __future__ import annotations
 
-import difflib
 import zlib
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, get_args
@@ -51,172 +14,39 @@ from typing import Any, ClassVar, Literal, get_args
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry, set_entry, validate_key
 from lightning_reg._random import base_seed, rank_generator
+from lightning_reg.callbacks._buffer import ReusableOutput
+from lightning_reg.callbacks._num_classes import check_num_classes_arg, resolve_num_classes
+from lightning_reg.callbacks._smoothing import check_single_smoothing
 from lightning_reg.callbacks._strategy import data_parallel_rank
-from lightning_reg.functional.cutmix import Box, box_lam, mix_elementwise, sample_box
-from lightning_reg.functional.label_smoothing import check_range, check_rows, check_targets, mixed_one_hot, one_hot
-from lightning_reg.functional.mixup import (
-    MixingParams,
+from lightning_reg.functional._apply import blend, kept_fraction, mix_elementwise
+from lightning_reg.functional._checks import (
     Pairing,
-    apply_mixup,
     check_pairing,
-    derangement,
-    sample_beta,
+    check_probability,
+    check_range,
+    check_rows,
+    check_smoothing,
+    check_targets,
 )
+from lightning_reg.functional._draws import beta, derangement, random_shift
+from lightning_reg.functional._targets import mixed_one_hot
+from lightning_reg.functional.cutmix import Box, sample_box
+from lightning_reg.functional.label_smoothing import one_hot
+from lightning_reg.functional.mixup import MixingParams
 from lightning_reg.mixins import MixedTargets
 
-__all__ = [
-    "MixMode",
-    "MixingCallback",
-    "TargetMode",
-    "ReusableOutput",
-    "check_mixing_company",
-    "check_single_smoothing",
-    "close_names",
-    "resolve_num_classes",
-]
+__all__ = ["MixMode", "MixingCallback", "TargetMode", "check_mixing_company"]
 
 #: How draws are shared: one lambda (or a per-sample lambda) and one apply/switch draw per batch, or timm's
 #: ``"elem"`` (lambda, apply and switch per sample) and ``"pair"`` (the same per mutual pair of samples).
 MixMode = Literal["batch", "elem", "pair"]
 #: What a mixed sample's target is: the mix of both labels, or the label of the sample with the larger weight.
 TargetMode = Literal["mixed", "dominant"]
-
-# The number of references to a tensor's storage (torch's own count). Private to torch, hence looked up
-# defensively: without it, ReusableOutput never reuses (always allocates), which is safe.
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
-class ReusableOutput:
-    """A private output tensor, handed out again only when nothing else refers to its memory.
-
-    :meth:`take` returns an alias (a view) of a tensor this object owns. Whatever keeps the alias, a view of it,
-    or anything else built on its memory (an autograd graph that saved it, ``.numpy()``, ``.detach()``) holds a
-    reference to the storage, which torch counts; the next :meth:`take` reuses the memory only when the count
-    says that the owner is the last one, and otherwise allocates a new tensor and leaves the old one to its
-    holders. So reuse never changes a tensor someone can still read.
-
-    Example:
-        >>> out = ReusableOutput()
-        >>> a = out.take(torch.zeros(2, 3))
-        >>> b = out.take(torch.zeros(2, 3))  # `a` is alive: new memory
-        >>> a.data_ptr() != b.data_ptr()
-        True
-        >>> ptr = b.data_ptr()
-        >>> del a, b
-        >>> out.take(torch.zeros(2, 3)).data_ptr() == ptr  # nothing holds the last one: reused
-        True
-    """
-
-    def __init__(self) -> None:
-        self._tensor: Tensor | None = None
-
-    def take(self, like: Tensor) -> Tensor | None:
-        """A tensor like ``like`` (its memory layout too) that nobody else holds; ``None`` if ``like`` requires grad.
-
-        (``out=`` kernels record no autograd history, so inputs that require grad are mixed into new tensors.)
-        """
-        if like.requires_grad:
-            return None
-        if not self._reusable(like.shape, like.dtype, like.device):
-            self._tensor = torch.empty_like(like)
-        assert self._tensor is not None
-        return self._tensor.view(self._tensor.shape)
-
-    def take_empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A contiguous tensor of ``shape``, ``dtype`` and ``device`` that nobody else holds."""
-        if not self._reusable(shape, dtype, device):
-            self._tensor = torch.empty(shape, dtype=dtype, device=device)
-        assert self._tensor is not None
-        return self._tensor.view(self._tensor.shape)
-
-    def _reusable(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether the owned tensor has this shape, dtype and device, and nothing but this object holds it."""
-        t = self._tensor
-        if t is None or t.shape != shape or t.dtype != dtype or t.device != device or _storage_use_count is None:
-            return False
-        storage = t.untyped_storage()  # holds one reference while we count
-        return int(_storage_use_count(storage._cdata)) == 2  # `t` itself and `storage`
-
-    def release(self) -> None:
-        """Drop the owned tensor (its memory goes back once its other holders let go)."""
-        self._tensor = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"_tensor": None}  # a scratch tensor is not state: never pickled or deep-copied
-
-
-def resolve_num_classes(num_classes: int | None, pl_module: L.LightningModule, owner: str) -> int:
-    """``num_classes`` if given, else the module's ``num_classes`` attribute or hyperparameter."""
-    if num_classes is None:
-        num_classes = getattr(pl_module, "num_classes", None)
-    if num_classes is None:
-        num_classes = getattr(pl_module, "hparams", {}).get("num_classes")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(
-            f"{owner} needs the number of classes to one-hot encode the targets, but got {num_classes!r} "
-            f"(from the argument, then `{type(pl_module).__name__}.num_classes`, then its hparams). "
-            f"Pass `{owner}(num_classes=K)` or set `self.num_classes = K` in your LightningModule."
-        )
-    return num_classes
-
-
-def close_names(name: str, names: Sequence[str], n: int = 5) -> list[str]:
-    """The entries of ``names`` closest to ``name`` (difflib), best first, for "did you mean" messages.
-
-    Example:
-        >>> close_names("net.embeding", ["net", "net.embedding", "net.blocks.0.attn"])
-        ['net.embedding']
-    """
-    close = difflib.get_close_matches(name, names, n=n, cutoff=0.6)
-    if not close:  # a typo in the last part of a dotted name: match on that part alone
-        tails = {candidate.rsplit(".", 1)[-1]: candidate for candidate in names}
-        close = [tails[t] for t in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(tails), n=n, cutoff=0.6)]
-    return close
-
-
-def _module_loss_smoothing(pl_module: L.LightningModule) -> list[str]:
-    """Losses held by the module that smooth labels themselves: ``nn.CrossEntropyLoss(label_smoothing>0)``, timm's."""
-    found = []
-    for name, module in pl_module.named_modules():
-        if isinstance(module, nn.CrossEntropyLoss) and module.label_smoothing > 0:
-            loss = f"CrossEntropyLoss(label_smoothing={module.label_smoothing})"
-            found.append(f"{type(pl_module).__name__}.{name} = {loss}")
-        elif type(module).__name__ == "LabelSmoothingCrossEntropy" and getattr(module, "smoothing", 0) > 0:
-            found.append(f"{type(pl_module).__name__}.{name} = {type(module).__name__}(smoothing={module.smoothing})")
-    return found
-
-
-def check_single_smoothing(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-    """Raise ``ValueError`` when more than one thing would smooth the labels.
-
-    The sources: a ``LabelSmoothing`` callback, a mixing callback's ``label_smoothing``, the module's
-    ``label_smoothing`` attribute, and a smoothing loss the module holds (``nn.CrossEntropyLoss(label_smoothing>0)``,
-    timm's ``LabelSmoothingCrossEntropy``), which smooths the probability targets a callback hands it once more.
-    """
-    from lightning_reg.callbacks.label_smoothing import LabelSmoothing
-
-    sources = []
-    for cb in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(cb, LabelSmoothing) and cb.smoothing > 0:
-            sources.append(f"LabelSmoothing({cb.smoothing})")
-        elif isinstance(cb, MixingCallback) and cb.label_smoothing > 0:
-            sources.append(f"{type(cb).__name__}(label_smoothing={cb.label_smoothing})")
-    if sources:
-        module_smoothing = getattr(pl_module, "label_smoothing", 0.0)
-        if isinstance(module_smoothing, int | float) and module_smoothing > 0:
-            sources.append(f"{type(pl_module).__name__}.label_smoothing={module_smoothing}")
-        sources += _module_loss_smoothing(pl_module)
-    if len(sources) > 1:
-        raise ValueError(
-            f"Labels would be smoothed more than once, by {', '.join(sources)}. Keep exactly one: a "
-            "`LabelSmoothing` callback (it composes with mixing in either order), or `label_smoothing=` of the "
-            "mixing callback, or the module's own smoothing (its `label_smoothing`, or its loss's)."
-        )
 
 
 def check_mixing_company(trainer: L.Trainer, pl_module: L.LightningModule, owner: MixingCallback) -> None:
@@ -275,18 +105,9 @@ class MixingCallback(L.Callback):
                 f"Expected `target_mode` to be one of {list(get_args(TargetMode))}, but got {target_mode!r}."
             )
         self.target_mode: TargetMode = target_mode
-        if num_classes is not None and (
-            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
-        ):
-            raise ValueError(f"Expected `num_classes` to be an int >= 2 or None, but got {num_classes!r}.")
-        if isinstance(prob, bool) or not isinstance(prob, int | float) or not 0.0 <= prob <= 1.0:
-            raise ValueError(f"Expected `prob` to be a float in [0, 1], but got {prob!r}.")
-        if (
-            isinstance(label_smoothing, bool)
-            or not isinstance(label_smoothing, int | float)
-            or not 0 <= label_smoothing < 1
-        ):
-            raise ValueError(f"Expected `label_smoothing` to be a float in [0, 1), but got {label_smoothing!r}.")
+        check_num_classes_arg(num_classes)
+        check_probability(prob, "prob")
+        check_smoothing(label_smoothing, "label_smoothing")
         validate_key(input_key, "input_key")
         validate_key(target_key, "target_key")
         if last_epoch is not None and (
@@ -316,15 +137,21 @@ class MixingCallback(L.Callback):
 
     # --- identity and state ------------------------------------------------------------------------
     def _state_key_fields(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {"prob": self.prob, "input_key": self.input_key, "target_key": self.target_key}
-        if self.mode != "batch":  # only when set, so that the keys of checkpoints written before stay valid
-            fields["mode"] = self.mode
-        return fields
+        return {"input_key": self.input_key, "target_key": self.target_key}
 
     @property
     def state_key(self) -> str:
-        """Distinct per configuration, so that two instances of one class keep separate states."""
+        """The class and the batch entries it changes: what tells two instances apart, not the hyperparameters.
+
+        So a resumed run with another ``prob`` or ``alpha`` keeps the generator state (see docs/mixing.md).
+        """
         return self._generate_state_key(**self._state_key_fields())
+
+    def _smoothing_source(self) -> str | None:
+        """How this callback smooths the labels, for the check that only one thing does; ``None`` if it does not."""
+        if self.label_smoothing > 0:
+            return f"{type(self).__name__}(label_smoothing={self.label_smoothing})"
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """The generator state (a uint8 tensor) and the seed: loads with ``torch.load(weights_only=True)``."""
@@ -347,7 +174,8 @@ class MixingCallback(L.Callback):
             return
         if needs_classes:
             self._num_classes = resolve_num_classes(self.num_classes, pl_module, type(self).__name__)
-        check_single_smoothing(trainer, pl_module)
+        sources = [cb._smoothing_source() for cb in trainer.callbacks if isinstance(cb, MixingCallback)]  # type: ignore[attr-defined]
+        check_single_smoothing([source for source in sources if source is not None], pl_module)
         if self.mixes_inputs:
             check_mixing_company(trainer, pl_module, self)
         self._validate_next = True
@@ -433,6 +261,21 @@ class MixingCallback(L.Callback):
                 "and `target_key`."
             )
         return inputs
+
+    def _check_blendable(self, inputs: Tensor) -> None:
+        """Refuse integer inputs other than ``uint8`` images: blending token ids makes other (wrong) token ids.
+
+        ``uint8`` inputs are images, blended in float32 and rounded back (timm's ``FastCollateMixup``).
+        """
+        if torch.is_floating_point(inputs) or inputs.dtype == torch.uint8:
+            return
+        owner = type(self).__name__
+        raise TypeError(
+            f"{owner} cannot blend batch[{self.input_key!r}] of dtype {inputs.dtype} (integer inputs, such as token "
+            "ids): a blend of two ids is a third, unrelated id. Mix a floating representation instead: "
+            f"`{owner}(layer='<name of the embedding>')` mixes that submodule's output (manifold mixing), e.g. "
+            "`layer='embedding'`. uint8 images are blended as images."
+        )
 
     def _batch_too_small(self, n: int) -> bool:
         if n >= 2:
@@ -530,11 +373,9 @@ class MixingCallback(L.Callback):
 
     def _pair_index(self, n: int) -> tuple[Tensor, int | None]:
         """The pairing of a batch of ``n >= 2`` for ``mode="elem"``: a random shift, or a derangement."""
-        g = self.generator
         if self.pairing == "permutation":
-            return derangement(n, generator=g), None
-        shift = int(torch.randint(1, n, (), generator=g))
-        return torch.arange(n).roll(-shift), shift
+            return derangement(n, generator=self.generator), None
+        return random_shift(n, self.generator)
 
     def _mutual_pairs(self, n: int) -> tuple[Tensor, Tensor]:
         """``(first, second)`` members ``(n // 2,)`` of mutual pairs for ``mode="pair"``.
@@ -578,15 +419,15 @@ class MixingCallback(L.Callback):
         apply = torch.rand(count, generator=g) < self.prob if self.prob < 1.0 else torch.ones(count, dtype=torch.bool)
         if mixup_alpha is not None and cutmix_alpha is not None:
             use_cut = torch.rand(count, generator=g) < switch_prob
-            lam_cut = sample_beta(cutmix_alpha, (count,), generator=g)
-            lam = torch.where(use_cut, lam_cut, sample_beta(mixup_alpha, (count,), generator=g))
+            lam_cut = beta(cutmix_alpha, (count,), generator=g)
+            lam = torch.where(use_cut, lam_cut, beta(mixup_alpha, (count,), generator=g))
         elif cutmix_alpha is not None:
             use_cut = torch.ones(count, dtype=torch.bool)
-            lam = sample_beta(cutmix_alpha, (count,), generator=g)
+            lam = beta(cutmix_alpha, (count,), generator=g)
         else:
             assert mixup_alpha is not None
             use_cut = torch.zeros(count, dtype=torch.bool)
-            lam = sample_beta(mixup_alpha, (count,), generator=g)
+            lam = beta(mixup_alpha, (count,), generator=g)
         lam32 = self._round_lam(lam.to(torch.float32), lam_dtype)
         assert isinstance(lam32, Tensor)
         mixes = apply & ~use_cut
@@ -598,7 +439,8 @@ class MixingCallback(L.Callback):
             box = sample_box(lam, sizes, generator=g, minmax=minmax)
             cuts = apply & use_cut
             box = Box(box.lo, torch.where(cuts[:, None], box.hi, box.lo))  # an empty box where nothing is cut
-            cut_kept = box_lam(box, sizes).to(torch.float32) if correct_lam or minmax is not None else lam32
+            correct = correct_lam or minmax is not None
+            cut_kept = kept_fraction(box.lo, box.hi, sizes).to(torch.float32) if correct else lam32
             kept = torch.where(cuts, cut_kept, kept)
         if not pair:
             index, shift = self._pair_index(n)
@@ -619,13 +461,13 @@ class MixingCallback(L.Callback):
         return full_weight, full_box, full_kept, index, None
 
     def _mix_elem_inputs(
-        self, inputs: Tensor, weight: Tensor, box: Box | None, index: Tensor, shift: int | None, dims: Any
+        self, inputs: Tensor, weight: Tensor, box: Box | None, index: Tensor, shift: int | None, axes: Sequence[int]
     ) -> Tensor:
         """Apply per-sample draws (on the inputs' device) to the inputs: MixUp, CutMix, or both chosen per sample."""
         out = self._mix_out(inputs)
         if box is None:
-            return apply_mixup(inputs, MixingParams(weight, index, shift), out=out)
-        return mix_elementwise(inputs, index, weight, box, dims=dims, out=out, shift=shift)
+            return blend(inputs, weight, index, shift, out=out)
+        return mix_elementwise(inputs, index, weight, box.lo, box.hi, axes, out=out, shift=shift)
 
     def _write(self, batch: Any, key: BatchKey, value: Any, name: str) -> None:
         set_entry(batch, key, value, name)

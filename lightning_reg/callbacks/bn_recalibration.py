@@ -38,39 +38,12 @@ LoaderName = Literal["train", "val", "test"]
 class BNRecalibration(Callback):
     """Precise BatchNorm (Wu & Johnson, https://arxiv.org/abs/2105.07576): exact running statistics on clean data.
 
-    Calls :func:`lightning_reg.functional.recalibrate_bn`: the running statistics of every BatchNorm-like layer
-    become the exact mean and unbiased variance of its inputs over ``num_batches`` batches, computed with the
-    current weights, dropout off. See the documentation page "BatchNorm recalibration" for when it helps and its
-    pitfalls.
-
-    When it runs:
-
-    - ``when="fit_end"`` (default): after the last training batch of ``fit``, so *before* the final validation and
-      the checkpoint saved at the end of fit. If fit stops earlier than planned (``EarlyStopping``, ``max_time``),
-      it recalibrates in ``on_train_end`` with a warning (the last checkpoint then predates it).
-    - ``every_n_epochs=N``: also after the last batch of every N-th epoch, before that epoch's validation.
-    - ``when="test_start"`` with ``dataloader="test"``: re-estimate the statistics on the test data before testing
-      (AdaBN, https://arxiv.org/abs/1603.04779); the model keeps them.
-
-    With a Lightning ``WeightAveraging`` callback (``EMAWeightAveraging``, SWA), in either order in the callback
-    list, the *averaged* weights are recalibrated once they are final: validation, the checkpoint and the model
-    at the end of fit hold the statistics of the weights they hold. Batches are forwarded through the protocol of
-    :mod:`lightning_reg.forward` (``forward_fn``, else ``pl_module.forward_inputs(batch)``, else
-    ``batch[input_key]``), through the precision plugin, never mixed by the mixing callbacks. The pass changes no
-    random stream training draws from: the global CPU and device RNGs, Python's and NumPy's, and the generators of
-    the loader, its sampler and its dataset are restored after it. It takes at most as many batches as the trainer
-    runs (``limit_train_batches``/``limit_val_batches``/``limit_test_batches``, ``fast_dev_run``). Under DDP each
-    rank forwards its shard and the statistics of the union are all-reduced; sharding strategies (FSDP, ZeRO-3)
-    are refused at setup.
-
-    Logs ``bn_recalibration/mean_abs_change_mean`` and ``bn_recalibration/mean_abs_change_var``; the last report is
-    ``last_report``.
-
     Args:
         num_batches: batches per recalibration (per rank under DDP); ``None`` takes the whole loader.
         dataloader: ``"train"`` (the training loader, as it comes), ``"val"``, ``"test"``, or any iterable of batches
             (forwarded as it is on every rank: shard it yourself under DDP).
-        when: ``"fit_end"``, ``"test_start"`` or ``None`` (only ``every_n_epochs``).
+        when: ``"fit_end"`` (after the last training batch, before the final validation and checkpoint),
+            ``"test_start"`` (with ``dataloader="test"``: AdaBN) or ``None`` (only ``every_n_epochs``).
         every_n_epochs: also recalibrate at the end of every N-th training epoch, before its validation.
         input_key: where the inputs are in a batch, for modules without ``forward_inputs``.
         forward_fn: ``forward_fn(module, batch)`` runs the module on one batch (on the module's device); the output
@@ -80,6 +53,13 @@ class BNRecalibration(Callback):
         >>> from lightning_reg import BNRecalibration
         >>> BNRecalibration(num_batches=50, every_n_epochs=1)
         BNRecalibration(num_batches=50, dataloader='train', when='fit_end', every_n_epochs=1)
+
+    Notes:
+        Calls :func:`lightning_reg.functional.recalibrate_bn` with the current weights, dropout off; with a
+        ``WeightAveraging`` callback the averaged weights are recalibrated. The pass changes no random stream
+        training draws from, and under DDP the statistics of the union of the ranks' shards are all-reduced. Logs
+        ``bn_recalibration/mean_abs_change_mean`` and ``.../mean_abs_change_var``; ``last_report`` keeps the last
+        report. When it runs, early stops, EMA and DDP: docs/bn_recalibration.md.
     """
 
     def __init__(

@@ -47,23 +47,6 @@ def batch_vs_running(x: Tensor, layer: _BatchNorm, eps: float | None = None) -> 
 class BNStatsMonitor(Callback):
     """Log the train/test discrepancy of every BatchNorm layer: batch statistics against running statistics.
 
-    In training BatchNorm normalizes with the statistics of the batch; at evaluation with the running statistics,
-    a moving average. Every ``log_every_n_steps`` optimizer steps this callback measures, for each BatchNorm layer
-    with running statistics, how far the current batch's per-channel mean and variance are from the running ones
-    (see :func:`batch_vs_running`), just before the layer updates them, and logs the channel averages once per
-    optimizer step (under ``accumulate_grad_batches`` it measures the first micro-batch of the step):
-
-    - ``bn_stats/<layer>/mean_shift``: mean over channels of ``|batch mean - running mean| / running std``;
-    - ``bn_stats/<layer>/var_log_ratio``: mean over channels of ``|log(batch var / running var)|``.
-
-    Large or growing values mean eval-mode BatchNorm sees statistics unlike those of training (augmentation,
-    mixing, small batches, a drifting network): a case for :class:`~lightning_reg.BNRecalibration`. With a logger
-    that takes histograms (TensorBoard's ``add_histogram``) it also writes per-layer histograms of
-    ``running_mean``, ``running_var`` and the per-channel ``mean_shift``. The last values are in ``last_stats``.
-    Under DDP each rank measures its own batch; rank 0 logs. The measurement stays on the device inside the forward
-    (no host sync per layer); the values move to the host once per logged step. A model without BatchNorm layers
-    gets one warning.
-
     Args:
         log_every_n_steps: measure at every N-th step (``trainer.global_step % N == 0``).
         histograms: write histograms to loggers that support them.
@@ -72,6 +55,13 @@ class BNStatsMonitor(Callback):
         >>> from lightning_reg import BNStatsMonitor
         >>> BNStatsMonitor(log_every_n_steps=10).log_every_n_steps
         10
+
+    Notes:
+        Logs, per layer with running statistics, ``bn_stats/<layer>/mean_shift`` (``|batch mean - running mean| /
+        running std``) and ``bn_stats/<layer>/var_log_ratio`` (``|log(batch var / running var)|``), channel means
+        measured just before the layer updates its statistics (see :func:`batch_vs_running`); ``last_stats`` keeps
+        the last values. Large values are a case for :class:`~lightning_reg.BNRecalibration`. See
+        docs/bn_stats_monitor.md.
     """
 
     def __init__(self, log_every_n_steps: int = 50, *, histograms: bool = True) -> None:

@@ -12,16 +12,10 @@ from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry, validate_key
 from lightning_reg.callbacks._mixing import MixingCallback, MixMode, TargetMode
-from lightning_reg.functional.cutmix import (
-    Box,
-    Layout,
-    _resolve_dims,
-    apply_cutmix,
-    check_dims,
-    check_minmax,
-    sample_cutmix_box,
-)
-from lightning_reg.functional.mixup import MixingParams, Pairing, _check_alpha, sample_mixup, to_device
+from lightning_reg.functional._apply import kept_fraction, kept_one, paste, to_device
+from lightning_reg.functional._checks import check_alpha, check_dims, check_minmax, resolve_dims
+from lightning_reg.functional.cutmix import Box, Layout, sample_box
+from lightning_reg.functional.mixup import MixingParams, Pairing, sample_mixup
 from lightning_reg.mixins import MixedTargets
 
 __all__ = ["CutMix"]
@@ -48,11 +42,6 @@ def _check_carry(carry: object) -> dict[BatchKey, Carry]:
 class CutMix(MixingCallback):
     """CutMix: paste a random box of the partner sample; targets are mixed by the area actually kept.
 
-    The box covers the last two dims of images ``(N, C, H, W)`` or a span of the time axis (dim 1) of sequences
-    ``(N, T)`` / ``(N, T, D)``; ``dims`` picks other axes, or names the layout of 5-D inputs (``"NCDHW"`` volumes,
-    ``"NTCHW"`` videos), which is required there. Only training batches are changed. With ``per_sample=True``
-    every sample gets its own lambda and box (vectorized).
-
     Args:
         alpha: concentration of ``Beta(alpha, alpha)`` for the kept fraction; 1.0 is the paper's uniform.
         num_classes: ``K``; defaults to the module's ``num_classes`` attribute or hyperparameter.
@@ -62,30 +51,29 @@ class CutMix(MixingCallback):
         input_key: where the inputs are in the batch (list position or dict key).
         target_key: where the targets are.
         last_epoch: from this epoch (0-based) on, no mixing and targets are left as they come.
-        dims: the axes to cut along, or a layout: ``"NT"``, ``"NTD"``, ``"NCHW"``, ``"NCDHW"`` (volume: a box in
-            D, H, W) or ``"NTCHW"`` (video: the same box in every frame, as torchvision does).
-        inplace: paste into the batch's input tensor instead of a copy (see :class:`MixUp`).
+        dims: the axes to cut along, or a layout: ``"NT"``, ``"NTD"``, ``"NCHW"``, ``"NCDHW"`` (volumes) or
+            ``"NTCHW"`` (videos); required for 5-D inputs.
+        inplace: paste into the batch's input tensor (see :class:`MixUp`).
         pairing: ``"shift"`` or ``"permutation"`` (see :class:`MixUp`).
         multi_label: multi-hot targets (see :class:`MixUp`).
-        mode: ``"batch"``, ``"elem"`` or ``"pair"`` (see :class:`MixUp`; timm's ``mode``).
-        target_mode: ``"mixed"`` (default): the targets are mixed like the inputs; ``"dominant"``: each mixed
-            sample keeps the (smoothed) one-hot label of the sample with the larger weight, as torch-uncertainty's
-            ``MixupIO`` (Wang et al., CVPR 2023; see docs/calibration.md).
-        cutmix_minmax: timm's ``cutmix_minmax=(lo, hi)``: box sides drawn uniformly between ``lo`` and ``hi``
-            times each length, instead of from ``alpha``; targets are mixed by the area of the box.
-        correct_lam: mix the targets by the area kept after the box is clipped at the borders (default);
-            ``False`` uses lambda as drawn (timm's ``correct_lam=False``).
-        carry: batch entries that describe the positions of the inputs and follow the cut: keys (or a mapping to
-            ``"cut"``), e.g. ``carry=["attention_mask"]`` for padded token sequences: the mask gets the same spans
-            from the same partners. When sequences are cut, an entry shaped like the time axis ``(N, T)`` or an
-            integer ``(N,)`` entry (sequence lengths) that is not named here is an error; map it to ``"keep"`` to
-            leave it as it is. Lengths cannot follow a cut (a pasted span can leave padding inside a sequence).
-
-    Logs ``cutmix/mixed_fraction`` and ``cutmix/lambda`` (the mean area kept) once per training epoch.
+        mode: ``"batch"``, ``"elem"`` or ``"pair"`` (see :class:`MixUp`).
+        target_mode: ``"mixed"`` or ``"dominant"`` (see :class:`MixUp`).
+        cutmix_minmax: timm's ``(lo, hi)``: box sides drawn uniformly between ``lo`` and ``hi`` times each length
+            instead of from ``alpha``.
+        correct_lam: mix the targets by the area kept after clipping at the borders (default), or by lambda as
+            drawn (``False``, timm's ``correct_lam=False``).
+        carry: batch entries that follow the cut, e.g. ``["attention_mask"]`` (keys, or a mapping to ``"cut"`` /
+            ``"keep"``).
 
     Example:
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[CutMix(alpha=1.0, num_classes=10)], logger=False)
+
+    Notes:
+        Training batches only. The box covers the last two dims of images and a span of the time axis of
+        sequences; a sequence batch entry shaped like the time axis, or integer lengths, must be named in
+        ``carry``. Logs ``cutmix/mixed_fraction`` and ``cutmix/lambda`` (the mean area kept) per epoch. See
+        docs/mixing.md.
     """
 
     log_name = "cutmix"
@@ -123,17 +111,13 @@ class CutMix(MixingCallback):
             mode=mode,
             target_mode=target_mode,
         )
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha(alpha)
         self.per_sample = bool(per_sample)
-        checked = check_dims(dims)
-        self.dims: tuple[int, ...] | str | None = (checked,) if isinstance(checked, int) else checked  # type: ignore[assignment]
+        self.dims = check_dims(dims)
         self.inplace = bool(inplace)
         self.cutmix_minmax = check_minmax(cutmix_minmax) if cutmix_minmax is not None else None
         self.correct_lam = bool(correct_lam)
         self.carry = _check_carry(carry)
-
-    def _state_key_fields(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "per_sample": self.per_sample, "dims": self.dims, **super()._state_key_fields()}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -220,10 +204,15 @@ class CutMix(MixingCallback):
         dims: Sequence[int] | str | None,
     ) -> None:
         n = inputs.shape[0]
-        axes = _resolve_dims(inputs, dims)
+        axes = resolve_dims(inputs, dims)
         params = sample_mixup(n, alpha, per_sample=self.per_sample, pairing=self.pairing, generator=self.generator)
-        g, minmax = self.generator, self.cutmix_minmax
-        box, kept = sample_cutmix_box(inputs, params.lam, generator=g, dims=axes, minmax=minmax)
+        sizes = [inputs.shape[d] for d in axes]
+        box = sample_box(params.lam, sizes, generator=self.generator, minmax=self.cutmix_minmax)
+        kept: float | Tensor
+        if box.lo.shape[0] == 1 and not isinstance(params.lam, Tensor):  # one box: Python ints, no tensor ops
+            kept = kept_one(box.lo[0].tolist(), box.hi[0].tolist(), sizes)
+        else:
+            kept = kept_fraction(box.lo, box.hi, sizes).to(torch.float32)
         kept = self._kept(params, kept)
         self._apply_cut(pl_module, batch, inputs, targets, MixingParams(kept, params.index, params.shift), box, axes)
         self._record(kept, cutmix=True)
@@ -248,11 +237,16 @@ class CutMix(MixingCallback):
         mixed_targets = self._mixed_targets(pl_module, targets, on_device.lam, on_device.index, on_device.shift)
         self._write(batch, self.target_key, mixed_targets, "target_key")
         for key, entry in companions.items():
-            self._write(batch, key, apply_cutmix(entry, on_device, box=box, dims=axes)[0], "carry")
+            self._write(batch, key, self._paste(entry, on_device, box, axes), "carry")
         inplace = self.inplace and not inputs.requires_grad
-        out = None if inplace else self._mix_out(inputs)
-        mixed, _ = apply_cutmix(inputs, on_device, box=box, dims=axes, inplace=inplace, out=out)
+        mixed = self._paste(inputs, on_device, box, axes, out=inputs if inplace else self._mix_out(inputs))
         self._write(batch, self.input_key, mixed, "input_key")
+
+    @staticmethod
+    def _paste(
+        entry: Tensor, params: MixingParams, box: Box, axes: tuple[int, ...], out: Tensor | None = None
+    ) -> Tensor:
+        return paste(entry, box.lo, box.hi, params.index, params.shift, axes, out=out)
 
     def _cut_elem(
         self,
@@ -261,7 +255,7 @@ class CutMix(MixingCallback):
         inputs: Tensor,
         targets: Tensor | MixedTargets,
     ) -> None:
-        axes = _resolve_dims(inputs, self.dims)
+        axes = resolve_dims(inputs, self.dims)
         _, box, kept, index, shift = self._elem_draws(
             inputs.shape[0],
             mixup_alpha=None,

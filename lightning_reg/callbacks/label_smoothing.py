@@ -9,6 +9,7 @@ from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, get_entry
 from lightning_reg.callbacks._mixing import MixingCallback
+from lightning_reg.functional._checks import check_smoothing
 from lightning_reg.functional.label_smoothing import one_hot
 from lightning_reg.mixins import MixedTargets
 
@@ -16,14 +17,7 @@ __all__ = ["LabelSmoothing"]
 
 
 class LabelSmoothing(MixingCallback):
-    """Label smoothing of training targets: ``(1 - smoothing) * p + smoothing / K``.
-
-    Index targets become smoothed one-hot probabilities ``(N, K)``; probability targets (for example from a
-    mixing callback listed before this one) are smoothed as they are. Smoothing is linear, so it commutes
-    with MixUp and CutMix: with a mixing callback before or after it in the callbacks list, labels are
-    smoothed exactly once. A second source of smoothing (a mixing callback's ``label_smoothing`` or the
-    module's ``label_smoothing``) is an error at fit start. Validation, test and predict batches are
-    untouched.
+    """Label smoothing of training targets: ``(1 - smoothing) * p + smoothing / K`` as ``(N, K)`` probabilities.
 
     Args:
         smoothing: mass spread uniformly over the classes, in ``[0, 1)``.
@@ -35,6 +29,11 @@ class LabelSmoothing(MixingCallback):
     Example:
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[LabelSmoothing(0.1, num_classes=10)], logger=False)
+
+    Notes:
+        Training batches only. Smoothing commutes with mixing, so labels are smoothed exactly once with a mixing
+        callback before or after this one; a second source of smoothing is an error at fit start. See
+        docs/label_smoothing.md.
     """
 
     mixes_inputs = False
@@ -47,8 +46,7 @@ class LabelSmoothing(MixingCallback):
         target_key: BatchKey = 1,
         multi_label: bool = False,
     ) -> None:
-        if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"Expected `smoothing` to be a float in [0, 1), but got {smoothing!r}.")
+        check_smoothing(smoothing)
         super().__init__(
             num_classes=num_classes,
             prob=1.0,
@@ -62,6 +60,9 @@ class LabelSmoothing(MixingCallback):
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"target_key": self.target_key}
+
+    def _smoothing_source(self) -> str | None:
+        return f"LabelSmoothing({self.smoothing})" if self.smoothing > 0 else None
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing: label smoothing draws no random numbers."""

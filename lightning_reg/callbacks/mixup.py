@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -11,21 +13,16 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_reg._batch import BatchKey
-from lightning_reg.callbacks._mixing import MixingCallback, MixMode, TargetMode, close_names
-from lightning_reg.functional.mixup import MixingParams, Pairing, _check_alpha, apply_mixup, broadcast_lam, sample_mixup
+from lightning_reg.callbacks._mixing import MixingCallback, MixMode, TargetMode
+from lightning_reg.functional._apply import blend, broadcast_lam
+from lightning_reg.functional._checks import check_alpha
+from lightning_reg.functional.mixup import MixingParams, Pairing, sample_mixup
 
 __all__ = ["MixUp"]
 
 
 class MixUp(MixingCallback):
-    """MixUp: train on convex combinations of sample pairs and of their targets.
-
-    In ``on_train_batch_start`` the callback draws lambda from ``Beta(alpha, alpha)`` and a random pairing from
-    its own generator, then replaces the batch's inputs by ``lam * x + (1 - lam) * x[index]`` and its targets
-    by the same blend of one-hot rows: ``(N, K)`` probabilities that ``F.cross_entropy`` takes as they are.
-    Validation, test and predict batches are untouched. Batches it does not mix (``prob``, a batch of one sample)
-    still get one-hot (smoothed) targets while mixing is on, so a training epoch sees one kind of target.
-    Integer inputs other than ``uint8`` images (token ids) are refused: mix an embedding with ``layer=``.
+    """MixUp: train on convex combinations ``lam * x + (1 - lam) * x[index]`` of sample pairs and of their targets.
 
     Args:
         alpha: concentration of ``Beta(alpha, alpha)``; 0.2 is the ImageNet recipe, 1.0 uniform.
@@ -36,33 +33,27 @@ class MixUp(MixingCallback):
         input_key: where the inputs are in the batch (list position or dict key).
         target_key: where the targets are.
         last_epoch: from this epoch (0-based) on, no mixing and targets are left as they come.
-        layer: manifold mixing: the name of a submodule (as in ``named_modules()``) whose output is mixed
-            during the training step instead of the raw inputs, e.g. the embedding of a sequence model whose
-            inputs are token ids.
-        inplace: overwrite the batch's input tensor instead of writing a new one: saves the memory of one batch,
-            not time. Off by default, since it is only safe when the DataLoader builds a new batch each step
-            (the default collate does), not when the dataset hands out tensors it keeps (which the callback
-            cannot tell apart). By default the mixed inputs go to an output tensor the callback owns and reuses
-            whenever nothing holds the previous one any more, which costs no more than mixing in place.
-        pairing: ``"shift"`` pairs sample ``i`` with ``(i + k) % N`` for a random ``k`` drawn per batch (one blend
-            pass, no gather; needs batches in random order, as timm's and torchvision's pairings do);
-            ``"permutation"`` draws a uniformly random derangement (no sample paired with itself), robust to
-            batches in a fixed order (e.g. an unshuffled loader sorted by class), at the cost of gathering the
-            partners. See :func:`~lightning_reg.functional.mixup.sample_mixup`.
-        multi_label: the targets are multi-hot rows ``(N, K)`` of independent labels: mixed as they are and
-            smoothed per entry towards 1/2 (timm's ``multi_label``).
-        mode: ``"batch"`` (default): one apply draw per batch; ``"elem"``: lambda and apply drawn per sample
-            (timm's ``mode="elem"``); ``"pair"``: per mutual pair of samples (timm's ``mode="pair"``; with
-            ``pairing="shift"`` the pairs are timm's ``i, N - 1 - i``, with ``"permutation"`` a random matching).
-        target_mode: ``"mixed"`` (default): the targets are mixed like the inputs; ``"dominant"``: each mixed
-            sample keeps the (smoothed) one-hot label of the sample with the larger weight, as torch-uncertainty's
-            ``MixupIO`` (Wang et al., CVPR 2023; see docs/calibration.md).
-
-    Logs ``mixup/mixed_fraction`` and ``mixup/lambda`` once per training epoch (see ``callbacks/_mixing.py``).
+        layer: manifold mixing: the name of a submodule (from ``named_modules()``) whose output is mixed instead
+            of the inputs, e.g. the embedding of a model whose inputs are token ids.
+        inplace: overwrite the batch's input tensor (saves memory, not time; only safe when the loader builds a
+            new batch each step).
+        pairing: ``"shift"`` (sample ``i`` with ``(i + k) % N``, needs shuffled batches) or ``"permutation"``
+            (a random derangement, for batches in any order).
+        multi_label: the targets are multi-hot rows ``(N, K)``, smoothed per entry towards 1/2 (timm's).
+        mode: ``"batch"``, ``"elem"`` (lambda and apply drawn per sample) or ``"pair"`` (per mutual pair), as
+            timm's ``mode``.
+        target_mode: ``"mixed"`` (the targets are mixed like the inputs) or ``"dominant"`` (the one-hot label of
+            the larger weight, torch-uncertainty's ``MixupIO``).
 
     Example:
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[MixUp(alpha=0.2, num_classes=10)], logger=False)
+
+    Notes:
+        Training batches only; their targets become ``(N, K)`` probabilities, also on the batches not mixed, and
+        integer inputs other than ``uint8`` images are refused (mix an embedding with ``layer=``). Logs
+        ``mixup/mixed_fraction`` and ``mixup/lambda`` per epoch. Pairings, speed, state and DDP:
+        docs/mixup.md and docs/mixing.md.
     """
 
     log_name = "mixup"
@@ -97,7 +88,7 @@ class MixUp(MixingCallback):
             mode=mode,
             target_mode=target_mode,
         )
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha(alpha)
         if layer is not None and not isinstance(layer, str):
             raise TypeError(f"Expected `layer` to be a submodule name (str) or None, but got {layer!r}.")
         self.per_sample = bool(per_sample)
@@ -108,8 +99,7 @@ class MixUp(MixingCallback):
         self._buffer: Tensor | None = None
 
     def _state_key_fields(self) -> dict[str, Any]:
-        fields = {"alpha": self.alpha, "per_sample": self.per_sample, "layer": self.layer}
-        return {**fields, **super()._state_key_fields()}
+        return {**super()._state_key_fields(), "layer": self.layer}  # two MixUps may mix two layers
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -117,7 +107,7 @@ class MixUp(MixingCallback):
         if stage == "fit" and self.layer is not None:
             modules = dict(pl_module.named_modules())
             if self.layer not in modules or self.layer == "":
-                close = close_names(self.layer, [name for name in modules if name])
+                close = _close_names(self.layer, [name for name in modules if name])
                 hint = f"Did you mean {' or '.join(repr(c) for c in close)}?" if close else "No name is close to it."
                 raise ValueError(
                     f"MixUp(layer={self.layer!r}): {type(pl_module).__name__} has no submodule of that name "
@@ -134,7 +124,7 @@ class MixUp(MixingCallback):
             return
         inputs, targets = begun
         if inputs is not None:
-            check_blendable(inputs, self.input_key)
+            self._check_blendable(inputs)
         n = len(targets.targets_a) if not isinstance(targets, Tensor) else targets.shape[0]
         device = inputs.device if inputs is not None else pl_module.device
         lam_dtype = self._lam_dtype(trainer, inputs)
@@ -162,10 +152,10 @@ class MixUp(MixingCallback):
 
     def _mix_inputs(self, inputs: Tensor, params: MixingParams) -> Tensor:
         if not self.inplace or inputs.requires_grad:
-            return apply_mixup(inputs, params, out=self._mix_out(inputs))
+            return blend(inputs, params.lam, params.index, params.shift, out=self._mix_out(inputs))
         if self._buffer is None or self._buffer.shape != inputs.shape or self._buffer.dtype != inputs.dtype:
             self._buffer = torch.empty_like(inputs) if torch.is_floating_point(inputs) else None
-        return apply_mixup(inputs, params, inplace=True, buffer=self._buffer)
+        return blend(inputs, params.lam, params.index, params.shift, out=inputs, scratch=self._buffer)
 
     def _hook_layer(self, lam: float | Tensor, index: Tensor) -> None:
         assert self._module is not None  # resolved in setup
@@ -205,16 +195,15 @@ class MixUp(MixingCallback):
         super().teardown(trainer, pl_module, stage)
 
 
-def check_blendable(inputs: Tensor, input_key: BatchKey, owner: str = "MixUp") -> None:
-    """Refuse integer inputs other than ``uint8`` images: blending token ids makes other (wrong) token ids.
+def _close_names(name: str, names: Sequence[str], n: int = 5) -> list[str]:
+    """The entries of ``names`` closest to ``name`` (difflib), best first, for "did you mean" messages.
 
-    ``uint8`` inputs are images, blended in float32 and rounded back (timm's ``FastCollateMixup``).
+    Example:
+        >>> _close_names("net.embeding", ["net", "net.embedding", "net.blocks.0.attn"])
+        ['net.embedding']
     """
-    if torch.is_floating_point(inputs) or inputs.dtype == torch.uint8:
-        return
-    raise TypeError(
-        f"{owner} cannot blend batch[{input_key!r}] of dtype {inputs.dtype} (integer inputs, such as token ids): "
-        "a blend of two ids is a third, unrelated id. Mix a floating representation instead: "
-        f"`{owner}(layer='<name of the embedding>')` mixes that submodule's output (manifold mixing), e.g. "
-        "`layer='embedding'`. uint8 images are blended as images."
-    )
+    close = difflib.get_close_matches(name, names, n=n, cutoff=0.6)
+    if not close:  # a typo in the last part of a dotted name: match on that part alone
+        tails = {candidate.rsplit(".", 1)[-1]: candidate for candidate in names}
+        close = [tails[t] for t in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(tails), n=n, cutoff=0.6)]
+    return close

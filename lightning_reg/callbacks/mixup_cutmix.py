@@ -13,20 +13,16 @@ from typing_extensions import override
 from lightning_reg._batch import BatchKey
 from lightning_reg.callbacks._mixing import MixMode, TargetMode
 from lightning_reg.callbacks.cutmix import Carry, CutMix
-from lightning_reg.callbacks.mixup import check_blendable
-from lightning_reg.functional.cutmix import Box, Layout, _resolve_dims, apply_cutmix
-from lightning_reg.functional.mixup import MixingParams, Pairing, _check_alpha, apply_mixup, sample_mixup, to_device
+from lightning_reg.functional._apply import blend, to_device
+from lightning_reg.functional._checks import check_alpha, check_probability, resolve_dims
+from lightning_reg.functional.cutmix import Box, Layout
+from lightning_reg.functional.mixup import MixingParams, Pairing, sample_mixup
 
 __all__ = ["MixUpCutMix"]
 
 
 class MixUpCutMix(CutMix):
-    """Switch between MixUp and CutMix: each training batch is mixed by one of them, drawn per batch.
-
-    With probability ``switch_prob`` a batch gets CutMix (``Beta(cutmix_alpha, cutmix_alpha)``), otherwise
-    MixUp (``Beta(mixup_alpha, mixup_alpha)``). The draws come from the callback's own generator, so the
-    choice is reproducible, resumable and differs across DDP ranks. With ``mode="elem"`` (or ``"pair"``) the
-    choice, lambda and whether to mix at all are drawn per sample (per pair), as timm's ``Mixup(mode=...)``.
+    """MixUp or CutMix for each training batch (or sample), drawn with probability ``switch_prob`` for CutMix.
 
     Args:
         mixup_alpha: MixUp's Beta concentration.
@@ -44,21 +40,20 @@ class MixUpCutMix(CutMix):
         pairing: ``"shift"`` or ``"permutation"`` (see :class:`MixUp`).
         multi_label: multi-hot targets (see :class:`MixUp`).
         mode: ``"batch"``, ``"elem"`` or ``"pair"`` (timm's ``mode``; see :class:`MixUp`).
-        target_mode: ``"mixed"`` (default): the targets are mixed like the inputs; ``"dominant"``: each mixed
-            sample keeps the (smoothed) one-hot label of the sample with the larger weight, as torch-uncertainty's
-            ``MixupIO`` (Wang et al., CVPR 2023; see docs/calibration.md).
+        target_mode: ``"mixed"`` or ``"dominant"`` (see :class:`MixUp`).
         cutmix_minmax: timm's ``cutmix_minmax`` (see :class:`CutMix`).
         correct_lam: see :class:`CutMix`.
         carry: entries cut with the inputs (see :class:`CutMix`).
-
-    Logs ``mixup_cutmix/mixed_fraction``, ``mixup_cutmix/lambda`` and ``mixup_cutmix/cutmix_fraction`` (the
-    fraction of training batches mixed by CutMix; with ``mode="elem"``/``"pair"`` the mean share of samples cut)
-    once per training epoch.
 
     Example:
         >>> import lightning as L
         >>> cb = MixUpCutMix(mixup_alpha=0.2, cutmix_alpha=1.0, switch_prob=0.5, num_classes=10)
         >>> trainer = L.Trainer(callbacks=[cb], logger=False)
+
+    Notes:
+        The timm / DeiT recipe; with ``mode="elem"`` or ``"pair"`` the choice, lambda and whether to mix are drawn
+        per sample (pair), as timm's ``Mixup(mode=...)``. Logs ``mixup_cutmix/mixed_fraction``,
+        ``mixup_cutmix/lambda`` and ``mixup_cutmix/cutmix_fraction`` per epoch. See docs/mixing.md.
     """
 
     log_name = "mixup_cutmix"
@@ -86,7 +81,7 @@ class MixUpCutMix(CutMix):
         correct_lam: bool = True,
         carry: Sequence[BatchKey] | Mapping[BatchKey, Carry] | None = None,
     ) -> None:
-        cutmix_alpha = _check_alpha(cutmix_alpha, "cutmix_alpha")  # before CutMix's check, which says `alpha`
+        cutmix_alpha = check_alpha(cutmix_alpha, "cutmix_alpha")  # before CutMix's check, which says `alpha`
         super().__init__(
             cutmix_alpha,
             num_classes=num_classes,
@@ -106,14 +101,9 @@ class MixUpCutMix(CutMix):
             correct_lam=correct_lam,
             carry=carry,
         )
-        self.mixup_alpha = _check_alpha(mixup_alpha, "mixup_alpha")
+        self.mixup_alpha = check_alpha(mixup_alpha, "mixup_alpha")
         self.cutmix_alpha = cutmix_alpha
-        if isinstance(switch_prob, bool) or not isinstance(switch_prob, int | float) or not 0 <= switch_prob <= 1:
-            raise ValueError(f"Expected `switch_prob` to be a float in [0, 1], but got {switch_prob!r}.")
-        self.switch_prob = float(switch_prob)
-
-    def _state_key_fields(self) -> dict[str, Any]:
-        return {"mixup_alpha": self.mixup_alpha, "switch_prob": self.switch_prob, **super()._state_key_fields()}
+        self.switch_prob = check_probability(switch_prob, "switch_prob")
 
     @override
     def on_train_batch_start(
@@ -123,8 +113,8 @@ class MixUpCutMix(CutMix):
         if prepared is None:
             return
         inputs, targets = prepared
-        check_blendable(inputs, self.input_key, "MixUpCutMix")
-        _resolve_dims(inputs, self.dims)  # the layout is checked on every batch, not only on the CutMix ones
+        self._check_blendable(inputs)
+        resolve_dims(inputs, self.dims)  # the layout is checked on every batch, not only on the CutMix ones
         if self.mode != "batch":
             self._mix_elem(trainer, pl_module, batch, inputs, targets)
             return
@@ -144,15 +134,16 @@ class MixUpCutMix(CutMix):
         mixed_targets = self._mixed_targets(pl_module, targets, on_device.lam, on_device.index, on_device.shift)
         self._write(batch, self.target_key, mixed_targets, "target_key")
         inplace = self.inplace and not inputs.requires_grad
-        out = None if inplace else self._mix_out(inputs)
-        self._write(batch, self.input_key, apply_mixup(inputs, on_device, inplace=inplace, out=out), "input_key")
+        out = inputs if inplace else self._mix_out(inputs)
+        mixed = blend(inputs, on_device.lam, on_device.index, on_device.shift, out=out)
+        self._write(batch, self.input_key, mixed, "input_key")
         self._record(params.lam)
 
     def _mix_elem(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, inputs: Tensor, targets: Any
     ) -> None:
         """Draw as timm's ``mode="elem"``/``"pair"``: MixUp or CutMix (or nothing) chosen per sample, in one pass."""
-        axes = _resolve_dims(inputs, self.dims)
+        axes = resolve_dims(inputs, self.dims)
         weight, box, kept, index, shift = self._elem_draws(
             inputs.shape[0],
             mixup_alpha=self.mixup_alpha,
@@ -171,7 +162,7 @@ class MixUpCutMix(CutMix):
         mixed_targets = self._mixed_targets(pl_module, targets, on_device.lam, on_device.index, on_device.shift)
         self._write(batch, self.target_key, mixed_targets, "target_key")
         for key, entry in companions.items():
-            self._write(batch, key, apply_cutmix(entry, on_device, box=box_d, dims=axes)[0], "carry")
+            self._write(batch, key, self._paste(entry, on_device, box_d, axes), "carry")
         weight_d = to_device(weight, device)
         if torch.is_floating_point(inputs):
             weight_d = weight_d.to(inputs.dtype)

@@ -12,8 +12,9 @@ from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, set_entry
 from lightning_reg.callbacks._mixing import MixingCallback
-from lightning_reg.callbacks.mixup import check_blendable
-from lightning_reg.functional.mixup import MixingParams, Pairing, _check_alpha, apply_mixup, sample_mixup
+from lightning_reg.functional._apply import blend
+from lightning_reg.functional._checks import check_alpha
+from lightning_reg.functional.mixup import MixingParams, Pairing, sample_mixup
 from lightning_reg.mixins import MixedTargets
 
 __all__ = ["RegMixup"]
@@ -21,18 +22,6 @@ __all__ = ["RegMixup"]
 
 class RegMixup(MixingCallback):
     """RegMixup: train on the clean batch and its MixUp copy together, ``2N`` rows, clean first.
-
-    In ``on_train_batch_start`` the callback draws lambda from ``Beta(alpha, alpha)`` (``alpha=20``: lambda near
-    1/2, strong mixing) and a pairing from its own generator, and replaces the batch's inputs by
-    ``cat([x, lam * x + (1 - lam) * x[index]])`` and its targets by ``cat([one_hot(y), mixed one-hot rows])``,
-    so that ``F.cross_entropy`` on the batch is ``(CE(clean) + CE(mixed)) / 2``: the RegMixup objective with
-    ``eta = 1`` up to the factor 1/2. Other tensors of the batch with ``N`` rows (sequence lengths, attention
-    masks) are repeated, ``cat([t, t])``, so the batch stays consistent. Generator, state, DDP and batch
-    layout are those of :class:`~lightning_reg.MixUp`; smoothing (``label_smoothing=`` or a
-    ``LabelSmoothing`` callback, in either order) applies once to both halves. A batch that is not mixed
-    (``prob``, a batch of one sample) keeps its ``N`` rows, with one-hot targets. The batch doubles: twice the
-    memory and about twice the step time; BatchNorm normalizes over both halves, as in the reference code.
-    See docs/calibration.md.
 
     Args:
         alpha: concentration of ``Beta(alpha, alpha)``; the paper's default is 20 (10 to 30 work well).
@@ -46,11 +35,15 @@ class RegMixup(MixingCallback):
         pairing: ``"shift"`` or ``"permutation"``, as for :class:`~lightning_reg.MixUp`.
         multi_label: the targets are multi-hot rows ``(N, K)``.
 
-    Logs ``regmixup/mixed_fraction`` and ``regmixup/lambda`` once per training epoch.
-
     Example:
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[RegMixup(alpha=20.0, num_classes=10)], logger=False)
+
+    Notes:
+        ``F.cross_entropy`` on the doubled batch is ``(CE(clean) + CE(mixed)) / 2``, the RegMixup objective with
+        ``eta = 1`` up to the factor 1/2. Other tensors of ``N`` rows (lengths, masks) are repeated; a batch that
+        is not mixed keeps its ``N`` rows. Twice the memory and about twice the step time. Logs
+        ``regmixup/mixed_fraction`` and ``regmixup/lambda`` per epoch. See docs/calibration.md.
     """
 
     log_name = "regmixup"
@@ -79,11 +72,8 @@ class RegMixup(MixingCallback):
             pairing=pairing,
             multi_label=multi_label,
         )
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha(alpha)
         self.per_sample = bool(per_sample)
-
-    def _state_key_fields(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "per_sample": self.per_sample, **super()._state_key_fields()}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -109,7 +99,7 @@ class RegMixup(MixingCallback):
                 "RegMixup received sparse mixed targets (MixedTargets) from another callback: it needs dense "
                 "targets. Use RegMixup as the only mixing callback."
             )
-        check_blendable(inputs, self.input_key, owner="RegMixup")
+        self._check_blendable(inputs)
         n = targets.shape[0]
         params = sample_mixup(n, self.alpha, per_sample=self.per_sample, pairing=self.pairing, generator=self.generator)
         params = MixingParams(self._round_lam(params.lam, self._lam_dtype(trainer, inputs)), params.index, params.shift)
@@ -129,10 +119,10 @@ class RegMixup(MixingCallback):
         """``cat([inputs, mixup(inputs)])`` written once into a (reused) ``(2N, ...)`` tensor."""
         n = inputs.shape[0]
         if inputs.requires_grad:
-            return torch.cat([inputs, apply_mixup(inputs, params)])
+            return torch.cat([inputs, blend(inputs, params.lam, params.index, params.shift)])
         out = self._output.take_empty((2 * n, *inputs.shape[1:]), inputs.dtype, inputs.device)
         out[:n].copy_(inputs)
-        apply_mixup(inputs, params, out=out[n:])
+        blend(inputs, params.lam, params.index, params.shift, out=out[n:])
         return out
 
     def _repeat_companions(self, batch: Any, n: int) -> None:

@@ -34,17 +34,12 @@ _SUMMARY_MODES: tuple[str, ...] = get_args(SummaryMode)
 class RegularizationCheck(Callback):
     """Guard rails: what regularizes the model, and the known regularization mistakes, at fit start.
 
-    At fit start (rank zero) it prints :func:`~lightning_reg.regularization_summary` and reports the findings
-    that need no forward pass; the first training step is traced with forward hooks (removed right after,
-    before the backward pass) for the order-dependent ones. Each finding is a
-    :class:`~lightning_reg.RegularizationWarning` with a stable code; docs/guard_rails.md lists them.
-
     Args:
         ignore: codes to silence (see ``lightning_reg.regularization_check.CODES``).
         strict: raise the findings as one ``RegularizationWarning`` instead of warning (on every rank), before
             any optimizer step.
-        summary: ``"auto"`` (rich when the Trainer shows rich output, as the ``lightning-reg`` CLI does, plain
-            text in the log otherwise), ``"rich"``, ``"plain"`` or ``"off"``.
+        summary: ``"auto"`` (rich when the Trainer shows rich output, plain text in the log otherwise), ``"rich"``,
+            ``"plain"`` or ``"off"``.
         trace: trace the first training step for the order-dependent checks.
         min_bn_batch: fewer samples per BatchNorm statistic than this is reported.
 
@@ -57,6 +52,12 @@ class RegularizationCheck(Callback):
         >>> trainer = L.Trainer(callbacks=[check], logger=False, enable_progress_bar=False)
         >>> check.ignore
         ('small-bn-batch',)
+
+    Notes:
+        At fit start (rank zero) it prints :func:`~lightning_reg.regularization_summary` and reports the findings
+        that need no forward pass; the first training step is traced with forward hooks (removed before the
+        backward pass) for the order-dependent ones. Each finding is a :class:`~lightning_reg.RegularizationWarning`
+        with a stable code; docs/guard_rails.md lists them.
     """
 
     def __init__(

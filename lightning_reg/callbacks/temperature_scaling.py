@@ -158,30 +158,12 @@ def _fingerprint(module: nn.Module) -> list[float]:
 class TemperatureScaling(Callback):
     """Temperature scaling (`Guo et al., 2017 <https://arxiv.org/abs/1706.04599>`_): calibrated probabilities.
 
-    With the weights the model ends ``fit`` with (after ``BNRecalibration`` and after any Lightning
-    ``WeightAveraging``, in whichever order the callbacks are listed), the callback collects the logits of the
-    held-out ``dataloader`` through the batch-forward protocol (:func:`lightning_reg.forward.batch_logits`), fits
-    ``T`` with :func:`~lightning_reg.functional.fit_temperature` (on the union of all ranks under DDP), and from
-    then on divides the LightningModule's logits by ``T`` whenever the module is in eval mode: validation, test,
-    predict, ``MCDropoutEvaluation`` (also its trunk-once path through ``forward_head``). Training never is.
-
-    ``when="fit_end"`` fits at the first batch of the validation that follows the last training batch, so the
-    final validation and ``ModelCheckpoint``'s last save see the calibrated model; without such a validation it
-    fits in ``on_fit_end``, with a warning when checkpoints were written before. ``when="test_start"`` fits at
-    test start when no ``T`` is known yet. ``T`` is in the callback's ``state_dict``: ``trainer.test(model,
-    ckpt_path=...)`` with the callback restores it. :meth:`calibrated` gives a plain ``nn.Module``.
-
-    Logs ``calibration/temperature``, ``calibration/nll_before``, ``calibration/nll_after``,
-    ``calibration/ece_before`` and ``calibration/ece_after`` to the trainer's loggers; :attr:`report` keeps them.
-
     Args:
         dataloader: the held-out data: ``"val"`` (default), ``"test"`` (only with ``when="test_start"``) or an
-            iterable of batches. The training loader is refused (training logits are over-confident by
-            construction) unless passed explicitly as an iterable.
-        when: ``"fit_end"`` or ``"test_start"``.
+            iterable of batches; the training loader is refused unless passed explicitly as an iterable.
+        when: ``"fit_end"`` (before the final validation and checkpoint) or ``"test_start"``.
         per_class: one temperature per class (can change predictions; see the calibration docs).
-        num_batches: fit on at most this many batches per rank; ``None`` takes the whole loader (``fast_dev_run``
-            takes one).
+        num_batches: fit on at most this many batches per rank; ``None`` takes the whole loader.
         dataloader_idx: which of several validation/test loaders to fit on.
         forward_fn: ``forward_fn(module, batch) -> logits`` (see :mod:`lightning_reg.forward`).
         input_key: where the inputs are in a batch, for modules without ``forward_inputs``.
@@ -196,6 +178,13 @@ class TemperatureScaling(Callback):
         >>> from lightning_reg import TemperatureScaling
         >>> TemperatureScaling()
         TemperatureScaling(dataloader='val', when='fit_end', per_class=False)
+
+    Notes:
+        Fits ``T`` with :func:`~lightning_reg.functional.fit_temperature` on the held-out logits of the final weights
+        (after ``BNRecalibration`` and any ``WeightAveraging``; the union of all ranks under DDP), then divides the
+        module's logits by ``T`` whenever it is in eval mode (never in training). ``T`` is in ``state_dict``;
+        :meth:`calibrated` gives a plain ``nn.Module``. Logs ``calibration/temperature`` and the NLL and ECE before
+        and after. When it fits and what it reaches: docs/calibration.md.
     """
 
     def __init__(

@@ -2,8 +2,8 @@
 
 from lightning_reg.functional.bn_recalibration import BNRecalibrationReport, recalibrate_bn
 from lightning_reg.functional.calibration import fit_temperature, scale_logits, temperature_nll
-from lightning_reg.functional.cutmix import Box, box_lam, cutmix, cutmix_inputs, sample_box
-from lightning_reg.functional.label_smoothing import mixed_one_hot, one_hot, smooth
+from lightning_reg.functional.cutmix import Box, cutmix, sample_box
+from lightning_reg.functional.label_smoothing import one_hot, smooth
 from lightning_reg.functional.locked_dropout import locked_dropout
 from lightning_reg.functional.mc_dropout import (
     MCDropoutPrediction,
@@ -11,7 +11,7 @@ from lightning_reg.functional.mc_dropout import (
     mc_dropout_predict,
     mc_dropout_sampling,
 )
-from lightning_reg.functional.mixup import MixingParams, mixup, mixup_inputs, sample_beta, sample_mixup
+from lightning_reg.functional.mixup import MixingParams, mixup, sample_mixup
 from lightning_reg.functional.regmixup import regmixup
 from lightning_reg.functional.weight_drop import weight_drop
 
@@ -20,16 +20,11 @@ __all__: list[str] = [
     "BNRecalibrationReport",
     "one_hot",
     "smooth",
-    "mixed_one_hot",
     "mixup",
-    "mixup_inputs",
-    "sample_beta",
     "sample_mixup",
     "MixingParams",
     "cutmix",
-    "cutmix_inputs",
     "sample_box",
-    "box_lam",
     "Box",
     "locked_dropout",
     "weight_drop",

@@ -9,7 +9,6 @@ from torch import nn
 
 from lightning_reg import CutMix, LabelSmoothing, MixUp, MixUpCutMix
 from lightning_reg import functional as LF
-from lightning_reg.callbacks._mixing import ReusableOutput
 from lightning_reg.mixins import MixedTargets, SparseMixingMixin
 from tests.helpers import (
     TinyCNN,
@@ -27,6 +26,26 @@ from tests.helpers.ddp import skip_on_windows
 def _loaders(n=48, batch_size=16, as_dict=False):
     x, y = make_classification(n)
     return make_loader(x, y, batch_size, as_dict=as_dict), make_loader(x, y, batch_size, as_dict=as_dict)
+
+
+def _set_up(tmp_path, cb, module=None):
+    """``cb`` set up for fit on a fresh Trainer, and a function that runs its batch hook on a batch (returned)."""
+    module = module if module is not None else UserClassifier(num_classes=cb.num_classes or 3)
+    trainer = fast_trainer(tmp_path)
+    cb.setup(trainer, module, "fit")
+
+    def mix(batch):
+        cb.on_train_batch_start(trainer, module, batch, 0)
+        return batch
+
+    return mix
+
+
+def _lam_and_partner(targets):
+    """With one distinct label per sample (labels 0..N-1), a mixed row holds lam at its own class and 1 - lam at
+    its partner's: read both back (an independent view of the draw)."""
+    lam = targets.diagonal()
+    return lam, (targets - torch.diag(lam)).argmax(1)
 
 
 def test_training_batches_get_soft_mixed_targets_and_validation_batches_do_not(tmp_path):
@@ -48,6 +67,18 @@ def test_dict_batches_and_keys(tmp_path):
     cb = MixUp(alpha=1.0, input_key="inputs", target_key="targets", per_sample=True)
     fast_trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(model, train)
     assert model.seen_targets["train"][0].shape == (16, 3)
+    # What the callback writes into a dict batch: each input row is the MixUp of its own row and its partner's
+    # with the weights its target row holds; other keys are left as they are.
+    x, meta = torch.randn(16, 5), torch.arange(16) * 10
+    cb = MixUp(alpha=1.0, input_key="inputs", target_key="targets", per_sample=True, num_classes=16)
+    batch = _set_up(tmp_path, cb)({"inputs": x, "targets": torch.arange(16), "meta": meta})
+    assert set(batch) == {"inputs", "targets", "meta"}
+    assert batch["meta"] is meta
+    lam, index = _lam_and_partner(batch["targets"])
+    assert torch.allclose(batch["targets"].sum(1), torch.ones(16))
+    assert len(set(lam.tolist())) > 1  # per sample
+    assert sorted(index.tolist()) == list(range(16))
+    torch.testing.assert_close(batch["inputs"], lam[:, None] * x + (1 - lam[:, None]) * x[index])
 
 
 def test_prob_zero_gives_one_hot_targets_and_last_epoch_stops_mixing(tmp_path):
@@ -128,7 +159,6 @@ def test_bad_batches_are_clear_errors(tmp_path, batch, kwargs, error, match):
         ({"last_epoch": -1}, ValueError, "`last_epoch`"),
         ({"input_key": 1.5}, TypeError, "`input_key` to be an int"),
         ({"layer": 3}, TypeError, "`layer` to be a submodule name"),
-        ({"pairing": "flip"}, ValueError, r"`pairing` to be one of \['shift', 'permutation'\]"),
     ],
 )
 def test_bad_arguments_are_clear_errors(kwargs, error, match):
@@ -218,15 +248,18 @@ def test_manifold_mixup_mixes_the_named_layer_output_for_token_inputs(tmp_path):
     cb = MixUp(alpha=1.0, layer="net.embedding")
     fast_trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(model, make_loader(tokens, torch.arange(32) % 3))
     assert model.seen_targets["train"][0].shape == (16, 3)
-    assert cb._hook is None
-    # The hook blends the layer output exactly as LF.mixup blends inputs.
-    index, lam = torch.tensor([1, 0, 3, 2]), 0.3
-    cb._hook_layer(lam, index)
     x = tokens[:4]
-    mixed = model.net.embedding(x)
-    assert cb._hook is None  # removed after one call
-    plain = model.net.embedding(x)
-    assert torch.allclose(mixed, LF.mixup(plain, torch.eye(4), lam, index)[0])
+    emb = model.net.embedding
+    assert torch.equal(emb(x), F.embedding(x, emb.weight))  # after fit, the layer is left unhooked
+    # In a step, the layer's output is the MixUp of its plain outputs with the pairing the targets show, once.
+    net = _TokenNet(num_classes=4)
+    cb = MixUp(alpha=1.0, layer="net.embedding", num_classes=4)
+    _, targets = _set_up(tmp_path, cb, UserClassifier(net=net, num_classes=4))([x, torch.arange(4)])
+    lam, index = _lam_and_partner(targets)
+    mixed = net.embedding(x)
+    plain = net.embedding(x)  # the hook is removed after one call
+    assert torch.equal(plain, F.embedding(x, net.embedding.weight))
+    torch.testing.assert_close(mixed, lam[:, None, None] * plain + (1 - lam[:, None, None]) * plain[index])
 
 
 def test_unknown_layer_lists_the_module_names(tmp_path):
@@ -278,7 +311,23 @@ def test_pairings_train_alike_and_inplace_gives_the_same_batches(tmp_path):
         losses[name] = model.train_losses
     assert losses["inplace"] == pytest.approx(losses["default"], abs=1e-6)  # same draws, gather vs shift path
     assert len(losses["permutation"]) == 3
-    assert all(torch.isfinite(torch.tensor(losses["permutation"])))
+
+
+def test_permutation_pairing_mixes_each_sample_with_a_random_other_sample(tmp_path):
+    # Labels 0..N-1 show the pairing in the targets; the inputs must be the MixUp of exactly that pairing, the
+    # pairing a derangement (nobody with itself), and not always a roll of the batch (what "shift" draws).
+    x = torch.randn(8, 5)
+    mix = _set_up(tmp_path, MixUp(alpha=1.0, pairing="permutation", num_classes=8))
+    rolls = [torch.arange(8).roll(-k) for k in range(8)]
+    not_rolls = 0
+    for _ in range(20):
+        inputs, targets = mix([x, torch.arange(8)])
+        lam, index = _lam_and_partner(targets)
+        assert sorted(index.tolist()) == list(range(8))
+        assert bool((index != torch.arange(8)).all())
+        torch.testing.assert_close(inputs, lam[:, None] * x + (1 - lam[:, None]) * x[index])
+        not_rolls += not any(torch.equal(index, r) for r in rolls)
+    assert not_rolls >= 15  # a random derangement of 8 is a roll with probability 7 / 14833
 
 
 class _KeepsBatches(UserClassifier):
@@ -305,13 +354,15 @@ def test_batches_a_user_keeps_are_never_overwritten_by_later_batches(tmp_path, m
         assert len({kept.data_ptr() for kept, _ in pairs}) == 8  # each batch got its own memory
 
 
-def test_reusable_output_reuses_memory_only_when_nobody_holds_it():
-    like = torch.zeros(4, 3)
-    out = ReusableOutput()
-    first = out.take(like)
-    ptr = first.data_ptr()
-    del first
-    assert out.take(like).data_ptr() == ptr  # dropped at once: reused
+def test_mixed_batches_reuse_memory_only_when_nobody_holds_the_last_one(tmp_path):
+    x = torch.randn(4, 3)
+    mix = _set_up(tmp_path, MixUp(1.0))
+
+    def mixed_inputs():
+        return mix([x, torch.tensor([0, 1, 2, 0])])[0]
+
+    ptr = mixed_inputs().data_ptr()
+    assert mixed_inputs().data_ptr() == ptr  # the last one was dropped at once: its memory is reused
     # Whatever still refers to the memory blocks reuse: the tensor, a view, a detached alias, numpy, a graph.
     holders = [
         lambda t: t,
@@ -321,20 +372,25 @@ def test_reusable_output_reuses_memory_only_when_nobody_holds_it():
         lambda t: (t * torch.ones(3, requires_grad=True)).sum().grad_fn,  # autograd saved `t` for backward
     ]
     for hold in holders:
-        kept = hold(out.take(like))
-        assert out.take(like).data_ptr() != ptr
-        ptr = out.take(like).data_ptr()  # the held memory is left alone; the new one is owned now
+        held = mixed_inputs()
+        copy, ptr = held.clone(), held.data_ptr()
+        kept = hold(held)
+        del held
+        assert mixed_inputs().data_ptr() != ptr  # new memory; the held batch is left alone
+        if not hasattr(kept, "next_functions"):  # a tensor or an array: its values are those of the batch it was
+            assert torch.equal(torch.as_tensor(kept), torch.as_tensor(hold(copy)))
         del kept
-    assert out.take(torch.zeros(2, 3)).shape == (2, 3)  # a new shape gets new memory
-    assert out.take(like.requires_grad_()) is None  # `out=` kernels cannot record autograd history
+    assert mix([torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 2, 0])])[0].grad_fn is not None
 
 
-def test_reusable_output_is_not_pickled():
+def test_a_pickled_callback_carries_no_batch_memory(tmp_path):
     import pickle
 
     cb = MixUp(1.0)
-    cb._output.take(torch.zeros(1000))
-    assert pickle.loads(pickle.dumps(cb))._output._tensor is None
+    mix = _set_up(tmp_path, cb)
+    before = len(pickle.dumps(cb))  # its settings and generator state
+    mix([torch.randn(4, 1000), torch.tensor([0, 1, 2, 0])])  # 16 kB of mixed inputs, now reused memory
+    assert len(pickle.dumps(cb)) - before < 1000
 
 
 class _EpochMetrics(L.Callback):
@@ -550,7 +606,7 @@ def test_batches_on_a_device_are_mixed_without_reading_any_device_value(name):
 
 
 def test_labels_out_of_range_are_a_clear_error_on_cpu_on_every_batch_and_once_per_epoch_on_devices():
-    from lightning_reg.functional.label_smoothing import mixed_one_hot
+    from lightning_reg.functional._targets import mixed_one_hot
 
     y = torch.tensor([0, 1, 3])
     for fn in (
@@ -568,8 +624,7 @@ def test_labels_out_of_range_are_a_clear_error_on_cpu_on_every_batch_and_once_pe
 
 
 def test_draws_reach_a_cuda_device_through_pinned_memory_without_blocking(monkeypatch):
-    from lightning_reg.functional.mixup import to_device
-
+    params = LF.sample_mixup(3, 1.0, generator=torch.Generator().manual_seed(0))  # lam a float: one tensor to move
     calls = []
 
     def fake_pin(self):
@@ -583,7 +638,7 @@ def test_draws_reach_a_cuda_device_through_pinned_memory_without_blocking(monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
     monkeypatch.setattr(torch.Tensor, "to", fake_to)
-    to_device(torch.arange(3), "cuda")
+    params.to(torch.device("cuda"))
     assert calls == ["pin", ("to", "cuda", True)]
 
 
@@ -677,3 +732,28 @@ def test_a_state_loaded_before_fit_is_where_the_stream_continues(tmp_path):
     for a, b in zip(straight[4:], continued, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(straight[0], continued[0])  # not a restart of the stream
+
+
+class _GeneratorAtEpochStart(L.Callback):
+    def __init__(self, mixing):
+        self.mixing, self.states = mixing, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.states.append(self.mixing.generator.get_state().clone())
+
+
+def test_resume_with_another_prob_keeps_the_generator_state(tmp_path):
+    # The state key names the class and batch entries, not `prob` or `alpha`: a run resumed with other values
+    # finds its generator state in the checkpoint and continues that stream.
+    loader = make_loader(*make_classification(32), 8)
+    first = MixUp(alpha=1.0)
+    trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[first])
+    trainer.fit(UserClassifier(), loader)
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    saved = first.generator.get_state()
+    resumed = MixUp(alpha=0.4, prob=0.5)
+    record = _GeneratorAtEpochStart(resumed)
+    trainer = fast_trainer(tmp_path, max_epochs=2, callbacks=[resumed, record])
+    trainer.fit(UserClassifier(), loader, ckpt_path=tmp_path / "one.ckpt")
+    assert resumed.state_key == first.state_key
+    assert torch.equal(record.states[0], saved)

@@ -10,14 +10,17 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+_BOX = LF.Box(torch.tensor([[0, 0]]), torch.tensor([[1, 1]]))
+
+
 def test_cutmix_pastes_the_fixed_box_from_the_partner():
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
     box = LF.Box(torch.tensor([[1, 0]]), torch.tensor([[3, 2]]))  # rows 1..2, columns 0..1
-    out, y, lam = LF.cutmix(x, torch.eye(2), 0.5, torch.tensor([1, 0]), box=box)
+    out, y, kept = LF.cutmix(x, torch.eye(2), box, torch.tensor([1, 0]))
     expected = x.clone()
     expected[:, :, 1:3, 0:2] = x.flip(0)[:, :, 1:3, 0:2]
     assert torch.equal(out, expected)
-    assert lam == 0.75  # a 2x2 box of a 4x4 image
+    assert kept.tolist() == [0.75, 0.75]  # a 2x2 box of a 4x4 image
     assert torch.allclose(y, torch.tensor([[0.75, 0.25], [0.25, 0.75]]))
 
 
@@ -27,7 +30,7 @@ def test_per_sample_boxes_match_a_loop_over_samples():
     index = torch.randperm(5, generator=g)
     lam = torch.rand(5, generator=g)
     box = LF.sample_box(lam, (6, 7), generator=g)
-    out, _, kept = LF.cutmix(x, torch.eye(5), lam, index, box=box)
+    out, _, kept = LF.cutmix(x, torch.eye(5), box, index)
     for i in range(5):
         (y0, x0), (y1, x1) = box.lo[i].tolist(), box.hi[i].tolist()
         expected = x[i].clone()
@@ -40,32 +43,32 @@ def test_volume_box_covers_the_last_three_dims():
     x = torch.zeros(2, 1, 4, 4, 4)
     x[1] = 1
     box = LF.Box(torch.tensor([[0, 0, 0]]), torch.tensor([[2, 2, 4]]))
-    out, _, lam = LF.cutmix(x, torch.eye(2), 0.5, torch.tensor([1, 0]), box=box, dims="NCDHW")
-    assert lam == 0.75
+    out, _, kept = LF.cutmix(x, torch.eye(2), box, torch.tensor([1, 0]), dims="NCDHW")
+    assert kept.tolist() == [0.75, 0.75]
     assert float(out[0].sum()) == 16
 
 
 def test_sequences_are_cut_along_time():
     x = torch.arange(12, dtype=torch.float32).view(2, 6)
     box = LF.Box(torch.tensor([[2]]), torch.tensor([[5]]))
-    out, _, lam = LF.cutmix(x, torch.eye(2), 0.5, torch.tensor([1, 0]), box=box)
+    out, _, kept = LF.cutmix(x, torch.eye(2), box, torch.tensor([1, 0]))
     assert out[0].tolist() == [0, 1, 8, 9, 10, 5]
-    assert lam == 0.5
+    assert kept.tolist() == [0.5, 0.5]
 
 
 def test_uint8_images_are_cut_exactly():
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=_gen())
-    out, _, _ = LF.cutmix(x, torch.eye(4), 0.5, torch.tensor([1, 2, 3, 0]), generator=_gen())
+    out, _, _ = LF.cutmix(x, torch.eye(4), LF.sample_box(0.5, (8, 8), generator=_gen()), torch.tensor([1, 2, 3, 0]))
     assert out.dtype == torch.uint8
     assert set(out.unique().tolist()) <= set(x.unique().tolist())
 
 
 def test_cutmix_is_deterministic_given_the_generator():
     x = torch.randn(4, 3, 8, 8, generator=_gen())
-    a = LF.cutmix(x, torch.eye(4), 0.6, torch.tensor([1, 2, 3, 0]), generator=_gen(5))
-    b = LF.cutmix(x, torch.eye(4), 0.6, torch.tensor([1, 2, 3, 0]), generator=_gen(5))
+    a = LF.cutmix(x, torch.eye(4), LF.sample_box(0.6, (8, 8), generator=_gen(5)), torch.tensor([1, 2, 3, 0]))
+    b = LF.cutmix(x, torch.eye(4), LF.sample_box(0.6, (8, 8), generator=_gen(5)), torch.tensor([1, 2, 3, 0]))
     assert torch.equal(a[0], b[0])
-    assert a[2] == b[2]
+    assert torch.equal(a[2], b[2])
 
 
 @settings(max_examples=30, deadline=None)
@@ -84,9 +87,10 @@ def test_fraction_taken_from_partner_is_one_minus_returned_lambda(n, spatial, la
     index = (torch.arange(n) + 1) % n
     lam_arg = torch.rand(n, generator=g) if per_sample else lam
     dims = "NCDHW" if len(spatial) == 3 else None
-    out, y, kept = LF.cutmix(x, LF.one_hot(torch.arange(n) % 3, 3), lam_arg, index, generator=g, dims=dims)
+    box = LF.sample_box(lam_arg, spatial, generator=g)
+    out, y, kept = LF.cutmix(x, LF.one_hot(torch.arange(n) % 3, 3), box, index, dims=dims)
     taken = (out != x).float().flatten(1).mean(1) if n > 1 else torch.zeros(1)
-    expected = 1 - (kept if per_sample else torch.full((n,), kept))
+    expected = 1 - kept
     if n > 1:
         assert torch.allclose(taken, expected.float(), atol=1e-6)
     assert torch.allclose(y.sum(1), torch.ones(n), atol=1e-6)
@@ -100,10 +104,12 @@ def test_fraction_taken_from_partner_is_one_minus_returned_lambda(n, spatial, la
         ({"dims": (2, 2)}, "distinct non-batch axes"),
         ({"box": LF.Box(torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long))}, "Expected a box"),
         ({"targets": torch.eye(3)}, "same batch size"),
+        ({"out": torch.zeros(2, 1, 4, 5)}, "Expected `out` like `inputs`"),
     ],
 )
 def test_cutmix_rejects_bad_arguments(kwargs, match):
-    args = {"inputs": torch.zeros(2, 1, 4, 4), "targets": torch.eye(2), "lam": 0.5, "index": torch.tensor([1, 0])}
+    box = LF.Box(torch.tensor([[0, 0]]), torch.tensor([[2, 2]]))
+    args = {"inputs": torch.zeros(2, 1, 4, 4), "targets": torch.eye(2), "box": box, "index": torch.tensor([1, 0])}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         LF.cutmix(**args)
@@ -116,40 +122,43 @@ def test_sample_box_rejects_empty_sizes():
 
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_shift_pairing_matches_the_gathered_partners(per_sample):
-    # The shift path (two contiguous runs) and the gather path (inplace=True gathers) paste the same pixels.
+    # The shift path (two contiguous runs) and the gather path (in place, it gathers) paste the same pixels.
     g = _gen(1)
     x = torch.randn(6, 2, 8, 8, generator=g)
     lam = torch.rand(6, generator=g) if per_sample else 0.6
     box = LF.sample_box(lam, (8, 8), generator=g)
     for k in range(6):
         index = torch.arange(6).roll(-k)
-        shifted, _, kept = LF.cutmix(x, torch.eye(6), lam, index, box=box)
-        into_out, _, _ = LF.cutmix(x, torch.eye(6), lam, index, box=box, out=torch.empty_like(x))
-        gathered, _, kept_gathered = LF.cutmix(x.clone(), torch.eye(6), lam, index, box=box, inplace=True)
+        shifted, _, kept = LF.cutmix(x, torch.eye(6), box, index)
+        into_out, _, _ = LF.cutmix(x, torch.eye(6), box, index, out=torch.empty_like(x))
+        inplace = x.clone()
+        gathered, _, kept_gathered = LF.cutmix(inplace, torch.eye(6), box, index, out=inplace)
+        assert gathered is inplace
         assert torch.equal(shifted, gathered)
         assert torch.equal(into_out, gathered)
-        assert torch.equal(torch.as_tensor(kept), torch.as_tensor(kept_gathered))
+        assert torch.equal(kept, kept_gathered)
 
 
-def test_cutmix_rejects_out_together_with_inplace():
+def test_cutmix_out_is_the_inputs_themselves_or_memory_of_its_own():
     x = torch.zeros(2, 1, 4, 4)
-    with pytest.raises(ValueError, match="either `inplace=True` or `out=`"):
-        LF.cutmix(x, torch.eye(2), 0.5, torch.tensor([1, 0]), inplace=True, out=torch.empty_like(x))
+    box = LF.Box(torch.tensor([[0, 0]]), torch.tensor([[2, 2]]))
+    with pytest.raises(ValueError, match=r"shares memory with `inputs`; pass `out=inputs` itself"):
+        LF.cutmix(x, torch.eye(2), box, torch.tensor([1, 0]), out=x.view(2, 1, 4, 4))
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_sample_cutmix_box_draws_the_box_cutmix_draws(per_sample):
-    from lightning_reg.functional.cutmix import sample_cutmix_box
-
+def test_kept_is_one_tensor_type_on_every_path(per_sample):
+    # One box or one per sample, float32 or float64 targets: kept is a (N,) tensor in the targets' dtype.
     x = torch.randn(5, 2, 7, 9, generator=_gen())
     lam = torch.rand(5, generator=_gen(1)) if per_sample else 0.42
-    index = torch.tensor([3, 0, 4, 1, 2])
-    box, kept = sample_cutmix_box(x, lam, generator=_gen(7))
-    direct, _, kept_direct = LF.cutmix(x, torch.eye(5), lam, index, generator=_gen(7))
-    with_box, _, kept_box = LF.cutmix(x, torch.eye(5), lam, index, box=box)
-    assert torch.equal(direct, with_box)
-    assert torch.equal(torch.as_tensor(kept), torch.as_tensor(kept_direct))
-    assert torch.equal(torch.as_tensor(kept), torch.as_tensor(kept_box))
+    box = LF.sample_box(lam, (7, 9), generator=_gen(7))
+    for dtype in (torch.float32, torch.float64):
+        _, y, kept = LF.cutmix(x, torch.eye(5, dtype=dtype), box, torch.tensor([3, 0, 4, 1, 2]))
+        assert kept.shape == (5,)
+        assert kept.dtype == dtype
+        area = ((box.hi - box.lo).prod(1) / 63).expand(5)  # the naive area of each box
+        torch.testing.assert_close(kept, (1 - area).to(dtype))
+        torch.testing.assert_close(y.diagonal(), kept)  # each sample's own class weighs what it kept
 
 
 # --- issue 12, point 22: layouts of 5-D inputs ------------------------------------------------------------------
@@ -158,7 +167,7 @@ def test_five_dim_inputs_need_a_layout_and_video_is_cut_as_torchvision_does():
     from torchvision.transforms import v2
 
     with pytest.raises(ValueError, match=r"cannot tell the layout of a 5-D input.*dims='NCDHW'.*dims='NTCHW'"):
-        LF.cutmix(torch.zeros(2, 3, 4, 4, 4), torch.eye(2), 0.5, torch.tensor([1, 0]))
+        LF.cutmix(torch.zeros(2, 3, 4, 4, 4), torch.eye(2), _BOX, torch.tensor([1, 0]))
     g = _gen()
     video = torch.rand(4, 5, 3, 8, 8, generator=g)  # (N, T, C, H, W)
     labels = torch.tensor([0, 1, 2, 3])
@@ -167,25 +176,21 @@ def test_five_dim_inputs_need_a_layout_and_video_is_cut_as_torchvision_does():
     tv = v2.CutMix(alpha=1.0, num_classes=4)
     expected = tv.transform(tv_tensors.Video(video), params).as_subclass(torch.Tensor)
     expected_labels = tv.transform(labels, params)
-    box = LF.Box(torch.tensor([[y1, x1]]), torch.tensor([[y2, x2]]))
+    box = LF.Box.from_xyxy(torch.tensor([params["box"]]))  # torchvision's (x1, y1, x2, y2)
+    assert box.lo.tolist() == [[y1, x1]]
+    assert box.hi.tolist() == [[y2, x2]]
     index = torch.arange(4).roll(1)  # torchvision pairs sample i with sample i - 1
-    ours, ours_labels, kept = LF.cutmix(video, LF.one_hot(labels, 4), 0.5, index, box=box, dims="NTCHW")
+    ours, ours_labels, kept = LF.cutmix(video, LF.one_hot(labels, 4), box, index, dims="NTCHW")
     assert torch.equal(ours, expected)  # every frame and channel gets the same box
-    assert kept == pytest.approx(params["lam_adjusted"])
+    assert kept.tolist() == pytest.approx([params["lam_adjusted"]] * 4)
     assert torch.allclose(ours_labels, expected_labels)
-    volume, _, _ = LF.cutmix(
-        video,
-        torch.eye(4),
-        0.5,
-        index,
-        box=LF.Box(box.lo[:, :1].repeat(1, 3), box.hi[:, :1].repeat(1, 3)),
-        dims="NCDHW",
-    )
+    volume_box = LF.Box(box.lo[:, :1].repeat(1, 3), box.hi[:, :1].repeat(1, 3))
+    volume, _, _ = LF.cutmix(video, torch.eye(4), volume_box, index, dims="NCDHW")
     assert (volume != video).any(dim=(0, 2, 3, 4)).tolist() == [True] * 5  # a volume box: all "channels" (dim 1) cut
     with pytest.raises(ValueError, match="names 5 dims, but the inputs have 4"):
-        LF.cutmix(torch.zeros(2, 1, 4, 4), torch.eye(2), 0.5, torch.tensor([1, 0]), dims="NTCHW")
+        LF.cutmix(torch.zeros(2, 1, 4, 4), torch.eye(2), _BOX, torch.tensor([1, 0]), dims="NTCHW")
     with pytest.raises(ValueError, match=r"one of \['NT', 'NTD', 'NCHW', 'NCDHW', 'NTCHW'\]"):
-        LF.cutmix(torch.zeros(2, 1, 4, 4), torch.eye(2), 0.5, torch.tensor([1, 0]), dims="NHWC")
+        LF.cutmix(torch.zeros(2, 1, 4, 4), torch.eye(2), _BOX, torch.tensor([1, 0]), dims="NHWC")
 
 
 # --- issue 12, point 22: cutmix_minmax and correct_lam ------------------------------------------------------------
@@ -202,7 +207,7 @@ def test_minmax_boxes_follow_timms_rand_bbox_minmax():
     yl, yu, xl, xu = rand_bbox_minmax((h, w), minmax, count=count)
     assert set(sides[:, 0].tolist()) == set((yu - yl).tolist()) == set(range(int(h * 0.2), int(h * 0.8)))
     assert set(sides[:, 1].tolist()) == set((xu - xl).tolist()) == set(range(int(w * 0.2), int(w * 0.8)))
-    ours_kept = LF.box_lam(box, (h, w))
+    ours_kept = 1 - sides.prod(1) / (h * w)
     timm_kept = 1 - (yu - yl) * (xu - xl) / (h * w)
     assert abs(float(ours_kept.mean()) - float(timm_kept.mean())) < 0.01  # same distribution of the kept area
     assert abs(float(box.lo[:, 0].float().mean()) - float(yl.mean())) < 0.3
@@ -212,19 +217,20 @@ def test_minmax_boxes_follow_timms_rand_bbox_minmax():
         LF.sample_box(0.5, (h, w), minmax=(0.8, 0.2))
 
 
-def test_correct_lam_false_mixes_targets_by_the_drawn_lambda_as_timm():
+def test_kept_is_the_clipped_area_and_timms_correct_lam_agrees():
+    # A box clipped at the corner keeps 60 of 64 pixels: the targets are mixed by that, as timm's correct_lam=True
+    # does; mixing by the drawn lambda instead (correct_lam=False) is the callbacks' option, see tests/callbacks.
     from timm.data.mixup import cutmix_bbox_and_lam
 
     x = torch.zeros(2, 1, 8, 8)
     box = LF.Box(torch.tensor([[6, 6]]), torch.tensor([[8, 8]]))  # a box clipped at the corner: 4 pixels of 64
-    _, y_true, kept = LF.cutmix(x, torch.eye(2), 0.5, torch.tensor([1, 0]), box=box)
-    _, y_drawn, lam = LF.cutmix(x, torch.eye(2), 0.5, torch.tensor([1, 0]), box=box, correct_lam=False)
-    assert kept == 1 - 4 / 64
-    assert lam == 0.5
-    assert y_drawn[0].tolist() == [0.5, 0.5]
+    _, y_true, kept = LF.cutmix(x, torch.eye(2), box, torch.tensor([1, 0]))
+    assert kept.tolist() == [1 - 4 / 64] * 2
     assert y_true[0, 0] == pytest.approx(1 - 4 / 64)
-    _, timm_lam = cutmix_bbox_and_lam((8, 8), 0.5, correct_lam=False)
-    assert timm_lam == 0.5
+    (yl, yh, xl, xh), timm_lam = cutmix_bbox_and_lam((8, 8), 0.5, ratio_minmax=None, correct_lam=True)
+    assert timm_lam == pytest.approx(1 - (yh - yl) * (xh - xl) / 64)  # timm's kept fraction: the same formula
+    _, timm_drawn = cutmix_bbox_and_lam((8, 8), 0.5, correct_lam=False)
+    assert timm_drawn == 0.5
 
 
 # --- issue 12, point 22: timm's mode="elem" / "pair" ----------------------------------------------------------------
@@ -247,7 +253,7 @@ def _timm_with_params(monkeypatch, mode, lam, use_cutmix, boxes):
 
 @pytest.mark.parametrize("mode", ["elem", "pair"])
 def test_per_sample_switch_matches_timm_elem_and_pair_modes(monkeypatch, mode):
-    from lightning_reg.functional.cutmix import mix_elementwise
+    from lightning_reg.functional._apply import mix_elementwise
 
     n = 6
     g = _gen()
@@ -275,25 +281,25 @@ def test_per_sample_switch_matches_timm_elem_and_pair_modes(monkeypatch, mode):
             kept[sample] = 1 - (yh - yl) * (xh - xl) / 64
         else:
             weight[sample] = kept[sample] = lam[draw]
-    ours_x = mix_elementwise(x, index, weight, LF.Box(lo, hi))
+    ours_x = mix_elementwise(x, index, weight, lo, hi, (2, 3))
     ours_y = LF.smooth(LF.mixup(torch.zeros(n, 1), LF.one_hot(y, 5), kept, index)[1], 0.1)
     assert torch.allclose(ours_x, timm_x, atol=1e-6)
     assert torch.allclose(ours_y, timm_y, atol=1e-6)
 
 
 def test_mix_elementwise_pastes_from_the_original_partner_and_rejects_batch_boxes():
-    from lightning_reg.functional.cutmix import mix_elementwise
+    from lightning_reg.functional._apply import mix_elementwise
 
     x = torch.tensor([[0.0, 0.0], [8.0, 8.0]])
-    box = LF.Box(torch.tensor([[0], [0]]), torch.tensor([[1], [0]]))  # sample 0 is cut, sample 1 mixed
-    out = mix_elementwise(x, torch.tensor([1, 0]), torch.tensor([1.0, 0.5]), box)
+    lo, hi = torch.tensor([[0], [0]]), torch.tensor([[1], [0]])  # sample 0 is cut, sample 1 mixed
+    out = mix_elementwise(x, torch.tensor([1, 0]), torch.tensor([1.0, 0.5]), lo, hi, (1,))
     assert out.tolist() == [[8.0, 0.0], [4.0, 4.0]]  # sample 0 pasted the original 8, not the blended 4
     with pytest.raises(ValueError, match=r"per-sample boxes"):
-        mix_elementwise(x, torch.tensor([1, 0]), torch.ones(2), LF.Box(torch.zeros(1, 1), torch.ones(1, 1)))
+        mix_elementwise(x, torch.tensor([1, 0]), torch.ones(2), torch.zeros(1, 1), torch.ones(1, 1), (1,))
 
 
 def test_mix_elementwise_with_a_shift_equals_the_gathered_partners():
-    from lightning_reg.functional.cutmix import mix_elementwise
+    from lightning_reg.functional._apply import mix_elementwise
 
     g = _gen(3)
     x = torch.randn(6, 2, 8, 8, generator=g)
@@ -302,7 +308,8 @@ def test_mix_elementwise_with_a_shift_equals_the_gathered_partners():
     box = LF.Box(box.lo, torch.where((weight == 1)[:, None], box.hi, box.lo))
     for k in range(1, 6):
         index = torch.arange(6).roll(-k)
-        assert torch.equal(mix_elementwise(x, index, weight, box, shift=k), mix_elementwise(x, index, weight, box))
+        shifted = mix_elementwise(x, index, weight, box.lo, box.hi, (2, 3), shift=k)
+        assert torch.equal(shifted, mix_elementwise(x, index, weight, box.lo, box.hi, (2, 3)))
 
 
 def test_box_side_is_the_root_of_one_minus_lam():
@@ -314,3 +321,23 @@ def test_box_side_is_the_root_of_one_minus_lam():
     assert max(sides) == 50  # unclipped boxes have exactly that side; clipped ones are smaller
     per_sample = LF.sample_box(torch.full((40,), 0.75), (100, 100), generator=g)
     assert int((per_sample.hi - per_sample.lo).max()) == 50
+
+
+def test_box_converts_to_and_from_torchvisions_xyxy():
+    from torchvision.ops import box_area, masks_to_boxes
+
+    box = LF.sample_box(torch.rand(6, generator=_gen()), (10, 12), generator=_gen(1))
+    box = LF.Box(box.lo, torch.maximum(box.hi, box.lo + 1))  # non-empty, so that a mask has a bounding box
+    xyxy = box.to_xyxy()
+    assert torch.equal(LF.Box.from_xyxy(xyxy).lo, box.lo)
+    assert torch.equal(LF.Box.from_xyxy(xyxy).hi, box.hi)
+    assert torch.equal(box_area(xyxy), (box.hi - box.lo).prod(1))  # torchvision's area of the same boxes
+    mask = torch.zeros(6, 10, 12, dtype=torch.bool)
+    for i, ((y0, x0), (y1, x1)) in enumerate(zip(box.lo.tolist(), box.hi.tolist(), strict=True)):
+        mask[i, y0:y1, x0:x1] = True
+    inclusive = masks_to_boxes(mask).long()  # torchvision's own reading of the mask: x2, y2 inclusive
+    assert torch.equal(inclusive + torch.tensor([0, 0, 1, 1]), xyxy)
+    with pytest.raises(ValueError, match=r"integer boxes \(B, 4\)"):
+        LF.Box.from_xyxy(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="d == 2"):
+        LF.Box(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)).to_xyxy()

@@ -58,7 +58,7 @@ def test_one_hot_rejects_non_tensor_targets():
 
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_mixed_one_hot_equals_mixing_the_one_hot_rows(per_sample):
-    from lightning_reg.functional.label_smoothing import mixed_one_hot
+    from lightning_reg.functional._targets import mixed_one_hot
 
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 5, (7,), generator=g)
@@ -72,7 +72,7 @@ def test_mixed_one_hot_equals_mixing_the_one_hot_rows(per_sample):
 
 
 def test_mixed_one_hot_writes_into_out_and_rejects_a_wrong_out():
-    from lightning_reg.functional.label_smoothing import mixed_one_hot
+    from lightning_reg.functional._targets import mixed_one_hot
 
     y, index = torch.tensor([0, 2, 1]), torch.tensor([1, 2, 0])
     out = torch.full((3, 3), 7.0)  # stale values must not leak into the result
@@ -87,7 +87,7 @@ def test_mixed_one_hot_writes_into_out_and_rejects_a_wrong_out():
 def test_multi_hot_rows_are_smoothed_per_entry_and_mixed_as_timm_does():
     from timm.data.mixup import mixup_target
 
-    from lightning_reg.functional.label_smoothing import mixed_one_hot
+    from lightning_reg.functional._targets import mixed_one_hot
 
     y = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
     index = torch.arange(3).flip(0)  # timm pairs i with N - 1 - i
@@ -100,7 +100,7 @@ def test_multi_hot_rows_are_smoothed_per_entry_and_mixed_as_timm_does():
 
 
 def test_rows_that_are_not_distributions_are_reported_with_the_fix():
-    from lightning_reg.functional.label_smoothing import check_rows
+    from lightning_reg.functional._checks import check_rows
 
     check_rows(torch.tensor([[0.3, 0.7]]))
     with pytest.raises(ValueError, match=r"rows sum to 1, but a row sums to 2.*multi_label=True"):
@@ -119,7 +119,7 @@ def test_dense_targets_say_plainly_that_they_are_not_supported(targets):
 
 # --- issue 12, point 8: float64 default dtype -------------------------------------------------------------------
 def test_mixed_one_hot_follows_a_float64_default_dtype():
-    from lightning_reg.functional.label_smoothing import mixed_one_hot
+    from lightning_reg.functional._targets import mixed_one_hot
 
     y, index = torch.tensor([0, 2, 1]), torch.tensor([1, 2, 0])
     previous = torch.get_default_dtype()
