@@ -1,3 +1,6 @@
+import math
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -25,6 +28,52 @@ def test_warmup_cosine_schedule_shape():
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5)
     assert f(110) == pytest.approx(0.0)
+
+
+def _warmup_cosine_closed_form(step: int, warmup: int, total: int) -> float:
+    """The schedule's factor as a formula: linear warmup to 1 over ``warmup`` steps, cosine to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _optimizer_and_schedule(model, total_steps):
+    model.trainer = SimpleNamespace(estimated_stepping_batches=total_steps)  # what configure_optimizers reads
+    config = model.configure_optimizers()
+    return config["optimizer"], config["lr_scheduler"]["scheduler"]
+
+
+@pytest.mark.parametrize(
+    ("warmup_fraction", "total"), [(0.05, 110), (0.0, 10), (0.1, 10), (0.5, 3), (0.3, 7), (0.1, 1), (0.05, 2000)]
+)
+def test_learning_rate_schedule_equals_the_closed_form_at_every_step(warmup_fraction, total):
+    model = zoo.CNNClassifier(widths=(4,), lr=0.02, warmup_fraction=warmup_fraction)
+    optimizer, schedule = _optimizer_and_schedule(model, total)
+    warmup = int(warmup_fraction * total)
+    for step in range(total + 1):  # the Trainer takes `total` steps; the value after the last one is 0
+        expected = 0.02 * _warmup_cosine_closed_form(step, warmup, total)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([expected] * 2, rel=1e-9, abs=1e-15)
+        optimizer.step()
+        schedule.step()
+
+
+def test_learning_rate_schedule_resumes_from_its_state_dict():
+    model = zoo.CNNClassifier(widths=(4,), lr=0.02, warmup_fraction=0.2)
+    optimizer, schedule = _optimizer_and_schedule(model, 50)
+    for _ in range(17):
+        optimizer.step()
+        schedule.step()
+    state = schedule.state_dict()
+    resumed_optimizer, resumed = _optimizer_and_schedule(
+        zoo.CNNClassifier(widths=(4,), lr=0.02, warmup_fraction=0.2), 50
+    )
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    resumed.load_state_dict(state)
+    for step in range(17, 50):
+        assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * _warmup_cosine_closed_form(step, 10, 50))
+        resumed_optimizer.step()
+        resumed.step()
 
 
 def test_classifier_trains_on_soft_targets():
