@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
-from zoo.classifier import ClassifierModule
+from zoo.classifier import ClassifierModule, OptimArgs
 
 __all__ = ["CNN", "CNNClassifier", "Norm", "make_norm2d"]
 
@@ -117,12 +118,16 @@ class CNN(nn.Module):
 class CNNClassifier(ClassifierModule):
     """The zoo CNN as a LightningModule (see :class:`CNN` for the architecture arguments).
 
+    ``**optim`` are :class:`~zoo.classifier.ClassifierModule`'s optimization arguments; ``lr`` defaults to 3e-3.
+
     Example:
         >>> import torch
         >>> model = CNNClassifier(num_classes=10, widths=(8, 16))
         >>> model(torch.randn(4, 1, 8, 8)).shape
         torch.Size([4, 10])
     """
+
+    default_lr: ClassVar[float] = 3e-3
 
     def __init__(
         self,
@@ -134,20 +139,9 @@ class CNNClassifier(ClassifierModule):
         norm: Norm = "batch",
         spatial_dropout: float = 0.0,
         dropout: float = 0.3,
-        lr: float = 3e-3,
-        weight_decay: float = 0.05,
-        label_smoothing: float = 0.0,
-        warmup_fraction: float = 0.05,
-        scheduler: str = "cosine",
+        **optim: Unpack[OptimArgs],
     ) -> None:
-        super().__init__(
-            num_classes,
-            lr=lr,
-            weight_decay=weight_decay,
-            label_smoothing=label_smoothing,
-            warmup_fraction=warmup_fraction,
-            scheduler=scheduler,
-        )
+        super().__init__(num_classes, **optim)
         self.save_hyperparameters()
         self.net = CNN(
             num_classes,

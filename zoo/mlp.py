@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
-from zoo.classifier import ClassifierModule
+from zoo.classifier import ClassifierModule, OptimArgs
 
 __all__ = ["MLP", "MLPClassifier", "MLPNorm"]
 
@@ -102,12 +103,16 @@ class MLP(nn.Module):
 class MLPClassifier(ClassifierModule):
     """The zoo MLP as a LightningModule (see :class:`MLP` for the architecture arguments).
 
+    ``**optim`` are :class:`~zoo.classifier.ClassifierModule`'s optimization arguments; ``lr`` defaults to 3e-3.
+
     Example:
         >>> import torch
         >>> model = MLPClassifier(num_classes=10, widths=(32,), norm="layer")
         >>> model(torch.randn(4, 1, 8, 8)).shape
         torch.Size([4, 10])
     """
+
+    default_lr: ClassVar[float] = 3e-3
 
     def __init__(
         self,
@@ -118,20 +123,9 @@ class MLPClassifier(ClassifierModule):
         norm: MLPNorm = "batch",
         dropout: float = 0.2,
         input_dropout: float = 0.0,
-        lr: float = 3e-3,
-        weight_decay: float = 0.05,
-        label_smoothing: float = 0.0,
-        warmup_fraction: float = 0.05,
-        scheduler: str = "cosine",
+        **optim: Unpack[OptimArgs],
     ) -> None:
-        super().__init__(
-            num_classes,
-            lr=lr,
-            weight_decay=weight_decay,
-            label_smoothing=label_smoothing,
-            warmup_fraction=warmup_fraction,
-            scheduler=scheduler,
-        )
+        super().__init__(num_classes, **optim)
         self.save_hyperparameters()
         self.net = MLP(
             num_classes,

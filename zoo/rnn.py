@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from typing_extensions import Unpack
 
 from lightning_reg.nn import LockedDropout, VariationalGRU, VariationalLSTM, WeightDrop
-from zoo.classifier import ClassifierModule
+from zoo.classifier import ClassifierModule, OptimArgs
 
 __all__ = ["RNN", "Cell", "Pooling", "RNNClassifier"]
 
@@ -222,6 +223,8 @@ class RNN(nn.Module):
 class RNNClassifier(ClassifierModule):
     """The zoo LSTM/GRU as a LightningModule (see :class:`RNN` for the architecture arguments).
 
+    ``**optim`` are :class:`~zoo.classifier.ClassifierModule`'s optimization arguments; ``lr`` defaults to 3e-3.
+
     Batches are ``[inputs, targets]`` or, for variable-length sequences, ``[inputs, targets, lengths]``.
 
     Example:
@@ -229,6 +232,8 @@ class RNNClassifier(ClassifierModule):
         >>> model(torch.randn(4, 8, 8)).shape
         torch.Size([4, 10])
     """
+
+    default_lr: ClassVar[float] = 3e-3
 
     def __init__(
         self,
@@ -248,20 +253,9 @@ class RNNClassifier(ClassifierModule):
         dropout: float = 0.1,
         layer_norm: bool = True,
         pooling: Pooling = "last",
-        lr: float = 3e-3,
-        weight_decay: float = 0.05,
-        label_smoothing: float = 0.0,
-        warmup_fraction: float = 0.05,
-        scheduler: str = "cosine",
+        **optim: Unpack[OptimArgs],
     ) -> None:
-        super().__init__(
-            num_classes,
-            lr=lr,
-            weight_decay=weight_decay,
-            label_smoothing=label_smoothing,
-            warmup_fraction=warmup_fraction,
-            scheduler=scheduler,
-        )
+        super().__init__(num_classes, **optim)
         self.save_hyperparameters()
         self.net = RNN(
             num_classes,
