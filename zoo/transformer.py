@@ -17,7 +17,15 @@ TransformerPooling = Literal["cls", "mean"]
 _POOLINGS: tuple[str, ...] = get_args(TransformerPooling)
 
 
-def _check_rates(**rates: float) -> None:
+def _check_encoder(pooling: str, dim: int, depth: int, num_heads: int, **rates: float) -> None:
+    """The checks shared by the sequence Transformer and the ViT."""
+    if pooling not in _POOLINGS:
+        raise ValueError(f"Expected `pooling` to be one of {_POOLINGS}, but got {pooling!r}.")
+    for name, size in (("dim", dim), ("depth", depth)):
+        if size < 1:
+            raise ValueError(f"Expected `{name}` >= 1, but got {size!r}.")
+    if dim % num_heads != 0:
+        raise ValueError(f"Expected `dim` divisible by `num_heads`, but got dim={dim} and num_heads={num_heads}.")
     for name, p in rates.items():
         if not 0.0 <= p < 1.0:
             raise ValueError(f"Expected `{name}` in [0, 1), but got {p!r}.")
@@ -87,14 +95,11 @@ class Transformer(nn.Module):
         pooling: TransformerPooling = "cls",
     ) -> None:
         super().__init__()
-        if pooling not in _POOLINGS:
-            raise ValueError(f"Expected `pooling` to be one of {_POOLINGS}, but got {pooling!r}.")
-        for name, size in (("input_size", input_size), ("dim", dim), ("depth", depth), ("max_len", max_len)):
+        rates = {"dropout": dropout, "attn_dropout": attn_dropout, "drop_path": drop_path, "head_dropout": head_dropout}
+        _check_encoder(pooling, dim, depth, num_heads, **rates)
+        for name, size in (("input_size", input_size), ("max_len", max_len)):
             if size < 1:
                 raise ValueError(f"Expected `{name}` >= 1, but got {size!r}.")
-        if dim % num_heads != 0:
-            raise ValueError(f"Expected `dim` divisible by `num_heads`, but got dim={dim} and num_heads={num_heads}.")
-        _check_rates(dropout=dropout, attn_dropout=attn_dropout, drop_path=drop_path, head_dropout=head_dropout)
         self.input_size = input_size
         self.vocab_size = vocab_size
         self.max_len = max_len
@@ -105,10 +110,10 @@ class Transformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, max_len + extra, dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(dropout)
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        drop_paths = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(
             Block(dim, num_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=attn_dropout, drop_path=rate)
-            for rate in rates
+            for rate in drop_paths
         )
         _attention_dropout_through_its_module(self)
         self.norm = nn.LayerNorm(dim)
@@ -255,14 +260,8 @@ class TransformerClassifier(ClassifierModule):
                 f"Expected `patch_size` to divide `image_size`, but got patch_size={patch_size} and "
                 f"image_size={image_size}."
             )
-        if pooling not in _POOLINGS:
-            raise ValueError(f"Expected `pooling` to be one of {_POOLINGS}, but got {pooling!r}.")
-        if dim < 1 or depth < 1 or dim % num_heads != 0:
-            raise ValueError(
-                f"Expected `dim` and `depth` >= 1 and `dim` divisible by `num_heads`, but got dim={dim}, depth={depth} "
-                f"and num_heads={num_heads}."
-            )
-        _check_rates(dropout=dropout, attn_dropout=attn_dropout, drop_path=drop_path, head_dropout=head_dropout)
+        rates = {"dropout": dropout, "attn_dropout": attn_dropout, "drop_path": drop_path, "head_dropout": head_dropout}
+        _check_encoder(pooling, dim, depth, num_heads, **rates)
         self.image_shape = (in_channels, image_size, image_size)
         self.net = VisionTransformer(
             img_size=image_size,

@@ -169,3 +169,17 @@ def test_vit_attention_dropout_follows_its_dropout_module_and_the_head_split(poo
         if isinstance(module, nn.Dropout):
             module.train()  # only the dropout modules, as a user's own MC-dropout loop would do
     assert not torch.allclose(model(x), model(x))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"pooling": "max"}, r"one of \('cls', 'mean'\)"),
+        ({"dim": 10, "num_heads": 4}, "divisible by `num_heads`"),
+        ({"depth": 0}, "depth"),
+        ({"drop_path": 1.0}, "drop_path"),
+    ],
+)
+def test_vit_rejects_bad_arguments_like_the_sequence_transformer(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        zoo.TransformerClassifier(3, image_size=8, patch_size=2, **kwargs)
