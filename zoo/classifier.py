@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
-from typing import Any, ClassVar, Literal, TypedDict, get_args
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -17,24 +17,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_reg import hard_targets
 from lightning_reg.forward import batch_inputs
 
-__all__ = ["ClassifierModule", "OptimArgs", "Scheduler"]
+__all__ = ["ClassifierModule", "Scheduler"]
 
 Scheduler = Literal["cosine", "none"]
 _SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
-
-
-class OptimArgs(TypedDict, total=False):
-    """The optimization arguments of :class:`ClassifierModule`, which every zoo model takes as ``**optim``.
-
-    Their defaults and meaning are those of :class:`ClassifierModule`; ``LightningCLI`` reads them from here,
-    so a config sets them as ``model.init_args.lr`` and so on.
-    """
-
-    lr: float
-    weight_decay: float
-    label_smoothing: float
-    warmup_fraction: float
-    scheduler: Scheduler
 
 
 def _decay_split(
@@ -75,7 +61,7 @@ class ClassifierModule(L.LightningModule):
 
     Args:
         num_classes: number of classes; callbacks read this attribute.
-        lr: peak learning rate of AdamW; ``None`` takes the class's :attr:`default_lr`.
+        lr: peak learning rate of AdamW.
         weight_decay: decoupled weight decay, applied to weight matrices and kernels only (never to biases, norm
             gains and the names in :meth:`no_weight_decay`).
         label_smoothing: built-in label smoothing passed to ``F.cross_entropy``. Leave it at 0 when you use
@@ -83,7 +69,8 @@ class ClassifierModule(L.LightningModule):
         warmup_fraction: fraction of all optimizer steps spent in linear warmup before the cosine decay.
         scheduler: ``"cosine"`` (warmup then cosine to zero, stepped every batch) or ``"none"``.
 
-    The zoo's subclasses take these five as ``**optim`` (:class:`OptimArgs`) and pass them on unchanged.
+    The zoo's subclasses take these five as ``**optim`` and pass them on (a subclass may state its own ``lr``
+    default); ``LightningCLI`` resolves them from this signature, so a config sets ``model.init_args.lr``.
 
     Batches are lists ``[inputs, targets, *extra]``; ``extra`` (such as sequence lengths) is passed to
     ``forward`` after the inputs. :meth:`forward_inputs` says so, and the steps and every callback that runs the
@@ -94,7 +81,7 @@ class ClassifierModule(L.LightningModule):
         >>> import torch
         >>> from torch import nn
         >>> class LinearClassifier(ClassifierModule):
-        ...     def __init__(self, num_classes: int = 3, **optim: Unpack[OptimArgs]) -> None:
+        ...     def __init__(self, num_classes: int = 3, **optim: Any) -> None:
         ...         super().__init__(num_classes, **optim)
         ...         self.save_hyperparameters()
         ...         self.body, self.dropout, self.fc = nn.Flatten(), nn.Dropout(0.2), nn.Linear(4, num_classes)
@@ -106,21 +93,17 @@ class ClassifierModule(L.LightningModule):
         torch.Size([2, 3])
     """
 
-    default_lr: ClassVar[float] = 1e-3
-    """The learning rate when ``lr`` is not given; a subclass may set its own."""
-
     def __init__(
         self,
         num_classes: int,
         *,
-        lr: float | None = None,
+        lr: float = 1e-3,
         weight_decay: float = 0.05,
         label_smoothing: float = 0.0,
         warmup_fraction: float = 0.05,
         scheduler: Scheduler = "cosine",
     ) -> None:
         super().__init__()
-        lr = type(self).default_lr if lr is None else lr
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
             raise ValueError(f"Expected `num_classes` to be an int >= 2, but got {num_classes!r}.")
         if lr <= 0:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Literal, get_args
+from typing import Any, Literal, get_args
 
 from torch import Tensor, nn
-from typing_extensions import Unpack
 
-from zoo.classifier import ClassifierModule, OptimArgs
+from zoo.classifier import ClassifierModule
 
 __all__ = ["CNN", "CNNClassifier", "Norm", "make_norm2d"]
 
@@ -118,7 +117,7 @@ class CNN(nn.Module):
 class CNNClassifier(ClassifierModule):
     """The zoo CNN as a LightningModule (see :class:`CNN` for the architecture arguments).
 
-    ``**optim`` are :class:`~zoo.classifier.ClassifierModule`'s optimization arguments; ``lr`` defaults to 3e-3.
+    ``**optim`` are :class:`~zoo.classifier.ClassifierModule`'s optimization arguments (``lr`` here defaults to 3e-3).
 
     Example:
         >>> import torch
@@ -126,8 +125,6 @@ class CNNClassifier(ClassifierModule):
         >>> model(torch.randn(4, 1, 8, 8)).shape
         torch.Size([4, 10])
     """
-
-    default_lr: ClassVar[float] = 3e-3
 
     def __init__(
         self,
@@ -139,9 +136,10 @@ class CNNClassifier(ClassifierModule):
         norm: Norm = "batch",
         spatial_dropout: float = 0.0,
         dropout: float = 0.3,
-        **optim: Unpack[OptimArgs],
+        lr: float = 3e-3,
+        **optim: Any,
     ) -> None:
-        super().__init__(num_classes, **optim)
+        super().__init__(num_classes, lr=lr, **optim)
         self.save_hyperparameters()
         self.net = CNN(
             num_classes,

@@ -10,9 +10,8 @@ import timm
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from typing_extensions import Unpack
 
-from zoo.classifier import ClassifierModule, OptimArgs, _decay_split
+from zoo.classifier import ClassifierModule, _decay_split
 
 __all__ = ["ImageClassifier", "load_backbone_weights"]
 
@@ -137,7 +136,7 @@ class ImageClassifier(ClassifierModule):
         freeze_backbone: bool = False,
         freeze_bn: bool = False,
         backbone_lr_scale: float | None = None,
-        **optim: Unpack[OptimArgs],
+        **optim: Any,
     ) -> None:
         super().__init__(num_classes, **optim)
         self.save_hyperparameters(ignore=["pretrained"])

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Literal, get_args
+from typing import Any, Literal, get_args
 
 from torch import Tensor, nn
-from typing_extensions import Unpack
 
-from zoo.classifier import ClassifierModule, OptimArgs
+from zoo.classifier import ClassifierModule
 
 __all__ = ["MLP", "MLPClassifier", "MLPNorm"]
 
@@ -103,7 +102,7 @@ class MLP(nn.Module):
 class MLPClassifier(ClassifierModule):
     """The zoo MLP as a LightningModule (see :class:`MLP` for the architecture arguments).
 
-    ``**optim`` are :class:`~zoo.classifier.ClassifierModule`'s optimization arguments; ``lr`` defaults to 3e-3.
+    ``**optim`` are :class:`~zoo.classifier.ClassifierModule`'s optimization arguments (``lr`` here defaults to 3e-3).
 
     Example:
         >>> import torch
@@ -111,8 +110,6 @@ class MLPClassifier(ClassifierModule):
         >>> model(torch.randn(4, 1, 8, 8)).shape
         torch.Size([4, 10])
     """
-
-    default_lr: ClassVar[float] = 3e-3
 
     def __init__(
         self,
@@ -123,9 +120,10 @@ class MLPClassifier(ClassifierModule):
         norm: MLPNorm = "batch",
         dropout: float = 0.2,
         input_dropout: float = 0.0,
-        **optim: Unpack[OptimArgs],
+        lr: float = 3e-3,
+        **optim: Any,
     ) -> None:
-        super().__init__(num_classes, **optim)
+        super().__init__(num_classes, lr=lr, **optim)
         self.save_hyperparameters()
         self.net = MLP(
             num_classes,

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from typing_extensions import Unpack
 
 from lightning_reg.nn import LockedDropout, VariationalGRU, VariationalLSTM, WeightDrop
-from zoo.classifier import ClassifierModule, OptimArgs
+from zoo.classifier import ClassifierModule
 
 __all__ = ["RNN", "Cell", "Pooling", "RNNClassifier"]
 
@@ -223,7 +222,7 @@ class RNN(nn.Module):
 class RNNClassifier(ClassifierModule):
     """The zoo LSTM/GRU as a LightningModule (see :class:`RNN` for the architecture arguments).
 
-    ``**optim`` are :class:`~zoo.classifier.ClassifierModule`'s optimization arguments; ``lr`` defaults to 3e-3.
+    ``**optim`` are :class:`~zoo.classifier.ClassifierModule`'s optimization arguments (``lr`` here defaults to 3e-3).
 
     Batches are ``[inputs, targets]`` or, for variable-length sequences, ``[inputs, targets, lengths]``.
 
@@ -232,8 +231,6 @@ class RNNClassifier(ClassifierModule):
         >>> model(torch.randn(4, 8, 8)).shape
         torch.Size([4, 10])
     """
-
-    default_lr: ClassVar[float] = 3e-3
 
     def __init__(
         self,
@@ -253,9 +250,10 @@ class RNNClassifier(ClassifierModule):
         dropout: float = 0.1,
         layer_norm: bool = True,
         pooling: Pooling = "last",
-        **optim: Unpack[OptimArgs],
+        lr: float = 3e-3,
+        **optim: Any,
     ) -> None:
-        super().__init__(num_classes, **optim)
+        super().__init__(num_classes, lr=lr, **optim)
         self.save_hyperparameters()
         self.net = RNN(
             num_classes,

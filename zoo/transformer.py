@@ -7,9 +7,8 @@ from typing import Any, Literal, cast, get_args
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
-from typing_extensions import Unpack
 
-from zoo.classifier import ClassifierModule, OptimArgs
+from zoo.classifier import ClassifierModule
 
 __all__ = ["Transformer", "TransformerClassifier", "TransformerPooling"]
 
@@ -227,7 +226,7 @@ class TransformerClassifier(ClassifierModule):
         drop_path: float = 0.0,
         head_dropout: float = 0.0,
         pooling: TransformerPooling = "cls",
-        **optim: Unpack[OptimArgs],
+        **optim: Any,
     ) -> None:
         super().__init__(num_classes, **optim)
         self.save_hyperparameters()

@@ -174,17 +174,21 @@ def test_forward_inputs_are_the_inputs_and_the_extras_and_other_layouts_are_refu
         model.forward_inputs({"inputs": x, "targets": y})
 
 
-def test_optim_args_are_the_base_keywords_and_every_zoo_model_passes_them_on():
-    import inspect
+def test_every_zoo_model_takes_the_base_optimization_arguments_in_the_cli_and_passes_them_on():
+    from jsonargparse import ArgumentParser
 
-    from zoo.classifier import OptimArgs
-
-    base = inspect.signature(zoo.ClassifierModule.__init__).parameters
-    assert list(OptimArgs.__annotations__) == [n for n, p in base.items() if p.kind is p.KEYWORD_ONLY]
     optim = {"lr": 0.02, "weight_decay": 0.1, "label_smoothing": 0.1, "warmup_fraction": 0.2, "scheduler": "none"}
+    base_defaults = {"weight_decay": 0.05, "label_smoothing": 0.0, "warmup_fraction": 0.05, "scheduler": "cosine"}
+    lr_defaults = {"mlp": 3e-3, "cnn": 3e-3, "lstm": 3e-3, "transformer": 1e-3, "resnet18": 1e-3, "vit_tiny": 1e-3}
     for name in zoo.list_models():
         model = zoo.create(name, num_classes=3, **optim)
         assert {k: getattr(model, k) for k in optim} == optim, name
         assert {k: model.hparams[k] for k in optim} == optim, name  # saved, so load_from_checkpoint rebuilds it
-    defaults = {name: zoo.create(name, num_classes=3).lr for name in ("mlp", "cnn", "lstm", "transformer", "resnet18")}
-    assert defaults == {"mlp": 3e-3, "cnn": 3e-3, "lstm": 3e-3, "transformer": 1e-3, "resnet18": 1e-3}
+        # What LightningCLI sees: the five keys at `model.init_args.*`, with the base's defaults and the class's lr.
+        registered = zoo.MODELS[name]
+        parser = ArgumentParser()
+        parser.add_class_arguments(getattr(registered, "func", registered), "model")
+        resolved = vars(parser.parse_args([]).model)
+        assert {k: resolved[k] for k in base_defaults} == base_defaults, name
+        if name in lr_defaults:
+            assert resolved["lr"] == zoo.create(name, num_classes=3).lr == lr_defaults[name], name
