@@ -494,7 +494,7 @@ def test_inventory_lists_our_callbacks_and_groups_repeated_blocks() -> None:
     assert "smoothing=0.1" in dict(summary.callbacks)["LabelSmoothing"]
     text = str(summary)
     assert "net.blocks.*.norm1 (x12)" in text
-    # Each of the 12 blocks' drop path (timm's drop_path1 and drop_path2) has its own rate (linear in depth): kept apart.
+    # A block's two drop paths (timm's drop_path1, drop_path2) share its rate (linear in depth); blocks are kept apart.
     blocks = {line.split()[0].rsplit(".", 1)[0] for line in text.splitlines() if "DropPath" in line}
     assert len(blocks) == 11  # block 0 has rate 0: an Identity
 
