@@ -1,20 +1,23 @@
 """torchmetrics metrics for predictive uncertainty: NLL, Brier score, reliability bins, and their bundle.
 
-Every state is a sum (``dist_reduce_fx="sum"``), or torchmetrics' own concatenated states for the calibration
-error, so that under DDP ``compute()`` gives what one process would give on the union of all ranks' data.
-The formulas live once, in :mod:`lightning_reg.functional.uncertainty`.
+Every state is a sum (``dist_reduce_fx="sum"``) of fixed size, so that under DDP ``compute()`` gives what one
+process would give on the union of all ranks' data, whatever the number of samples. The formulas live once, in
+:mod:`lightning_reg.functional.uncertainty`; the ECE is computed from the reliability bins' sums.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_reg.functional.uncertainty import (
     brier_score,
     entropy,
+    expected_calibration_error,
     negative_log_likelihood,
     reliability_bins,
 )
@@ -22,35 +25,29 @@ from lightning_reg.functional.uncertainty import (
 __all__ = ["BrierScore", "NegativeLogLikelihood", "ReliabilityBins", "UncertaintyMetrics"]
 
 
-class _SumMetric(Metric):
-    """Mean of a per-sample quantity, kept as a sum and a count so that ranks add up."""
+class _PerSampleMean(MeanMetric):
+    """Mean of a per-sample quantity: torchmetrics' ``MeanMetric`` (sum states), accumulated in float64."""
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = False
-    total: Tensor
-    count: Tensor
+    is_differentiable = False  # type: ignore[assignment]  # MeanMetric leaves both None
+    higher_is_better = False  # type: ignore[assignment]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(nan_strategy="disable", **kwargs)  # a NaN prediction shows in the mean, as in the formula
+        self.set_dtype(torch.float64)
 
     def _values(self, probs: Tensor, targets: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def update(self, probs: Tensor, targets: Tensor) -> None:
+    def update(self, probs: Tensor, targets: Tensor) -> None:  # type: ignore[override]
         """Add a batch of probabilities ``(N, K)`` and class-index targets ``(N,)``."""
-        values = self._values(probs, targets)
-        self.total += values.sum().to(torch.float64)
-        self.count += values.numel()
+        super().update(self._values(probs, targets))
 
     def compute(self) -> Tensor:
-        """The mean over every sample seen (on every rank)."""
-        return (self.total / self.count.clamp_min(1)).float()
+        """The mean over every sample seen (on every rank), as float32."""
+        return super().compute().float()
 
 
-class NegativeLogLikelihood(_SumMetric):
+class NegativeLogLikelihood(_PerSampleMean):
     """Mean negative log-likelihood of the targets under predicted probabilities (nats).
 
     Example:
@@ -64,7 +61,7 @@ class NegativeLogLikelihood(_SumMetric):
         return negative_log_likelihood(probs, targets)
 
 
-class BrierScore(_SumMetric):
+class BrierScore(_PerSampleMean):
     """Mean multi-class Brier score ``sum_k (p_k - [y = k])^2`` (Brier, 1950).
 
     Example:
@@ -113,9 +110,10 @@ class ReliabilityBins(Metric):
 class UncertaintyMetrics(nn.Module):
     """The uncertainty report of one kind of prediction: accuracy, NLL, Brier, ECE, entropy, mutual information.
 
-    Accuracy is micro-averaged (the fraction of correct top-1 predictions); the ECE is torchmetrics'
-    ``MulticlassCalibrationError`` (l1, ``n_bins`` equal-width bins); entropy and mutual information are means
-    over samples (mutual information only when given: a deterministic prediction has none).
+    Accuracy is micro-averaged (the fraction of correct top-1 predictions); the ECE (l1, ``n_bins`` equal-width
+    bins) comes from the reliability bins' sums and equals torchmetrics' ``multiclass_calibration_error``; entropy
+    and mutual information are means over samples (mutual information only when given: a deterministic prediction
+    has none). Every state is a fixed-size sum, reduced over DDP ranks.
 
     Args:
         num_classes: number of classes.
@@ -138,7 +136,6 @@ class UncertaintyMetrics(nn.Module):
         self.acc = MulticlassAccuracy(num_classes, average="micro")
         self.nll = NegativeLogLikelihood()
         self.brier = BrierScore()
-        self.ece = MulticlassCalibrationError(num_classes, n_bins=n_bins, norm="l1")
         self.entropy = MeanMetric()
         self.mutual_info = MeanMetric()
         self.bins = ReliabilityBins(n_bins)
@@ -150,7 +147,6 @@ class UncertaintyMetrics(nn.Module):
         self.acc.update(probs, targets)
         self.nll.update(probs, targets)
         self.brier.update(probs, targets)
-        self.ece.update(probs, targets)
         self.entropy.update(entropy(probs))
         self.bins.update(probs, targets)
         if mutual_information is not None:
@@ -165,7 +161,7 @@ class UncertaintyMetrics(nn.Module):
             "acc": self.acc.compute(),
             "nll": self.nll.compute(),
             "brier": self.brier.compute(),
-            "ece": self.ece.compute(),
+            "ece": expected_calibration_error(self.bins.compute()),
             "entropy": self.entropy.compute(),
         }
         if self._has_mutual_info:
@@ -178,6 +174,6 @@ class UncertaintyMetrics(nn.Module):
 
     def reset(self) -> None:
         """Forget every sample seen."""
-        for metric in (self.acc, self.nll, self.brier, self.ece, self.entropy, self.mutual_info, self.bins):
+        for metric in (self.acc, self.nll, self.brier, self.entropy, self.mutual_info, self.bins):
             metric.reset()
         self._has_mutual_info = bool(self._fixed_mutual_info)

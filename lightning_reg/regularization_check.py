@@ -665,8 +665,8 @@ def _check_weight_decay(model: nn.Module, optimizers: Sequence[torch.optim.Optim
                 "decaying them regularizes nothing and pulls them from their useful values",
                 "Goyal et al., 2017 and He et al., CVPR 2019 ('no bias decay'); timm's param_groups_weight_decay",
                 "put parameters with `ndim <= 1` in a group with `weight_decay=0` "
-                "(`timm.optim.param_groups_weight_decay(model, weight_decay)`, or as the zoo's "
-                "`split_decay_parameters` does).",
+                "(`timm.optim.param_groups_weight_decay(model, weight_decay)`, as the zoo's "
+                "`ClassifierModule.parameter_groups` does).",
             )
         )
     return findings

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_calibration_error
+from torchmetrics.utilities.data import dim_zero_sum
 
 from lightning_reg import plot_reliability
 from lightning_reg.functional.uncertainty import (
@@ -78,3 +79,66 @@ def test_bad_shapes_and_bins_raise() -> None:
         brier_score(probs, targets[:3])
     with pytest.raises(ValueError, match="Expected `n_bins` to be a positive int, but got 0"):
         reliability_bins(probs, targets, n_bins=0)
+
+
+def test_ece_equals_a_hand_computation_and_torchmetrics_functional() -> None:
+    # Confidences 0.9, 0.8 (bin [0.5, 1)) and 0.6, 0.7 in 2 bins of width 0.5: all four land in the upper bin.
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    targets = torch.tensor([0, 0, 0, 1])  # correct, wrong, correct, correct
+    metrics = UncertaintyMetrics(2, n_bins=2)
+    metrics.update(probs, targets)
+    by_hand = abs(3 / 4 - (0.9 + 0.8 + 0.6 + 0.7) / 4)  # one bin holds all: |accuracy - mean confidence|
+    torch.testing.assert_close(metrics.compute()["ece"], torch.tensor(by_hand))
+    for n_bins in (2, 7, 15):
+        big, big_targets = _predictions(n=500, k=5, seed=n_bins)
+        metrics = UncertaintyMetrics(5, n_bins=n_bins)
+        for p, t in zip(big.split(128), big_targets.split(128), strict=True):
+            metrics.update(p, t)
+        expected = multiclass_calibration_error(big, big_targets, num_classes=5, n_bins=n_bins, norm="l1")
+        torch.testing.assert_close(metrics.compute()["ece"], expected)
+
+
+def test_every_state_is_a_fixed_size_sum_and_nll_brier_accumulate_in_float64() -> None:
+    metrics = UncertaintyMetrics(4, n_bins=10)
+    sizes = {}
+    for n in (10, 1000):
+        probs, targets = _predictions(n=n)
+        metrics.update(probs, targets, torch.rand(n))
+        sizes[n] = {
+            (name, state): tuple(getattr(metric, state).shape)
+            for name, metric in metrics.named_children()
+            for state in metric._defaults
+        }
+    assert sizes[10] == sizes[1000]  # nothing grows with the number of samples
+    for metric in metrics.children():
+        assert set(metric._reductions.values()) <= {torch.sum, dim_zero_sum}, type(metric).__name__
+    probs, targets = _predictions(n=1000)
+    assert metrics.nll.mean_value.dtype == metrics.brier.mean_value.dtype == torch.float64
+    nll = UncertaintyMetrics(4)
+    for p, t in zip(probs.split(7), targets.split(7), strict=True):
+        nll.update(p, t)
+    reference = negative_log_likelihood(probs, targets).double().mean()
+    torch.testing.assert_close(nll.nll.mean_value / nll.nll.weight, reference, rtol=1e-12, atol=0)
+
+
+def _ranked_metrics(rank: int, world_size: int) -> dict[str, float]:
+    probs, targets = _predictions(n=300, k=4, seed=3)
+    mi = torch.linspace(0, 1, 300)
+    own = slice(0, 120) if rank == 0 else slice(120, 300)  # uneven shares, different numbers of batches
+    metrics = UncertaintyMetrics(4, n_bins=10, mutual_information=True)
+    for p, t, m in zip(probs[own].split(50), targets[own].split(50), mi[own].split(50), strict=True):
+        metrics.update(p, t, m)
+    values = {name: float(v) for name, v in metrics.compute().items()}
+    values["bins"] = metrics.reliability().tolist()
+    return values
+
+
+def test_two_ddp_processes_give_the_metrics_of_one_process_on_the_union(process_group_pool) -> None:
+    ranks = process_group_pool(_ranked_metrics)
+    assert ranks[0] == ranks[1]
+    probs, targets = _predictions(n=300, k=4, seed=3)
+    single = UncertaintyMetrics(4, n_bins=10)
+    single.update(probs, targets, torch.linspace(0, 1, 300))
+    expected = {name: float(v) for name, v in single.compute().items()}
+    assert {k: v for k, v in ranks[0].items() if k != "bins"} == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(torch.tensor(ranks[0]["bins"]), single.reliability())

@@ -2,59 +2,53 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Collection, Iterable
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_reg import hard_targets
 from lightning_reg.forward import batch_inputs
 
-__all__ = ["ClassifierModule", "split_decay_parameters"]
+__all__ = ["ClassifierModule", "Scheduler"]
+
+Scheduler = Literal["cosine", "none"]
+_SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
 
-def split_decay_parameters(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Split trainable parameters into those that get weight decay and those that do not.
+def _decay_split(
+    module: nn.Module, no_weight_decay: Collection[str] = ()
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Trainable parameters of ``module`` with and without weight decay, by timm's ``param_groups_weight_decay``.
 
-    Matrices and convolution kernels (``ndim >= 2``) are decayed; biases and the gains of norm layers
-    (``ndim < 2``) are not: decaying them only shrinks the scale that normalization restores
-    (the nanoGPT / timm convention).
-
-    Example:
-        >>> decay, no_decay = split_decay_parameters(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)))
-        >>> [tuple(p.shape) for p in decay], [tuple(p.shape) for p in no_decay]
-        ([(4, 3)], [(4,), (4,), (4,)])
+    timm's rule: no decay for ``ndim <= 1`` (biases, norm gains), names ending in ``.bias`` and names matching
+    ``no_weight_decay`` (fnmatch patterns); frozen parameters are left out. A nonzero rate is passed so that the
+    split is made even when the module's own rate is 0 (timm then returns a single group).
     """
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for param in module.parameters():
-        if not param.requires_grad:
-            continue
-        (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = param_groups_weight_decay(module, weight_decay=1.0, no_weight_decay_list=no_weight_decay)
+    decay = [p for g in groups if g["weight_decay"] for p in g["params"]]
+    no_decay = [p for g in groups if not g["weight_decay"] for p in g["params"]]
     return decay, no_decay
 
 
-class _WarmupCosine:
-    """Learning-rate factor: linear warmup over ``warmup_steps``, then cosine decay to 0 at ``total_steps``.
+def _warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LRScheduler:
+    """Linear warmup from ``lr / warmup_steps`` to ``lr`` over ``warmup_steps``, then cosine to 0 at ``total_steps``.
 
-    A class rather than a lambda so that the scheduler's ``state_dict`` pickles.
+    The factor at step ``s`` is ``(s + 1) / warmup_steps`` in warmup, then ``(1 + cos(pi * (s - warmup_steps) /
+    (total_steps - warmup_steps))) / 2`` (tests/zoo/test_classifier.py checks it step by step).
     """
-
-    def __init__(self, warmup_steps: int, total_steps: int) -> None:
-        self.warmup_steps = warmup_steps
-        self.total_steps = max(total_steps, 1)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        progress = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    cosine = CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup_steps, 1))
+    if warmup_steps == 0:
+        return cosine
+    warmup = LinearLR(optimizer, start_factor=1 / warmup_steps, end_factor=1.0, total_iters=warmup_steps - 1)
+    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
 class ClassifierModule(L.LightningModule):
@@ -68,12 +62,15 @@ class ClassifierModule(L.LightningModule):
     Args:
         num_classes: number of classes; callbacks read this attribute.
         lr: peak learning rate of AdamW.
-        weight_decay: decoupled weight decay, applied to weight matrices and kernels only (never to biases
-            and norm gains).
+        weight_decay: decoupled weight decay, applied to weight matrices and kernels only (never to biases, norm
+            gains and the names in :meth:`no_weight_decay`).
         label_smoothing: built-in label smoothing passed to ``F.cross_entropy``. Leave it at 0 when you use
             the ``LabelSmoothing`` callback, or targets are smoothed twice.
         warmup_fraction: fraction of all optimizer steps spent in linear warmup before the cosine decay.
         scheduler: ``"cosine"`` (warmup then cosine to zero, stepped every batch) or ``"none"``.
+
+    The zoo's subclasses take these five as ``**optim`` and pass them on (a subclass may state its own ``lr``
+    default); ``LightningCLI`` resolves them from this signature, so a config sets ``model.init_args.lr``.
 
     Batches are lists ``[inputs, targets, *extra]``; ``extra`` (such as sequence lengths) is passed to
     ``forward`` after the inputs. :meth:`forward_inputs` says so, and the steps and every callback that runs the
@@ -84,8 +81,8 @@ class ClassifierModule(L.LightningModule):
         >>> import torch
         >>> from torch import nn
         >>> class LinearClassifier(ClassifierModule):
-        ...     def __init__(self, num_classes: int = 3) -> None:
-        ...         super().__init__(num_classes)
+        ...     def __init__(self, num_classes: int = 3, **optim: Any) -> None:
+        ...         super().__init__(num_classes, **optim)
         ...         self.save_hyperparameters()
         ...         self.body, self.dropout, self.fc = nn.Flatten(), nn.Dropout(0.2), nn.Linear(4, num_classes)
         ...     def forward_features(self, x):
@@ -104,7 +101,7 @@ class ClassifierModule(L.LightningModule):
         weight_decay: float = 0.05,
         label_smoothing: float = 0.0,
         warmup_fraction: float = 0.05,
-        scheduler: str = "cosine",
+        scheduler: Scheduler = "cosine",
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
@@ -117,8 +114,8 @@ class ClassifierModule(L.LightningModule):
             raise ValueError(f"Expected `label_smoothing` in [0, 1), but got {label_smoothing!r}.")
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"Expected `warmup_fraction` in [0, 1), but got {warmup_fraction!r}.")
-        if scheduler not in ("cosine", "none"):
-            raise ValueError(f"Expected `scheduler` to be one of ('cosine', 'none'), but got {scheduler!r}.")
+        if scheduler not in _SCHEDULERS:
+            raise ValueError(f"Expected `scheduler` to be one of {_SCHEDULERS}, but got {scheduler!r}.")
         self.num_classes = num_classes
         self.lr = lr
         self.weight_decay = weight_decay
@@ -205,12 +202,16 @@ class ClassifierModule(L.LightningModule):
         return batch_inputs(self, batch)(self).softmax(dim=-1)
 
     # --- optimization ------------------------------------------------------------------------------
+    def no_weight_decay(self) -> set[str]:
+        """Names (fnmatch patterns) of parameters without weight decay besides biases and norm gains (timm's hook)."""
+        return set()
+
     def parameter_groups(self) -> Iterable[dict[str, Any]]:
-        """AdamW parameter groups: decayed weights and undecayed biases/norm gains.
+        """AdamW parameter groups: decayed weights, then undecayed biases, norm gains and :meth:`no_weight_decay`.
 
         Subclasses override this to give parts of the model their own learning rate (fine-tuning).
         """
-        decay, no_decay = split_decay_parameters(self)
+        decay, no_decay = _decay_split(self, self.no_weight_decay())
         return [
             {"params": decay, "weight_decay": self.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
@@ -222,7 +223,6 @@ class ClassifierModule(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=self.lr)
         if self.scheduler == "none":
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(self.warmup_fraction * total)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupCosine(warmup, total))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = _warmup_cosine(optimizer, int(self.warmup_fraction * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

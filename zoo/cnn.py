@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from torch import Tensor, nn
 
@@ -117,6 +117,8 @@ class CNN(nn.Module):
 class CNNClassifier(ClassifierModule):
     """The zoo CNN as a LightningModule (see :class:`CNN` for the architecture arguments).
 
+    ``**optim`` are :class:`~zoo.classifier.ClassifierModule`'s optimization arguments (``lr`` here defaults to 3e-3).
+
     Example:
         >>> import torch
         >>> model = CNNClassifier(num_classes=10, widths=(8, 16))
@@ -135,19 +137,9 @@ class CNNClassifier(ClassifierModule):
         spatial_dropout: float = 0.0,
         dropout: float = 0.3,
         lr: float = 3e-3,
-        weight_decay: float = 0.05,
-        label_smoothing: float = 0.0,
-        warmup_fraction: float = 0.05,
-        scheduler: str = "cosine",
+        **optim: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            lr=lr,
-            weight_decay=weight_decay,
-            label_smoothing=label_smoothing,
-            warmup_fraction=warmup_fraction,
-            scheduler=scheduler,
-        )
+        super().__init__(num_classes, lr=lr, **optim)
         self.save_hyperparameters()
         self.net = CNN(
             num_classes,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from zoo.classifier import ClassifierModule, split_decay_parameters
+from zoo.classifier import ClassifierModule, _decay_split
 
 __all__ = ["ImageClassifier", "load_backbone_weights"]
 
@@ -114,7 +114,7 @@ class ImageClassifier(ClassifierModule):
             and normalizes with batch statistics.)
         backbone_lr_scale: the backbone's learning rate is ``lr * backbone_lr_scale``, the head's is ``lr``. By
             default 0.1 with pretrained weights and 1.0 without.
-        **kwargs: base arguments (``lr``, ``weight_decay``, ...), see :class:`~zoo.classifier.ClassifierModule`.
+        **optim: :class:`~zoo.classifier.ClassifierModule`'s optimization arguments (``lr``, ``weight_decay``, ...).
 
     Example:
         >>> model = ImageClassifier(num_classes=3, backbone="test_resnet", freeze_bn=True)
@@ -136,20 +136,9 @@ class ImageClassifier(ClassifierModule):
         freeze_backbone: bool = False,
         freeze_bn: bool = False,
         backbone_lr_scale: float | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        label_smoothing: float = 0.0,
-        warmup_fraction: float = 0.05,
-        scheduler: str = "cosine",
+        **optim: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            lr=lr,
-            weight_decay=weight_decay,
-            label_smoothing=label_smoothing,
-            warmup_fraction=warmup_fraction,
-            scheduler=scheduler,
-        )
+        super().__init__(num_classes, **optim)
         self.save_hyperparameters(ignore=["pretrained"])
         if not timm.is_model(backbone):
             raise ValueError(
@@ -215,8 +204,8 @@ class ImageClassifier(ClassifierModule):
         """Head at ``lr``, backbone at ``lr * backbone_lr_scale``; each split into decayed and undecayed."""
         head = self._head()
         head_ids = {id(p) for p in head.parameters()}
-        head_decay, head_no_decay = split_decay_parameters(head)
-        decay, no_decay = split_decay_parameters(self.net)
+        head_decay, head_no_decay = _decay_split(head)
+        decay, no_decay = _decay_split(self.net)
         backbone_lr = self.lr * self.backbone_lr_scale
         return [
             {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from torch import Tensor, nn
 
@@ -102,6 +102,8 @@ class MLP(nn.Module):
 class MLPClassifier(ClassifierModule):
     """The zoo MLP as a LightningModule (see :class:`MLP` for the architecture arguments).
 
+    ``**optim`` are :class:`~zoo.classifier.ClassifierModule`'s optimization arguments (``lr`` here defaults to 3e-3).
+
     Example:
         >>> import torch
         >>> model = MLPClassifier(num_classes=10, widths=(32,), norm="layer")
@@ -119,19 +121,9 @@ class MLPClassifier(ClassifierModule):
         dropout: float = 0.2,
         input_dropout: float = 0.0,
         lr: float = 3e-3,
-        weight_decay: float = 0.05,
-        label_smoothing: float = 0.0,
-        warmup_fraction: float = 0.05,
-        scheduler: str = "cosine",
+        **optim: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            lr=lr,
-            weight_decay=weight_decay,
-            label_smoothing=label_smoothing,
-            warmup_fraction=warmup_fraction,
-            scheduler=scheduler,
-        )
+        super().__init__(num_classes, lr=lr, **optim)
         self.save_hyperparameters()
         self.net = MLP(
             num_classes,

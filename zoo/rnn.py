@@ -222,6 +222,8 @@ class RNN(nn.Module):
 class RNNClassifier(ClassifierModule):
     """The zoo LSTM/GRU as a LightningModule (see :class:`RNN` for the architecture arguments).
 
+    ``**optim`` are :class:`~zoo.classifier.ClassifierModule`'s optimization arguments (``lr`` here defaults to 3e-3).
+
     Batches are ``[inputs, targets]`` or, for variable-length sequences, ``[inputs, targets, lengths]``.
 
     Example:
@@ -249,19 +251,9 @@ class RNNClassifier(ClassifierModule):
         layer_norm: bool = True,
         pooling: Pooling = "last",
         lr: float = 3e-3,
-        weight_decay: float = 0.05,
-        label_smoothing: float = 0.0,
-        warmup_fraction: float = 0.05,
-        scheduler: str = "cosine",
+        **optim: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            lr=lr,
-            weight_decay=weight_decay,
-            label_smoothing=label_smoothing,
-            warmup_fraction=warmup_fraction,
-            scheduler=scheduler,
-        )
+        super().__init__(num_classes, lr=lr, **optim)
         self.save_hyperparameters()
         self.net = RNN(
             num_classes,

@@ -1,119 +1,66 @@
-"""Pre-LayerNorm Transformer encoders for token, vector and image (patch) inputs: a small ViT."""
+"""Transformer classifiers: our pre-LayerNorm encoder for token and vector sequences, timm's ViT for images."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
-import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from zoo.classifier import ClassifierModule, split_decay_parameters
+from zoo.classifier import ClassifierModule
 
-__all__ = ["Attention", "Block", "Transformer", "TransformerClassifier", "TransformerPooling"]
+__all__ = ["Transformer", "TransformerClassifier", "TransformerPooling"]
 
 TransformerPooling = Literal["cls", "mean"]
 _POOLINGS: tuple[str, ...] = get_args(TransformerPooling)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with attention and output dropout; fused ``scaled_dot_product_attention`` in eval.
+def _check_encoder(pooling: str, dim: int, depth: int, num_heads: int, **rates: float) -> None:
+    """The checks shared by the sequence Transformer and the ViT."""
+    if pooling not in _POOLINGS:
+        raise ValueError(f"Expected `pooling` to be one of {_POOLINGS}, but got {pooling!r}.")
+    for name, size in (("dim", dim), ("depth", depth)):
+        if size < 1:
+            raise ValueError(f"Expected `{name}` >= 1, but got {size!r}.")
+    if dim % num_heads != 0:
+        raise ValueError(f"Expected `dim` divisible by `num_heads`, but got dim={dim} and num_heads={num_heads}.")
+    for name, p in rates.items():
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Expected `{name}` in [0, 1), but got {p!r}.")
 
-    Attention dropout is a plain ``nn.Dropout`` module, ``attn_drop``, applied to the attention weights. When it is
-    active (its own ``training`` flag set and ``p > 0``) the weights are computed explicitly and passed through it;
-    otherwise the fused ``F.scaled_dot_product_attention`` kernel runs. Both give the same function. So attention
-    dropout follows ``model.train()``/``model.eval()`` as usual, and Monte-Carlo dropout, which switches dropout
-    modules back on inside an evaluating model (and may watch them with hooks), reaches it like any other dropout.
 
-    Example:
-        >>> attn = Attention(16, num_heads=4, attn_dropout=0.1)
-        >>> attn(torch.randn(2, 5, 16)).shape
-        torch.Size([2, 5, 16])
+def _attention_dropout_through_its_module(model: nn.Module) -> None:
+    """Make timm's attention call its ``attn_drop`` module wherever that module drops something.
+
+    timm's fused path passes ``dropout_p=self.attn_drop.p if self.training`` to SDPA and never calls ``attn_drop``
+    (timm/layers/attention.py), so switching the ``nn.Dropout`` modules back on in an evaluating model (what
+    Monte-Carlo dropout does) would leave attention deterministic. The explicit path computes the same function
+    and applies ``attn_drop`` as a module; it runs only where the rate is above 0.
     """
-
-    def __init__(self, dim: int, num_heads: int, *, attn_dropout: float = 0.0, proj_dropout: float = 0.0) -> None:
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"Expected `dim` divisible by `num_heads`, but got dim={dim} and num_heads={num_heads}.")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.attn_drop = nn.Dropout(attn_dropout)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_dropout)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Attend over ``x`` ``(N, T, C)``; ``mask`` ``(N, T)`` is True at the positions that may be attended."""
-        n, t, c = x.shape
-        qkv = self.qkv(x).view(n, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)  # (3, N, h, T, hs)
-        q, k, v = qkv.unbind(0)  # each (N, h, T, hs)
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, T), broadcast over heads and queries
-        if self.attn_drop.training and self.attn_drop.p > 0:
-            scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (N, h, T, T)
-            if attn_mask is not None:
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
-            y = self.attn_drop(scores.softmax(dim=-1)) @ v  # (N, h, T, hs)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, h, T, hs)
-        y = y.transpose(1, 2).reshape(n, t, c)
-        return self.proj_drop(self.proj(y))
-
-
-class Block(nn.Module):
-    """A pre-LayerNorm encoder block: ``x + DropPath(Attn(LN(x)))``, then ``x + DropPath(MLP(LN(x)))``.
-
-    Example:
-        >>> Block(16, num_heads=2, drop_path=0.1)(torch.randn(2, 5, 16)).shape
-        torch.Size([2, 5, 16])
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        mlp_ratio: float = 4.0,
-        dropout: float = 0.0,
-        attn_dropout: float = 0.0,
-        drop_path: float = 0.0,
-    ) -> None:
-        super().__init__()
-        hidden = int(dim * mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, attn_dropout=attn_dropout, proj_dropout=dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
-        )
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``(N, T, C)`` to ``(N, T, C)``."""
-        x = x + self.drop_path(self.attn(self.norm1(x), mask))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    for module in model.modules():
+        attn_drop = getattr(module, "attn_drop", None)
+        if hasattr(module, "fused_attn") and isinstance(attn_drop, nn.Dropout) and attn_drop.p > 0:
+            cast(Any, module).fused_attn = False  # a plain attribute (timm annotates it `Final` for TorchScript)
 
 
 class Transformer(nn.Module):
-    """A pre-LayerNorm Transformer encoder classifier for vectors, token ids or images.
+    """A pre-LayerNorm Transformer encoder classifier for float vectors or token ids, on timm's ViT blocks.
 
-    The input decides the embedding: float vectors ``(N, T, input_size)`` go through a linear layer, token ids
-    ``(N, T)`` (``vocab_size`` set) through an ``nn.Embedding``, images ``(N, C, H, W)`` (``image_size`` set)
-    through a ``patch_size`` convolution into patches, as in ViT. Learned position embeddings, optional
-    ``[CLS]`` token, ``depth`` blocks, a final LayerNorm, ``[CLS]`` or mean pooling, and a dropout + linear head.
+    Float vectors ``(N, T, input_size)`` go through a linear layer, token ids ``(N, T)`` (``vocab_size`` set)
+    through an ``nn.Embedding``; then learned position embeddings, an optional ``[CLS]`` token, ``depth`` of
+    timm's ``Block`` (attention and MLP, pre-LayerNorm, with padding masked), a final LayerNorm, ``[CLS]`` or
+    mean pooling over the real steps, and a dropout + linear head. Images go to timm's ``VisionTransformer``
+    (:class:`TransformerClassifier` with ``image_size``).
 
-    Dropout everywhere is reachable by Monte-Carlo dropout: residual, embedding and attention dropout are
-    ``nn.Dropout`` modules that run as modules (see :class:`Attention`), and drop path is timm's ``DropPath``,
-    which follows its own ``training`` flag.
+    Every dropout is reachable by Monte-Carlo dropout: embedding, residual and attention dropout are
+    ``nn.Dropout`` modules that run as modules, and drop path is timm's ``DropPath``.
 
     Args:
         num_classes: output classes.
-        input_size: features per step of float vector inputs (ignored for tokens and images).
+        input_size: features per step of float vector inputs (ignored for tokens).
         vocab_size: when set, inputs are token ids.
-        image_size: when set, inputs are square images of this side; with ``patch_size`` and ``in_channels``.
-        patch_size: side of the square patches (must divide ``image_size``).
-        in_channels: image channels.
-        max_len: longest sequence for vectors and tokens (size of the position table).
+        max_len: longest sequence (size of the position table).
         dim: embedding width.
         depth: number of blocks.
         num_heads: attention heads (must divide ``dim``).
@@ -127,9 +74,6 @@ class Transformer(nn.Module):
     Example:
         >>> Transformer(10, input_size=8, dim=16, depth=1, num_heads=2)(torch.randn(2, 8, 8)).shape
         torch.Size([2, 10])
-        >>> vit = Transformer(10, image_size=8, patch_size=2, in_channels=1, dim=16, depth=1, num_heads=2)
-        >>> vit(torch.randn(2, 1, 8, 8)).shape
-        torch.Size([2, 10])
     """
 
     def __init__(
@@ -138,9 +82,6 @@ class Transformer(nn.Module):
         *,
         input_size: int = 8,
         vocab_size: int | None = None,
-        image_size: int | None = None,
-        patch_size: int = 4,
-        in_channels: int = 3,
         max_len: int = 512,
         dim: int = 64,
         depth: int = 4,
@@ -153,65 +94,36 @@ class Transformer(nn.Module):
         pooling: TransformerPooling = "cls",
     ) -> None:
         super().__init__()
-        if pooling not in _POOLINGS:
-            raise ValueError(f"Expected `pooling` to be one of {_POOLINGS}, but got {pooling!r}.")
-        if vocab_size is not None and image_size is not None:
-            raise ValueError(
-                f"Expected at most one of `vocab_size` (token ids) and `image_size` (images), but got "
-                f"vocab_size={vocab_size} and image_size={image_size}; leave both None for float vectors."
-            )
-        for name, size in (("input_size", input_size), ("dim", dim), ("depth", depth), ("max_len", max_len)):
+        rates = {"dropout": dropout, "attn_dropout": attn_dropout, "drop_path": drop_path, "head_dropout": head_dropout}
+        _check_encoder(pooling, dim, depth, num_heads, **rates)
+        for name, size in (("input_size", input_size), ("max_len", max_len)):
             if size < 1:
                 raise ValueError(f"Expected `{name}` >= 1, but got {size!r}.")
-        if dim % num_heads != 0:
-            raise ValueError(f"Expected `dim` divisible by `num_heads`, but got dim={dim} and num_heads={num_heads}.")
-        for name, p in (
-            ("dropout", dropout),
-            ("attn_dropout", attn_dropout),
-            ("drop_path", drop_path),
-            ("head_dropout", head_dropout),
-        ):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"Expected `{name}` in [0, 1), but got {p!r}.")
         self.input_size = input_size
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.pooling = pooling
-        self.embed: nn.Module
-        if image_size is not None:
-            if patch_size < 1 or image_size % patch_size != 0:
-                raise ValueError(
-                    f"Expected `patch_size` to divide `image_size`, but got patch_size={patch_size} and "
-                    f"image_size={image_size}."
-                )
-            self.embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)  # (N, dim, H/p, W/p)
-            max_len = (image_size // patch_size) ** 2
-        elif vocab_size is not None:
-            self.embed = nn.Embedding(vocab_size, dim)
-        else:
-            self.embed = nn.Linear(input_size, dim)
-        self.max_len = max_len
         self.vocab_size = vocab_size
+        self.max_len = max_len
+        self.pooling = pooling
+        self.embed: nn.Module = nn.Embedding(vocab_size, dim) if vocab_size is not None else nn.Linear(input_size, dim)
         extra = 1 if pooling == "cls" else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pooling == "cls" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, max_len + extra, dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(dropout)
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        drop_paths = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio=mlp_ratio, dropout=dropout, attn_dropout=attn_dropout, drop_path=rate)
-            for rate in rates
+            Block(dim, num_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=attn_dropout, drop_path=rate)
+            for rate in drop_paths
         )
+        _attention_dropout_through_its_module(self)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(dim, num_classes))
         self.num_features = dim
 
+    def no_weight_decay(self) -> set[str]:
+        """The position embeddings and the ``[CLS]`` token (timm's hook)."""
+        return {"pos_embed", "cls_token"}
+
     def _embed(self, x: Tensor) -> Tensor:
-        if self.image_size is not None:
-            expected = (self.in_channels, self.image_size, self.image_size)
-            if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-                raise ValueError(f"Expected images of shape (N, *{expected}), but got {tuple(x.shape)}.")
-            return self.embed(x).flatten(2).transpose(1, 2)  # (N, P, dim)
         if self.vocab_size is not None:
             if x.ndim != 2 or x.is_floating_point():
                 raise ValueError(
@@ -221,7 +133,7 @@ class Transformer(nn.Module):
         elif x.ndim != 3 or x.shape[-1] != self.input_size or not x.is_floating_point():
             raise ValueError(
                 f"Expected float vectors of shape (N, T, {self.input_size}), but got shape {tuple(x.shape)} and dtype "
-                f"{x.dtype}; set `vocab_size` for token ids or `image_size` for images."
+                f"{x.dtype}; set `vocab_size` for token ids, or `image_size` of TransformerClassifier for images."
             )
         if x.shape[1] > self.max_len:
             raise ValueError(f"Expected at most `max_len`={self.max_len} steps, but got {x.shape[1]}; raise `max_len`.")
@@ -256,8 +168,9 @@ class Transformer(nn.Module):
             if mask is not None:
                 mask = torch.cat([mask.new_ones(n, 1), mask], dim=1)
         x = self.pos_drop(x + self.pos_embed[:, : x.shape[1]])
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, T): broadcast over heads, queries
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, attn_mask=attn_mask)
         x = self.norm(x)
         if self.cls_token is not None:
             return x[:, 0]
@@ -275,14 +188,23 @@ class Transformer(nn.Module):
 
 
 class TransformerClassifier(ClassifierModule):
-    """The zoo Transformer as a LightningModule (see :class:`Transformer` for the architecture arguments).
+    """The zoo Transformer as a LightningModule: :class:`Transformer` on sequences, timm's ViT on images.
 
-    Position embeddings and the ``[CLS]`` token get no weight decay, like biases and norm gains.
+    With ``image_size`` set the network is timm's ``VisionTransformer`` on square images in ``patch_size`` patches
+    (``img_size``, ``patch_size``, ``in_chans``, ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``; ``dropout``
+    is its ``pos_drop_rate`` and ``proj_drop_rate``, ``attn_dropout`` its ``attn_drop_rate``, ``drop_path`` its
+    ``drop_path_rate``, ``head_dropout`` its ``drop_rate``, ``pooling`` its ``global_pool``), and the split is
+    timm's: ``forward_features`` gives the normalized tokens, ``forward_head`` pools them. Otherwise see
+    :class:`Transformer` for the arguments. Position embeddings and the ``[CLS]`` token get no weight decay, like
+    biases and norm gains. ``**optim`` are :class:`~zoo.classifier.ClassifierModule`'s optimization arguments.
 
     Example:
         >>> model = TransformerClassifier(num_classes=10, dim=16, depth=1, num_heads=2)
         >>> model(torch.randn(4, 8, 8)).shape
         torch.Size([4, 10])
+        >>> vit = TransformerClassifier(10, image_size=8, patch_size=2, in_channels=1, dim=16, depth=1, num_heads=2)
+        >>> type(vit.net).__name__, vit(torch.randn(2, 1, 8, 8)).shape
+        ('VisionTransformer', torch.Size([2, 10]))
     """
 
     def __init__(
@@ -304,43 +226,75 @@ class TransformerClassifier(ClassifierModule):
         drop_path: float = 0.0,
         head_dropout: float = 0.0,
         pooling: TransformerPooling = "cls",
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        label_smoothing: float = 0.0,
-        warmup_fraction: float = 0.05,
-        scheduler: str = "cosine",
+        **optim: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            lr=lr,
-            weight_decay=weight_decay,
-            label_smoothing=label_smoothing,
-            warmup_fraction=warmup_fraction,
-            scheduler=scheduler,
-        )
+        super().__init__(num_classes, **optim)
         self.save_hyperparameters()
-        self.net = Transformer(
-            num_classes,
-            input_size=input_size,
-            vocab_size=vocab_size,
-            image_size=image_size,
+        self.net: Transformer | VisionTransformer
+        self.image_shape: tuple[int, int, int] | None = None
+        if image_size is None:
+            self.net = Transformer(
+                num_classes,
+                input_size=input_size,
+                vocab_size=vocab_size,
+                max_len=max_len,
+                dim=dim,
+                depth=depth,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                dropout=dropout,
+                attn_dropout=attn_dropout,
+                drop_path=drop_path,
+                head_dropout=head_dropout,
+                pooling=pooling,
+            )
+            return
+        if vocab_size is not None:
+            raise ValueError(
+                f"Expected at most one of `vocab_size` (token ids) and `image_size` (images), but got "
+                f"vocab_size={vocab_size} and image_size={image_size}; leave both None for float vectors."
+            )
+        if patch_size < 1 or image_size % patch_size != 0:
+            raise ValueError(
+                f"Expected `patch_size` to divide `image_size`, but got patch_size={patch_size} and "
+                f"image_size={image_size}."
+            )
+        rates = {"dropout": dropout, "attn_dropout": attn_dropout, "drop_path": drop_path, "head_dropout": head_dropout}
+        _check_encoder(pooling, dim, depth, num_heads, **rates)
+        self.image_shape = (in_channels, image_size, image_size)
+        self.net = VisionTransformer(
+            img_size=image_size,
             patch_size=patch_size,
-            in_channels=in_channels,
-            max_len=max_len,
-            dim=dim,
+            in_chans=in_channels,
+            num_classes=num_classes,
+            global_pool="token" if pooling == "cls" else "avg",
+            class_token=pooling == "cls",
+            fc_norm=False,  # the final LayerNorm before pooling, for both poolings
+            embed_dim=dim,
             depth=depth,
             num_heads=num_heads,
             mlp_ratio=mlp_ratio,
-            dropout=dropout,
-            attn_dropout=attn_dropout,
-            drop_path=drop_path,
-            head_dropout=head_dropout,
-            pooling=pooling,
+            drop_rate=head_dropout,
+            pos_drop_rate=dropout,
+            proj_drop_rate=dropout,
+            attn_drop_rate=attn_dropout,
+            drop_path_rate=drop_path,
         )
+        _attention_dropout_through_its_module(self.net)
 
     def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """Pooled features ``(N, dim)``; ``args`` may hold the batch's ``lengths``, ``attention_mask=`` a mask."""
-        return self.net.forward_features(x, *args, **kwargs)
+        """Pooled features ``(N, dim)`` of sequences, or the normalized tokens ``(N, tokens, dim)`` of images.
+
+        For sequences ``args`` may hold the batch's ``lengths`` and ``attention_mask=`` a mask; for images this is
+        timm's ``forward_features``.
+        """
+        if self.image_shape is None:
+            return self.net.forward_features(x, *args, **kwargs)
+        if args or kwargs:
+            raise ValueError("Expected only images for a ViT (`image_size` is set), but got lengths or a mask too.")
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"Expected images of shape (N, *{self.image_shape}), but got {tuple(x.shape)}.")
+        return self.net.forward_features(x)
 
     def forward_inputs(self, batch: Any) -> tuple[Any, ...] | dict[str, Any]:
         """``(inputs, lengths)`` of ``[inputs, targets, lengths]``; ``{"x", "attention_mask"}`` for a mask ``(N, T)``.
@@ -353,14 +307,9 @@ class TransformerClassifier(ClassifierModule):
         return super().forward_inputs(batch)
 
     def forward_head(self, features: Tensor) -> Tensor:
-        """Logits ``(N, num_classes)``."""
+        """Logits ``(N, num_classes)``: the head of the features (for images: pooling, head dropout, classifier)."""
         return self.net.forward_head(features)
 
-    def parameter_groups(self) -> Iterable[dict[str, Any]]:
-        """Like the base, with the position embeddings and ``[CLS]`` token moved to the undecayed group."""
-        decay, no_decay = split_decay_parameters(self)
-        exempt = {id(p) for p in (self.net.pos_embed, self.net.cls_token) if p is not None}
-        return [
-            {"params": [p for p in decay if id(p) not in exempt], "weight_decay": self.weight_decay},
-            {"params": no_decay + [p for p in decay if id(p) in exempt], "weight_decay": 0.0},
-        ]
+    def no_weight_decay(self) -> set[str]:
+        """The position embeddings and the ``[CLS]`` token (the network's own ``no_weight_decay``)."""
+        return {f"net.{name}" for name in self.net.no_weight_decay()}

@@ -148,3 +148,25 @@ def test_weights_file_errors_say_what_is_wrong(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     with pytest.raises(ValueError, match="to hold a state dict"):
         load_backbone_weights(net, tmp_path / "tensor.pth")
+
+
+def test_timms_file_overlay_does_not_cover_what_load_backbone_weights_does(tmp_path):
+    """Why the zoo keeps its loader: timm's ``pretrained_cfg_overlay={"file": ...}`` (timm/models/_builder.py).
+
+    timm drops the head whenever ``num_classes`` differs from the hub config's (1000), even when the file's head
+    fits, and then loads with ``strict=False``, so a file of another architecture loads nothing and says so only
+    in a log line. If timm changes this, this test fails and the overlay may replace the loader.
+    """
+    import timm
+
+    source = timm.create_model(BACKBONE, num_classes=4)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    torch.save(timm.create_model("test_vit", num_classes=4).state_dict(), tmp_path / "vit.pth")
+    overlay = {"pretrained": True, "num_classes": 4}
+    by_timm = timm.create_model(BACKBONE, **overlay, pretrained_cfg_overlay={"file": str(tmp_path / "w.pth")})
+    assert not torch.equal(by_timm.fc.weight, source.fc.weight)  # timm: a fresh head
+    ours = zoo.ImageClassifier(num_classes=4, backbone=BACKBONE, pretrained=tmp_path / "w.pth").net
+    torch.testing.assert_close(ours.fc.weight, source.fc.weight)  # ours: the file's head, which fits
+    timm.create_model(BACKBONE, **overlay, pretrained_cfg_overlay={"file": str(tmp_path / "vit.pth")})  # no error
+    with pytest.raises(ValueError, match="another architecture"):
+        zoo.ImageClassifier(num_classes=4, backbone=BACKBONE, pretrained=tmp_path / "vit.pth")

@@ -5,12 +5,17 @@ import torch
 from torch import nn
 
 import zoo
-from zoo.transformer import Attention, Transformer
+from zoo.transformer import Transformer
+
+
+def _attention(**kwargs):
+    """The attention of a one-block Transformer: timm's ``Attention`` as the zoo configures it."""
+    return Transformer(3, dim=8, depth=1, num_heads=2, dropout=0.0, **kwargs).blocks[0].attn
 
 
 def test_attention_matches_the_textbook_formula():
     torch.manual_seed(0)
-    attn = Attention(8, num_heads=2).eval()
+    attn = _attention().eval()
     x = torch.randn(2, 5, 8)
     q, k, v = attn.qkv(x).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(4), dim=-1)
@@ -20,12 +25,12 @@ def test_attention_matches_the_textbook_formula():
 
 def test_active_attention_dropout_drops_the_attention_weights_through_its_module():
     torch.manual_seed(0)
-    attn = Attention(8, num_heads=2, attn_dropout=0.5).train()
+    attn = _attention(attn_dropout=0.5).train()
     x, mask = torch.randn(2, 5, 8), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     calls = []
     attn.attn_drop.register_forward_hook(lambda module, args, out: calls.append(out))
     torch.manual_seed(1)
-    out = attn(x, mask)
+    out = attn(x, attn_mask=mask[:, None, None, :])
     q, k, v = attn.qkv(x).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
     scores = (q @ k.transpose(-1, -2) / 2.0).masked_fill(~mask[:, None, None, :], float("-inf"))
     torch.manual_seed(1)
@@ -59,14 +64,14 @@ def test_padding_is_masked_with_lengths(pooling):
 def test_tokens_and_images_inputs():
     tokens = Transformer(4, vocab_size=30, dim=8, depth=1, num_heads=2, max_len=10)
     assert tokens(torch.randint(30, (2, 10))).shape == (2, 4)
-    vit = Transformer(4, image_size=8, patch_size=2, in_channels=1, dim=8, depth=1, num_heads=2)
-    assert vit.pos_embed.shape == (1, 16 + 1, 8)  # 16 patches and the [CLS] token
+    vit = zoo.TransformerClassifier(4, image_size=8, patch_size=2, in_channels=1, dim=8, depth=1, num_heads=2)
+    assert vit.net.pos_embed.shape == (1, 16 + 1, 8)  # 16 patches and the [CLS] token
     assert vit(torch.randn(2, 1, 8, 8)).shape == (2, 4)
 
 
 def test_drop_path_grows_linearly_over_the_blocks():
     net = Transformer(3, dim=8, depth=3, num_heads=2, drop_path=0.2)
-    rates = [getattr(block.drop_path, "drop_prob", 0.0) for block in net.blocks]
+    rates = [getattr(block.drop_path1, "drop_prob", 0.0) for block in net.blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2])
 
 
@@ -92,7 +97,7 @@ def test_position_embeddings_and_cls_token_get_no_weight_decay():
 )
 def test_transformer_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        Transformer(3, **kwargs)
+        zoo.TransformerClassifier(3, **kwargs)
 
 
 def test_transformer_input_errors_say_what_was_expected():
@@ -101,7 +106,9 @@ def test_transformer_input_errors_say_what_was_expected():
     with pytest.raises(ValueError, match="at most `max_len`=4 steps"):
         Transformer(3, dim=8, depth=1, num_heads=2, max_len=4)(torch.randn(2, 5, 8))
     with pytest.raises(ValueError, match=r"Expected images of shape \(N, \*\(1, 8, 8\)\)"):
-        Transformer(3, image_size=8, patch_size=2, in_channels=1, dim=8, depth=1, num_heads=2)(torch.randn(2, 3, 8, 8))
+        zoo.TransformerClassifier(3, image_size=8, patch_size=2, in_channels=1, dim=8, depth=1, num_heads=2)(
+            torch.randn(2, 3, 8, 8)
+        )
     with pytest.raises(ValueError, match=r"Expected token ids"):
         Transformer(3, vocab_size=5, dim=8, depth=1, num_heads=2)(torch.randn(2, 5))
 
@@ -133,3 +140,46 @@ def test_an_attention_mask_batch_equals_the_lengths_batch_and_the_steps_use_it()
         model(x, lengths, attention_mask=mask)
     with pytest.raises(ValueError, match=r"Expected `attention_mask` of shape \(4, 6\)"):
         model(x, attention_mask=mask[:, :5])
+
+
+def test_vit_tiny_is_timms_vit_tiny_on_32x32_images_in_4x4_patches():
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = zoo.create("vit_tiny", num_classes=10)
+    assert isinstance(model.net, VisionTransformer)
+    reference = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10)
+    assert {k: v.shape for k, v in model.net.state_dict().items()} == {
+        k: v.shape for k, v in reference.state_dict().items()
+    }
+    rates = [getattr(block.drop_path1, "drop_prob", 0.0) for block in model.net.blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.1, 12).tolist())
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_vit_attention_dropout_follows_its_dropout_module_and_the_head_split(pooling):
+    torch.manual_seed(0)
+    kwargs = {"image_size": 8, "patch_size": 2, "in_channels": 1, "dim": 8, "depth": 1, "num_heads": 2}
+    model = zoo.TransformerClassifier(3, **kwargs, dropout=0.0, attn_dropout=0.5, pooling=pooling).eval()
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(model(x), model(x))  # eval: deterministic
+    torch.testing.assert_close(model.forward_head(model.forward_features(x)), model(x))
+    assert model.net.cls_token is None if pooling == "mean" else model.net.cls_token.shape == (1, 1, 8)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.train()  # only the dropout modules, as a user's own MC-dropout loop would do
+    assert not torch.allclose(model(x), model(x))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"pooling": "max"}, r"one of \('cls', 'mean'\)"),
+        ({"dim": 10, "num_heads": 4}, "divisible by `num_heads`"),
+        ({"depth": 0}, "depth"),
+        ({"drop_path": 1.0}, "drop_path"),
+    ],
+)
+def test_vit_rejects_bad_arguments_like_the_sequence_transformer(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        zoo.TransformerClassifier(3, image_size=8, patch_size=2, **kwargs)

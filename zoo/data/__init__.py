@@ -3,6 +3,7 @@
 The digits also give the regimes of the demo: label noise, digits-C (covariate shift) and held-out classes (OOD).
 """
 
+from zoo.data.base import SplitDataModule
 from zoo.data.digits import DigitsCDataModule, DigitsDataModule
 from zoo.data.digits_c import CORRUPTIONS, SEVERITIES, corrupt_digits
 from zoo.data.image_folder import ImageFolderDataModule
@@ -13,6 +14,7 @@ __all__ = [
     "CORRUPTIONS",
     "DIGIT_FLIPS",
     "SEVERITIES",
+    "SplitDataModule",
     "DigitsCDataModule",
     "DigitsDataModule",
     "ImageFolderDataModule",

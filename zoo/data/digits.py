@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from zoo.data.base import SplitDataModule
 from zoo.data.digits_c import Corruption, corrupt_digits
 from zoo.data.label_noise import DIGIT_FLIPS, LabelNoiseKind, flip_labels
 
 __all__ = ["DigitsDataModule", "DigitsCDataModule"]
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """The 1,797 8x8 digit images that ship inside scikit-learn, split with a fixed seed.
 
     Pixels (0..16) are standardized with the training split's mean and standard deviation. Batches are
@@ -77,11 +77,7 @@ class DigitsDataModule(L.LightningDataModule):
         label_noise_seed: int = 0,
         classes: Sequence[int] | None = None,
     ) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"Expected `batch_size` >= 1, but got {batch_size!r}.")
-        if num_workers < 0:
-            raise ValueError(f"Expected `num_workers` >= 0, but got {num_workers!r}.")
+        super().__init__(batch_size, num_workers)
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(
                 "Expected `val_fraction` and `test_fraction` in (0, 1) with a sum below 1, "
@@ -112,8 +108,6 @@ class DigitsDataModule(L.LightningDataModule):
                 f"but got {classes!r}."
             )
         self.save_hyperparameters()
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.as_sequence = as_sequence
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -124,9 +118,6 @@ class DigitsDataModule(L.LightningDataModule):
         self.label_noise_seed = label_noise_seed
         self.classes: tuple[int, ...] = tuple(range(10)) if kept is None else tuple(kept)
         self.num_classes = len(self.classes)
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
         self.ood_set: TensorDataset | None = None
         self.train_clean_targets: Tensor | None = None
         self._raw_test: Tensor | None = None  # (N, 8, 8) raw pixels of the test split, for digits-C
@@ -216,33 +207,6 @@ class DigitsDataModule(L.LightningDataModule):
         if self.ood_set is not None and len(self.ood_set) == 0:
             raise RuntimeError("There is no out-of-distribution set: pass `classes=` to hold some digits out.")
         return self._loader(self.ood_set, shuffle=False)
-
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("Call `setup()` before asking for a dataloader (the Trainer does this for you).")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches in a fixed order."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches in a fixed order."""
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test split, for ``trainer.predict``."""
-        return self._loader(self.test_set, shuffle=False)
 
 
 class DigitsCDataModule(DigitsDataModule):

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Subset
 from torchvision import datasets
 from torchvision.transforms import v2
+
+from zoo.data.base import SplitDataModule
 
 __all__ = ["ImageFolderDataModule"]
 
@@ -18,7 +19,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(SplitDataModule):
     """Images sorted into one folder per class, read by torchvision's ``ImageFolder``, split with a fixed seed.
 
     ``root`` holds one sub-folder per class (its name is the class name, classes are sorted as ``ImageFolder``
@@ -70,13 +71,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         std: tuple[float, ...] | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         if image_size < 1:
             raise ValueError(f"Expected `image_size` >= 1, but got {image_size!r}.")
-        if batch_size < 1:
-            raise ValueError(f"Expected `batch_size` >= 1, but got {batch_size!r}.")
-        if num_workers < 0:
-            raise ValueError(f"Expected `num_workers` >= 0, but got {num_workers!r}.")
         if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(
                 "Expected `val_fraction` in (0, 1) and `test_fraction` in [0, 1) with a sum below 1, "
@@ -87,8 +84,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.root = Path(root)
         self.image_size = image_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.channels = channels
@@ -98,9 +93,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.std = tuple(std) if std is not None else default_std
         self.seed = seed
         self.classes: list[str] = []
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -140,30 +132,3 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.val_set = Subset(eval_view, order[:n_val])
         self.test_set = Subset(eval_view, order[n_val : n_val + n_test]) if n_test else self.val_set
         self.train_set = Subset(train_view, order[n_val + n_test :])
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("Call `setup()` before asking for a dataloader (the Trainer does this for you).")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training batches."""
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches (the validation split when ``test_fraction`` is 0)."""
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test split, for ``trainer.predict``."""
-        return self._loader(self.test_set, shuffle=False)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
+
+from zoo.data.base import SplitDataModule
 
 __all__ = ["TorchvisionDataModule", "TorchvisionName", "rows_as_steps"]
 
@@ -39,7 +40,7 @@ def rows_as_steps(image: torch.Tensor) -> torch.Tensor:
     return image.as_subclass(torch.Tensor).permute(1, 0, 2).reshape(height, channels * width)
 
 
-class TorchvisionDataModule(L.LightningDataModule):
+class TorchvisionDataModule(SplitDataModule):
     """CIFAR-10, MNIST or Fashion-MNIST as a LightningDataModule, read by torchvision's own dataset classes.
 
     Files are where torchvision keeps them under ``root`` (``cifar-10-batches-py/``, ``MNIST/raw/``,
@@ -85,28 +86,19 @@ class TorchvisionDataModule(L.LightningDataModule):
         as_sequence: bool = False,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         if name not in _NAMES:
             raise ValueError(f"Expected `name` to be one of {_NAMES}, but got {name!r}.")
-        if batch_size < 1:
-            raise ValueError(f"Expected `batch_size` >= 1, but got {batch_size!r}.")
-        if num_workers < 0:
-            raise ValueError(f"Expected `num_workers` >= 0, but got {num_workers!r}.")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"Expected `val_fraction` in (0, 1), but got {val_fraction!r}.")
         self.save_hyperparameters()
         self.dataset: TorchvisionName = name
         self.root = Path(root)
         self.download = download
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.augment = augment
         self.as_sequence = as_sequence
         self.seed = seed
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -155,30 +147,3 @@ class TorchvisionDataModule(L.LightningDataModule):
         self.train_set = Subset(train_full, order[n_val:])
         self.val_set = Subset(self._dataset(True, self.transform(False)), order[:n_val])
         self.test_set = self._dataset(False, self.transform(False))
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("Call `setup()` before asking for a dataloader (the Trainer does this for you).")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training batches."""
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches (held out from the training set, not augmented)."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """The dataset's test split."""
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test split, for ``trainer.predict``."""
-        return self._loader(self.test_set, shuffle=False)
