@@ -54,6 +54,7 @@ def main() -> None:
     )
     parser.add_argument("--wall-minutes", type=float, default=None, help="with --from-csv: the runs' wall time")
     parser.add_argument("--load", nargs=2, type=float, default=None, help="with --from-csv: load average at start, end")
+    parser.add_argument("--note", default="", help="with --from-csv: how the runs differ (epochs, commits, loads)")
     args = parser.parse_args()
 
     from lightning_reg.plotting import save_figure
@@ -113,7 +114,7 @@ def _write_table(
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs (1-minute load average "
         f"{load_before[0]:.1f} at the start, {load_now[0]:.1f} at the last update), torch {torch.__version__}, "
         f"lightning {lightning.__version__}, one torch thread. **Wall time: {result.seconds / 60:.1f} minutes** "
-        f"for the models above.\n\n"
+        f"for the models above.{' ' + args.note if args.note else ''}\n\n"
         f"Figures: [`shift.png`]({args.out.name}/shift.png) (mean over the corruptions), "
         f"[`shift_per_corruption.png`]({args.out.name}/shift_per_corruption.png); every measurement: "
         f"[`demo.csv`]({args.out.name}/demo.csv).\n\n"
