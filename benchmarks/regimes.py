@@ -104,7 +104,11 @@ def _write_table(
     args: argparse.Namespace, result: DemoResult, done: list[str], load_before: tuple, end_load: float | None = None
 ) -> None:
     load_now = os.getloadavg() if end_load is None else (end_load,)
-    epochs = "each model's default (30 for images, 40 for sequences)" if args.epochs is None else str(args.epochs)
+    epochs = (
+        "each model's default (30 for images, 15 for resnet18, 40 for sequences)"
+        if args.epochs is None
+        else str(args.epochs)
+    )
     reduced = done != list(FULL_MODELS) or args.seeds != list(FULL_SEEDS) or args.epochs is not None
     report = _markdown_report(result).replace("# lightning-reg demo", "# Regimes benchmark", 1)
     title, _, body = report.partition("\n\n")
