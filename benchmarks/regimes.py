@@ -109,7 +109,7 @@ def _write_table(
         if args.epochs is None
         else str(args.epochs)
     )
-    reduced = done != list(FULL_MODELS) or args.seeds != list(FULL_SEEDS) or args.epochs is not None
+    reduced = set(done) != set(FULL_MODELS) or args.seeds != list(FULL_SEEDS) or args.epochs is not None
     report = _markdown_report(result).replace("# lightning-reg demo", "# Regimes benchmark", 1)
     title, _, body = report.partition("\n\n")
     header = (
