@@ -43,7 +43,7 @@ from lightning_reg.demo import (
     demo,
     trainer_flags,
 )
-from lightning_reg.functional import recalibrate_bn
+from tests.helpers.bn import norm_input_statistics
 from tests.helpers.ddp import DDP_ENV_VARS, scrubbed_ddp_env, skip_on_windows
 from zoo.data import CORRUPTIONS, SEVERITIES
 
@@ -229,14 +229,21 @@ def test_adabn_rows_come_from_bn_recalibration_on_each_corrupted_set(tmp_path: P
     options = _Options(None, "cpu", 1, "auto", None, None)
     adapted = _adabn_logits(model, sets, options)
     for key, dataset in sets.items():
+        # The reference: every BN layer's running statistics set to those of its inputs on the whole corrupted set
+        # (captured by hooks, pooled by torch.var_mean), then a plain eval-mode forward.
         reference = zoo.create("cnn_small", num_classes=8)
         reference.load_state_dict(before)
-        recalibrate_bn(reference, DataLoader(dataset, batch_size=64))
-        expected, targets = _logits(reference, dataset)
-        torch.testing.assert_close(adapted[key][0], expected, rtol=1e-4, atol=1e-4)
+        statistics = norm_input_statistics(reference, [x for x, _ in DataLoader(dataset, batch_size=64)])
+        layers = dict(reference.named_modules())
+        assert len(statistics) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in reference.modules())
+        for name, (mean, var) in statistics.items():
+            layers[name].running_mean.copy_(mean)
+            layers[name].running_var.copy_(var)
+        expected, targets = _eval_logits(reference, dataset)
+        torch.testing.assert_close(adapted[key][0].double(), expected, rtol=1e-4, atol=1e-4)
         assert torch.equal(adapted[key][1], targets)
         plain, _ = _logits(model, dataset)
-        assert not torch.allclose(plain, expected, atol=1e-3)  # the statistics did change
+        assert not torch.allclose(plain.double(), expected, atol=1e-3)  # the statistics did change
     for name, value in model.state_dict().items():  # the model itself was not adapted
         assert torch.equal(value, before[name]), name
 
