@@ -134,3 +134,50 @@ def test_mixed_one_hot_follows_a_float64_default_dtype():
     finally:
         torch.set_default_dtype(previous)
     assert mixed_one_hot(y, 3, 0.3, index, dtype=torch.float64).dtype == torch.float64
+
+
+# --- the validation helpers the callbacks share: their boundaries and their messages ----------------------------
+
+
+def test_check_range_accepts_exactly_the_indices_zero_to_k_minus_one() -> None:
+    from lightning_reg.functional.label_smoothing import check_range
+
+    check_range(torch.tensor([0, 2]), 3)  # both ends of the range
+    check_range(torch.tensor([], dtype=torch.long), 3)  # an empty batch has no range to read
+    message = (
+        r"^Expected class indices in \[0, 3\), but got values in \[{}, {}\]\. "
+        r"Pass the right `num_classes`, or remap the labels to 0\.\.num_classes-1\.$"
+    )
+    for bad, (low, high) in ((torch.tensor([3]), (3, 3)), (torch.tensor([-1, 0]), (-1, 0))):
+        with pytest.raises(ValueError, match=message.format(low, high)):
+            check_range(bad, 3)
+
+
+def test_check_rows_boundaries_are_inclusive_at_the_tolerance() -> None:
+    from lightning_reg.functional.label_smoothing import check_rows
+
+    # Values exact in binary, so that a bound is met exactly: -atol, 1 + atol, and a row sum of 1 + atol pass.
+    check_rows(torch.tensor([[-0.25, 1.25]], dtype=torch.float64), atol=0.25)
+    check_rows(torch.tensor([[0.5, 0.75]], dtype=torch.float64), atol=0.25)
+    check_rows(torch.zeros(0, 3))  # nothing to check
+    entries = (
+        r"^Expected probability targets with entries in \[0, 1\], but got values in \[{}, {}\]\. Pass probabilities "
+        r"\(apply softmax to logits\), or class indices as an integer tensor \(N,\)\.$"
+    )
+    for row, low, high in (([[2.0]], "2", "2"), ([[-0.5, 0.5, 1.0]], "-0.5", "1"), ([[1.5, 0.0]], "0", "1.5")):
+        with pytest.raises(ValueError, match=entries.format(low, high)):
+            check_rows(torch.tensor(row))
+    sums = (
+        r"^Expected probability targets \(N, K\) whose rows sum to 1, but a row sums to 1\.5 \(rows sum to "
+        r"\[1\.5, 1\.5\]\)\. Multi-hot \(multi-label\) targets need `multi_label=True`: each entry is then an "
+        r"independent binary label, smoothed towards 1/2\.$"
+    )
+    with pytest.raises(ValueError, match=sums):
+        check_rows(torch.tensor([[0.75, 0.75]]))
+    check_rows(torch.tensor([[0.75, 0.75]]), multi_label=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.bool, "float32"])
+def test_one_hot_rejects_a_dtype_that_is_not_floating(dtype: object) -> None:
+    with pytest.raises(ValueError, match=r"^Expected `dtype` to be a floating torch\.dtype or None, but got "):
+        LF.one_hot(torch.tensor([0, 1]), 2, dtype=dtype)  # type: ignore[arg-type]
