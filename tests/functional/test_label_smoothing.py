@@ -181,3 +181,59 @@ def test_check_rows_boundaries_are_inclusive_at_the_tolerance() -> None:
 def test_one_hot_rejects_a_dtype_that_is_not_floating(dtype: object) -> None:
     with pytest.raises(ValueError, match=r"^Expected `dtype` to be a floating torch\.dtype or None, but got "):
         LF.one_hot(torch.tensor([0, 1]), 2, dtype=dtype)  # type: ignore[arg-type]
+
+
+def test_smooth_spreads_over_the_k_classes_unless_told_multi_label() -> None:
+    rows = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(LF.smooth(rows, 0.4), torch.tensor([[0.7, 0.1, 0.1, 0.1]]))
+    torch.testing.assert_close(LF.smooth(rows, 0.4, multi_label=True), torch.tensor([[0.8, 0.2, 0.2, 0.2]]))
+
+
+def _naive_mixed(rows: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """``smooth(lam * rows + (1 - lam) * rows[partner])`` in float64, row by row."""
+    k = rows.shape[1]
+    out = torch.stack([lam[i] * rows[i] + (1 - lam[i]) * rows[j] for i, j in enumerate(partner.tolist())])
+    return (1 - smoothing) * out + smoothing / k
+
+
+@pytest.mark.parametrize("as_rows", [False, True], ids=["indices", "probability rows"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["float lam", "tensor lam"])
+def test_mixed_one_hot_with_a_shift_or_an_index_is_the_naive_mix_in_float64(as_rows: bool, per_sample: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    n, k, shift, smoothing = 6, 5, 2, 0.1
+    labels = torch.tensor([0, 3, 1, 4, 4, 2])
+    rows = torch.rand(n, k, generator=g, dtype=torch.float64)
+    rows /= rows.sum(1, keepdim=True)
+    targets = rows if as_rows else labels
+    reference_rows = rows if as_rows else F.one_hot(labels, k).double()
+    # a float32 lam tensor (exact eighths), to be cast to the rows' float64
+    lam = (
+        torch.randint(1, 8, (n,), generator=g).double() / 8
+        if per_sample
+        else torch.full((n,), 0.3, dtype=torch.float64)
+    )
+    lam_arg = lam.float() if per_sample else 0.3
+    partner = (torch.arange(n) + shift) % n
+    expected = _naive_mixed(reference_rows, lam, partner, smoothing)
+    dtype = None if as_rows else torch.float64
+    by_index = LF.mixed_one_hot(targets, k, lam_arg, partner, smoothing, dtype=dtype)
+    # `shift` promises index[i] == (i + shift) % N and is not read: a wrong index shows whether it is
+    wrong = torch.zeros(n, dtype=torch.long)
+    by_shift = LF.mixed_one_hot(targets, k, lam_arg, wrong, smoothing, shift=shift, dtype=dtype)
+    for got in (by_index, by_shift):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # into a float64 buffer, dtype taken from it
+    out = torch.empty(n, k, dtype=torch.float64)
+    if not as_rows:
+        LF.mixed_one_hot(labels, k, lam_arg, partner, smoothing, out=out)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_mixed_one_hot_refuses_class_indices_for_multi_label_with_the_fix() -> None:
+    message = (
+        r"^`multi_label=True` expects multi-hot float rows \(N, K\), but got class indices of shape \(3,\)\. Build "
+        r"the multi-hot rows in the dataset, or drop `multi_label` for single-label classes\.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        LF.mixed_one_hot(torch.tensor([0, 1, 2]), 3, 0.5, torch.tensor([1, 2, 0]), multi_label=True)
