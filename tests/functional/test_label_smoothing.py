@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -237,3 +239,32 @@ def test_mixed_one_hot_refuses_class_indices_for_multi_label_with_the_fix() -> N
     )
     with pytest.raises(ValueError, match=message):
         LF.mixed_one_hot(torch.tensor([0, 1, 2]), 3, 0.5, torch.tensor([1, 2, 0]), multi_label=True)
+
+
+def test_one_hot_builds_rows_of_the_dtype_asked_for_and_names_the_bad_targets() -> None:
+    rows = LF.one_hot(torch.tensor([2, 0]), 3, 0.3, dtype=torch.float64)
+    assert rows.dtype == torch.float64
+    torch.testing.assert_close(rows, torch.tensor([[0.1, 0.1, 0.8], [0.8, 0.1, 0.1]], dtype=torch.float64))
+    dense = (
+        r"^Expected `targets` with one label per sample: class indices \(N,\) or per-class rows \(N, K\) "
+        r"\(probabilities, or multi-hot rows with `multi_label=True`\), but got shape {shape} and dtype {dtype}\. "
+        r"Dense targets such as segmentation masks \(N, H, W\) are not supported: mixing and smoothing here act on "
+        r"one label distribution per sample\.$"
+    )
+    for bad in (torch.zeros(4, 2, dtype=torch.long), torch.zeros(4, 3, 3)):
+        shape = re.escape(str(tuple(bad.shape)))
+        with pytest.raises(ValueError, match=dense.format(shape=shape, dtype=re.escape(str(bad.dtype)))):
+            LF.one_hot(bad, 3)
+    squeeze = (
+        r"^Expected `targets` as class indices of shape \(N,\) with an integer dtype or probabilities of shape "
+        r"\(N, K\) with a float dtype, but got shape \(4, 1\) and dtype torch\.int64\. Squeeze \(N, 1\) targets to "
+        r"\(N,\), cast float indices with `\.long\(\)`, or pass one-hot rows as float\.$"
+    )
+    with pytest.raises(ValueError, match=squeeze):
+        LF.one_hot(torch.zeros(4, 1, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match=r"^`multi_label=True` expects multi-hot float rows \(N, K\), but got class "):
+        LF.one_hot(torch.tensor([0, 1]), 3, multi_label=True)
+    with pytest.raises(ValueError, match=r"^`multi_label=True` expects .* class indices of shape \(2,\)\. Build"):
+        LF.one_hot(torch.tensor([0, 1]), 3, multi_label=True)
+    with pytest.raises(ValueError, match=r"^Expected `smoothing` to be a float in \[0, 1\), but got '0\.1'\.$"):
+        LF.one_hot(torch.tensor([0, 1]), 3, "0.1")  # type: ignore[arg-type]
