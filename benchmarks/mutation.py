@@ -69,14 +69,25 @@ def _mutmut_section(module: str, tests: list[str]) -> str:
     )
 
 
-def run_module(module: str, tests: list[str], fresh: bool) -> dict[str, object]:
-    """Run mutmut on one module in its own scratch copy; return the counts and the survivors."""
+def run_module(module: str, tests: list[str], fresh: bool, survivors_only: bool = False) -> dict[str, object]:
+    """Run mutmut on one module in its own scratch copy; return the counts and the survivors.
+
+    With ``survivors_only``, only the previous run's survivors run again, against the current tests (the way to
+    check that new tests kill them without rerunning every mutant).
+    """
     if not (ROOT / module).is_file():
         raise SystemExit(f"Expected a module file under {ROOT}, but got {module!r}.")
     missing = [t for t in tests if not (ROOT / t).exists()]
     if missing:
         raise SystemExit(f"Expected existing test files for {module}, but these are missing: {missing}.")
     work = WORK / Path(module).with_suffix("").as_posix().replace("/", ".")
+    again: list[str] = []
+    if survivors_only:
+        previous = work / "result.json"
+        if not previous.exists():
+            raise SystemExit(f"Expected an earlier run of {module} in {work} for --survivors, but found none.")
+        again = list(json.loads(previous.read_text())["survivors"])
+        fresh = False
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -94,7 +105,7 @@ def run_module(module: str, tests: list[str], fresh: bool) -> dict[str, object]:
 
     mutmut = [sys.executable, "-m", "mutmut"]
     start = time.monotonic()
-    subprocess.run([*mutmut, "run", "--max-children", "1"], cwd=work, check=False)
+    subprocess.run([*mutmut, "run", "--max-children", "1", *again], cwd=work, check=False)
     wall = time.monotonic() - start
     listing = subprocess.run([*mutmut, "results", "--all", "true"], cwd=work, capture_output=True, text=True)
     status: dict[str, str] = {}
@@ -125,11 +136,12 @@ def main() -> None:
     parser.add_argument("modules", nargs="+", help="module files, e.g. lightning_reg/functional/calibration.py")
     parser.add_argument("--tests", nargs="+", help="test files to select from (default: TESTS[module])")
     parser.add_argument("--fresh", action="store_true", help="start from scratch (default: reuse earlier results)")
+    parser.add_argument("--survivors", action="store_true", help="rerun only the last run's survivors")
     args = parser.parse_args()
     for module in args.modules:
         if args.tests is None and module not in TESTS:
             raise SystemExit(f"No test files known for {module!r}: pass --tests, or one of {sorted(TESTS)}.")
-        result = run_module(module, args.tests or TESTS[module], args.fresh)
+        result = run_module(module, args.tests or TESTS[module], args.fresh, args.survivors)
         print(json.dumps(result, indent=2), flush=True)
 
 
