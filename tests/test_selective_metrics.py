@@ -195,3 +195,8 @@ def test_fpr_at_tpr_bounds_of_tpr_a_single_positive_and_the_messages() -> None:
     )
     with pytest.raises(ValueError, match=message):
         uncertainty_score(torch.tensor([[0.5, 0.5]]), "mutual_information")
+
+
+def test_risk_coverage_names_the_errors_argument() -> None:
+    with pytest.raises(ValueError, match=r"^Expected 1-D `scores` and `errors` of the same length, but got shapes"):
+        risk_coverage(torch.zeros(3), torch.zeros(2, dtype=torch.bool))
