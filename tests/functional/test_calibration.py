@@ -230,3 +230,51 @@ def test_a_finite_optimum_outside_the_bounds_is_clamped_with_a_warning() -> None
     assert fit_temperature(0.3 * logits, targets) < 0.5
     with pytest.warns(UserWarning, match="lies outside the range"):
         assert fit_temperature(0.3 * logits, targets, min_temperature=0.5) == 0.5
+
+
+def test_temperature_nll_is_torchs_cross_entropy_of_the_scaled_logits() -> None:
+    logits, targets = _data(n=50, k=4, seed=3)
+    z = logits.double()
+    g = torch.Generator().manual_seed(4)
+    soft = torch.rand(50, 4, generator=g, dtype=torch.float64).softmax(1)
+    per_class = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+    assert temperature_nll(logits, targets) == pytest.approx(float(F.cross_entropy(z, targets)), rel=1e-6)
+    for y in (targets, soft.float()):
+        for t in (1.3, per_class):
+            expected = float(F.cross_entropy(z / t, y.double() if y.ndim == 2 else y))
+            assert temperature_nll(logits, y, t) == pytest.approx(expected, rel=1e-6), (y.ndim, t)
+    # float64 logits keep float64 arithmetic: a python float T is not rounded to float32 on the way
+    assert temperature_nll(z, targets, 1.3) == pytest.approx(float(F.cross_entropy(z / 1.3, targets)), rel=1e-13)
+    assert temperature_nll(z, soft, 1.3) == pytest.approx(float(F.cross_entropy(z / 1.3, soft)), rel=1e-13)
+    assert temperature_nll(z[:1], targets[:1], 2.0) == pytest.approx(float(F.cross_entropy(z[:1] / 2, targets[:1])))
+
+
+def test_the_run_off_and_clamp_warnings_say_why_and_where() -> None:
+    targets = torch.arange(30) % 3
+    low = (
+        r"runs off to 0: every held-out sample's target is its top logit \(all classified correctly\), so the NLL "
+        r"keeps falling as T goes to 0\. Returning T = 0\.01 \(the `min_temperature` bound\)"
+    )
+    with pytest.warns(UserWarning, match=low):
+        fit_temperature(20.0 * F.one_hot(targets, 3).float(), targets)
+    high = (
+        r"runs off to infinity: the target logits are on average no higher than the mean logit \(the logits carry "
+        r"no information about the targets, or point away from them\), so the NLL keeps falling as T grows\. "
+        r"Returning T = 100\.0 \(the `max_temperature` bound\)"
+    )
+    with pytest.warns(UserWarning, match=high):
+        fit_temperature(-5.0 * F.one_hot(targets, 3).float(), targets)
+    # the clamp names the optimum it clamped: one T, or the range of the per-class ones
+    logits, targets = _data()
+    free = fit_temperature(0.3 * logits, targets)
+    with pytest.warns(UserWarning, match=rf"\(T = {free:.3g}\)\. It is clamped"):
+        fit_temperature(0.3 * logits, targets, min_temperature=0.5)
+    free_per_class = fit_temperature(0.3 * logits, targets, per_class=True)
+    lo, hi = float(free_per_class.min()), float(free_per_class.max())
+    with pytest.warns(UserWarning, match=rf"\(T = {lo:.3g} to {hi:.3g}\)\. It is clamped"):
+        fit_temperature(0.3 * logits, targets, per_class=True, min_temperature=0.5)
+
+
+def test_temperature_nll_of_no_sample_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"^Expected at least one sample, but got empty logits \(on every rank\)\.$"):
+        temperature_nll(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
