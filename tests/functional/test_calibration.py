@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import Any
 
@@ -278,3 +279,54 @@ def test_the_run_off_and_clamp_warnings_say_why_and_where() -> None:
 def test_temperature_nll_of_no_sample_is_an_error() -> None:
     with pytest.raises(ValueError, match=r"^Expected at least one sample, but got empty logits \(on every rank\)\.$"):
         temperature_nll(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+
+
+def test_separable_logits_with_different_margins_per_sample_still_run_off_to_zero() -> None:
+    targets = torch.arange(30) % 3
+    margins = torch.linspace(2.0, 20.0, 30)[:, None]  # each row right, by its own margin
+    with pytest.warns(UserWarning, match="runs off to 0"):
+        assert fit_temperature(margins * F.one_hot(targets, 3).float(), targets) == 1e-2
+
+
+@pytest.mark.parametrize(
+    ("logits", "targets", "error", "message"),
+    [
+        (
+            [[0.0, 1.0]],
+            torch.zeros(1, dtype=torch.long),
+            ValueError,
+            "Expected `logits` of shape (N, num_classes), but got list.",
+        ),
+        (
+            torch.zeros(4),
+            torch.zeros(4, dtype=torch.long),
+            ValueError,
+            "Expected `logits` of shape (N, num_classes), but got shape (4,).",
+        ),
+        (
+            torch.zeros(4, 1),
+            torch.zeros(4, dtype=torch.long),
+            ValueError,
+            "Expected logits of at least 2 classes, but got shape (4, 1). A single logit is a sigmoid head: pass "
+            "`torch.stack([-z / 2, z / 2], 1)` (the same probabilities as two-class logits).",
+        ),
+        (torch.zeros(4, 3), [0, 1, 2, 0], TypeError, "Expected `targets` to be a tensor, but got list."),
+        (
+            torch.zeros(4, 3),
+            torch.zeros(4),
+            TypeError,
+            "Expected index targets `(N,)` of an integer dtype, but got dtype torch.float32. Pass class indices "
+            "(`.long()`) or probabilities of shape (N, num_classes).",
+        ),
+        (
+            torch.zeros(4, 3),
+            torch.zeros(4, 3, dtype=torch.long),
+            TypeError,
+            "Expected floating-point probability targets, but got dtype torch.int64.",
+        ),
+    ],
+)
+def test_bad_input_gets_the_whole_message(logits: Any, targets: Any, error: type, message: str) -> None:
+    for function in (fit_temperature, temperature_nll):
+        with pytest.raises(error, match=f"^{re.escape(message)}$"):
+            function(logits, targets)
