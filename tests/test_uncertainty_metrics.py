@@ -132,3 +132,11 @@ def test_every_function_checks_the_targets_against_the_probabilities() -> None:
     for bad in (2.5, True, 0):
         with pytest.raises(ValueError, match=f"Expected `n_bins` to be a positive int, but got {bad!r}"):
             reliability_bins(probs, targets, n_bins=bad)  # type: ignore[arg-type]
+
+
+def test_reliability_bins_default_to_torchmetrics_15_bins() -> None:
+    probs, targets = _mixed_predictions()
+    bins = reliability_bins(probs, targets)
+    assert bins.shape == (3, 16)  # 15 equal-width bins and the bin of confidence 1
+    expected = multiclass_calibration_error(probs, targets, num_classes=10, n_bins=15, norm="l1")
+    torch.testing.assert_close(expected_calibration_error(bins), expected)
