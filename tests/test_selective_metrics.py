@@ -200,3 +200,10 @@ def test_fpr_at_tpr_bounds_of_tpr_a_single_positive_and_the_messages() -> None:
 def test_risk_coverage_names_the_errors_argument() -> None:
     with pytest.raises(ValueError, match=r"^Expected 1-D `scores` and `errors` of the same length, but got shapes"):
         risk_coverage(torch.zeros(3), torch.zeros(2, dtype=torch.bool))
+
+
+def test_one_sample_is_enough_and_none_is_an_error() -> None:
+    assert float(aurc(torch.tensor([0.3]), torch.tensor([True]))) == 1.0
+    for function in (aurc, fpr_at_tpr):
+        with pytest.raises(ValueError, match=r"^Expected at least one sample, but got none\.$"):
+            function(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
