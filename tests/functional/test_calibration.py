@@ -330,3 +330,19 @@ def test_bad_input_gets_the_whole_message(logits: Any, targets: Any, error: type
     for function in (fit_temperature, temperature_nll):
         with pytest.raises(error, match=f"^{re.escape(message)}$"):
             function(logits, targets)
+
+
+def test_the_options_accept_their_bounds_and_refuse_just_beyond_with_the_whole_message() -> None:
+    logits, targets = _data(n=200)
+    assert fit_temperature(logits, targets, max_iter=1) > 0  # one LBFGS iteration is allowed
+    assert fit_temperature(logits, targets, min_temperature=0.5, max_temperature=1.5) > 0
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=rf"^Expected `max_iter` to be an int >= 1, but got {bad!r}\.$"):
+            fit_temperature(logits, targets, max_iter=bad)  # type: ignore[arg-type]
+    for low, high in ((1.0, 2.0), (0.5, 1.0), (0.5, math.inf), (0.0, 2.0)):
+        message = (
+            r"^Expected 0 < `min_temperature` < 1 < `max_temperature` < inf, but got "
+            rf"min_temperature={low!r}, max_temperature={high!r}\.$"
+        )
+        with pytest.raises(ValueError, match=message):
+            fit_temperature(logits, targets, min_temperature=low, max_temperature=high)
