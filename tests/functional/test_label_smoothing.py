@@ -268,3 +268,16 @@ def test_one_hot_builds_rows_of_the_dtype_asked_for_and_names_the_bad_targets() 
         LF.one_hot(torch.tensor([0, 1]), 3, multi_label=True)
     with pytest.raises(ValueError, match=r"^Expected `smoothing` to be a float in \[0, 1\), but got '0\.1'\.$"):
         LF.one_hot(torch.tensor([0, 1]), 3, "0.1")  # type: ignore[arg-type]
+
+
+def test_mixed_one_hot_refuses_a_non_float_out_buffer_and_a_non_int_num_classes() -> None:
+    labels, index = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0])
+    message = (
+        r"^Expected `out` as a float tensor of shape \(3, 3\) on cpu, but got \(3, 3\) torch\.int64 on cpu\. "
+        r"Pass `out=torch\.empty\(3, 3\)`\.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        LF.mixed_one_hot(labels, 3, 0.5, index, out=torch.empty(3, 3, dtype=torch.long))
+    for bad in (2.5, True, 0):
+        with pytest.raises(ValueError, match=rf"^Expected `num_classes` to be a positive int, but got {bad!r}\.$"):
+            LF.mixed_one_hot(labels, bad, 0.5, index)  # type: ignore[arg-type]
