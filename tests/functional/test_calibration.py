@@ -346,3 +346,29 @@ def test_the_options_accept_their_bounds_and_refuse_just_beyond_with_the_whole_m
         )
         with pytest.raises(ValueError, match=message):
             fit_temperature(logits, targets, min_temperature=low, max_temperature=high)
+
+
+def test_fit_temperature_errors_and_warnings_in_full_pointing_at_the_caller() -> None:
+    with pytest.raises(
+        ValueError, match=r"^Expected at least one sample to fit the temperature on, but got empty logits\.$"
+    ):
+        fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    nan = (
+        r"^Expected finite logits, but got 1 NaN or infinite values\. Check the model's outputs \(mixed precision "
+        r"overflow, a division by zero\) before fitting a temperature\.$"
+    )
+    with pytest.raises(ValueError, match=nan):
+        fit_temperature(torch.tensor([[0.0, math.nan], [1.0, 0.0]]), torch.tensor([0, 1]))
+    constant = (
+        r"^The NLL of these logits does not depend on the temperature \(every row's logits are equal, or the target "
+        r"logit is at once the mean and the maximum\): returning T = 1\.$"
+    )
+    targets = torch.arange(30) % 3
+    cases = [
+        (torch.ones(6, 3), torch.tensor([0, 1, 2, 0, 1, 2]), constant),
+        (20.0 * F.one_hot(targets, 3).float(), targets, r"fit on more \(or harder\) held-out data\.$"),
+    ]
+    for logits, y, message in cases:
+        with pytest.warns(UserWarning, match=message) as record:
+            fit_temperature(logits, y)
+        assert record[0].filename == __file__  # stacklevel: the warning names the line that called the fit
