@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
+import io
 import math
 import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
 
+import lightning_reg.demo
 import zoo
 from lightning_reg.cli import main
 from lightning_reg.demo import (
@@ -29,12 +37,13 @@ from lightning_reg.demo import (
     _auroc,
     _check_models,
     _check_seeds,
+    _data,
     _logits,
     _Options,
     demo,
     trainer_flags,
 )
-from lightning_reg.functional import recalibrate_bn
+from tests.helpers.bn import norm_input_statistics
 from tests.helpers.ddp import DDP_ENV_VARS, scrubbed_ddp_env, skip_on_windows
 from zoo.data import CORRUPTIONS, SEVERITIES
 
@@ -58,10 +67,36 @@ TRAINED_METRICS = {
 SHIFT_METRICS = {f"shift_{k}/{c}/{s}" for k in ("acc", "ece") for c in CORRUPTIONS for s in SEVERITIES}
 
 
+Trained = dict[tuple[str, str, bool], L.LightningModule]
+
+
+@contextlib.contextmanager
+def _keeping_the_trained_models() -> Iterator[Trained]:
+    """Record every model the demo trains, keyed by (model, recipe, noisy labels), to check its numbers against."""
+    trained: Trained = {}
+    real_fit = lightning_reg.demo._fit
+
+    def recording_fit(name, recipe, data, seed, options):
+        model, text, seconds = real_fit(name, recipe, data, seed, options)
+        trained[(name, recipe, bool(data.label_noise))] = model
+        return model, text, seconds
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lightning_reg.demo, "_fit", recording_fit)
+        yield trained
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> DemoResult:
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoResult, Trained]:
     """The default models (a BN CNN and an LSTM), 1 epoch of 1 batch each: every regime in a few seconds."""
-    return demo(epochs=1, out=tmp_path_factory.mktemp("demo"), limit_batches=1, verbose=False)
+    with _keeping_the_trained_models() as trained:
+        result = demo(epochs=1, out=tmp_path_factory.mktemp("demo"), limit_batches=1, verbose=False)
+    return result, trained
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_run: tuple[DemoResult, Trained]) -> DemoResult:
+    return tiny_run[0]
 
 
 def metrics_of(result: DemoResult, model: str, recipe: str) -> set[str]:
@@ -82,17 +117,54 @@ def test_demo_measures_every_regime_for_both_models_and_adabn_only_where_there_i
     }
 
 
-def test_demo_values_are_in_range(tiny: DemoResult) -> None:
-    for m in tiny.measurements:
-        if m.metric.startswith(("shift_acc", "shift_ece", "clean_acc", "clean_ece", "ts_ece", "noise_acc", "mc_acc")):
-            assert 0.0 <= m.value <= 1.0, m
-        elif "auroc" in m.metric:
-            assert math.isnan(m.value) or 0.0 <= m.value <= 1.0, m
-        elif m.metric in ("clean_nll", "ts_nll"):
-            assert 0.0 <= m.value < math.inf, m
-        else:
-            assert m.value > 0.0, m  # temperature, seconds
-    assert {m.seed for m in tiny.measurements} == {0}
+def _eval_logits(model: L.LightningModule, dataset: TensorDataset) -> tuple[Tensor, Tensor]:
+    x, y = dataset.tensors
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(x).double()
+    model.train(was_training)
+    return logits, y
+
+
+def _assert_measured_as_recomputed(result: DemoResult, trained: Trained, seed: int = 0) -> None:
+    """Each trained model's numbers, recomputed here from its own forward pass with torch and torchmetrics."""
+    for (name, recipe, noisy), model in trained.items():
+        data = _data(name, seed, noisy=noisy)
+
+        def measured(metric: str, name: str = name, recipe: str = recipe) -> float:
+            return result.values(name, recipe, metric)[0]
+
+        logits, y = _eval_logits(model, data.test_set)
+        accuracy = float(multiclass_accuracy(logits, y, num_classes=logits.shape[1], average="micro"))
+        if noisy:  # trained on noisy labels, tested on the clean ones
+            assert measured("noise_acc") == pytest.approx(accuracy, abs=1e-6), (name, recipe)
+            continue
+        assert measured("clean_acc") == pytest.approx(accuracy, abs=1e-6), (name, recipe)
+        assert measured("clean_nll") == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-4)
+        probs = logits.softmax(1).float()
+        ece = multiclass_calibration_error(probs, y, num_classes=probs.shape[1], n_bins=15, norm="l1")
+        assert measured("clean_ece") == pytest.approx(float(ece), abs=1e-4)
+        # The temperature minimises the validation NLL; the TS numbers are the test set's at that temperature.
+        t = measured("temperature")
+        val_logits, val_y = _eval_logits(model, data.val_set)
+        nll_at = {f: float(F.cross_entropy(val_logits / (t * f), val_y)) for f in (1 / 1.05, 1.0, 1.05)}
+        assert nll_at[1.0] <= min(nll_at[1 / 1.05], nll_at[1.05]) + 1e-6, (name, recipe, t, nll_at)
+        assert measured("ts_nll") == pytest.approx(float(F.cross_entropy(logits / t, y)), rel=1e-4)
+        # Covariate shift as trained (no AdaBN): one corrupted set ties the rows to the model.
+        shift_logits, shift_y = _eval_logits(model, data.corrupted_test_set("contrast", 3, seed=seed))
+        shift_acc = float((shift_logits.argmax(1) == shift_y).double().mean())
+        assert measured("shift_acc/contrast/3") == pytest.approx(shift_acc, abs=1e-6), (name, recipe)
+
+
+def test_demo_numbers_are_those_recomputed_from_the_trained_models(tiny_run: tuple[DemoResult, Trained]) -> None:
+    result, trained = tiny_run
+    expected = [
+        (m, r, noisy) for m in ("cnn_small", "lstm") for r in ("plain", "regularized") for noisy in (False, True)
+    ]
+    assert sorted(trained) == sorted(expected)
+    _assert_measured_as_recomputed(result, trained)
+    assert {m.seed for m in result.measurements} == {0}
 
 
 def test_demo_summary_table_has_a_row_per_model_and_recipe_with_dashes_where_not_measured(tiny: DemoResult) -> None:
@@ -157,14 +229,21 @@ def test_adabn_rows_come_from_bn_recalibration_on_each_corrupted_set(tmp_path: P
     options = _Options(None, "cpu", 1, "auto", None, None)
     adapted = _adabn_logits(model, sets, options)
     for key, dataset in sets.items():
+        # The reference: every BN layer's running statistics set to those of its inputs on the whole corrupted set
+        # (captured by hooks, pooled by torch.var_mean), then a plain eval-mode forward.
         reference = zoo.create("cnn_small", num_classes=8)
         reference.load_state_dict(before)
-        recalibrate_bn(reference, DataLoader(dataset, batch_size=64))
-        expected, targets = _logits(reference, dataset)
-        torch.testing.assert_close(adapted[key][0], expected, rtol=1e-4, atol=1e-4)
+        statistics = norm_input_statistics(reference, [x for x, _ in DataLoader(dataset, batch_size=64)])
+        layers = dict(reference.named_modules())
+        assert len(statistics) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in reference.modules())
+        for name, (mean, var) in statistics.items():
+            layers[name].running_mean.copy_(mean)
+            layers[name].running_var.copy_(var)
+        expected, targets = _eval_logits(reference, dataset)
+        torch.testing.assert_close(adapted[key][0].double(), expected, rtol=1e-4, atol=1e-4)
         assert torch.equal(adapted[key][1], targets)
         plain, _ = _logits(model, dataset)
-        assert not torch.allclose(plain, expected, atol=1e-3)  # the statistics did change
+        assert not torch.allclose(plain.double(), expected, atol=1e-3)  # the statistics did change
     for name, value in model.state_dict().items():  # the model itself was not adapted
         assert torch.equal(value, before[name]), name
 
@@ -197,15 +276,47 @@ def test_cells_show_mean_and_sample_spread_over_seeds_and_average_corruptions() 
     assert result.cell("cnn", "regularized", "clean_acc") == "-"
 
 
-def test_demo_is_deterministic_given_the_seed(tiny: DemoResult, tmp_path: Path) -> None:
-    def untimed(measurements: list[Measurement]) -> list[Measurement]:
-        return [replace(m, value=0.0) if "seconds" in m.metric else m for m in measurements]
+@pytest.fixture(scope="module")
+def lstm_again(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoResult, dict]:
+    """The tiny run's lstm once more (seed 0), started with the warn-only deterministic flags of a GPU run set."""
+    flags = {**trainer_flags("gpu", 1), "accelerator": "cpu"}  # what the demo gives Lightning on a GPU
+    threads = torch.get_num_threads()
+    try:
+        L.Trainer(**flags)
+        before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        # The demo sets deterministic=True (not warn-only) on CPU while it trains, and one thread.
+        result = demo(["lstm"], epochs=1, out=tmp_path_factory.mktemp("again"), limit_batches=1, verbose=False)
+        after = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    finally:
+        torch.use_deterministic_algorithms(False)
+    return result, {"before": before, "after": after, "threads": (threads, torch.get_num_threads())}
 
-    again = demo(["lstm"], epochs=1, out=tmp_path / "a", seed=0, limit_batches=1, verbose=False)
-    other = demo(["lstm"], epochs=1, out=tmp_path / "b", seed=1, limit_batches=1, verbose=False)
+
+@pytest.fixture(scope="module")
+def cli_lstm_seed_1(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """`lightning-reg demo --models lstm --epochs 1 --seed [1]`, cut to one batch like the tiny run; its output."""
+    out = tmp_path_factory.mktemp("cli")
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setattr(lightning_reg.demo, "demo", functools.partial(lightning_reg.demo.demo, limit_batches=1))
+        main(["demo", "--models", "lstm", "--epochs", "1", "--seed", "[1]", "--out", str(out)])
+    return printed.getvalue(), out
+
+
+def _untimed(measurements: list[Measurement]) -> list[Measurement]:
+    return [replace(m, value=0.0) if "seconds" in m.metric else m for m in measurements]
+
+
+def test_demo_is_deterministic_given_the_seed(
+    tiny: DemoResult, lstm_again: tuple[DemoResult, dict], cli_lstm_seed_1: tuple[str, Path]
+) -> None:
     lstm = [m for m in tiny.measurements if m.model == "lstm"]  # seed 0, trained after cnn_small in the same process
-    assert untimed(again.measurements) == untimed(lstm)
-    assert untimed(other.measurements) != untimed(lstm)
+    assert _untimed(lstm_again[0].measurements) == _untimed(lstm)
+    with open(cli_lstm_seed_1[1] / "demo.csv", newline="") as f:
+        seed_1 = {(r["recipe"], r["metric"]): r["value"] for r in csv.DictReader(f) if "seconds" not in r["metric"]}
+    seed_0 = {(m.recipe, m.metric): str(m.value) for m in lstm if "seconds" not in m.metric}
+    assert seed_1.keys() == seed_0.keys()
+    assert seed_1 != seed_0
 
 
 def test_demo_builds_warn_only_deterministic_trainers_on_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -228,19 +339,13 @@ def test_demo_builds_warn_only_deterministic_trainers_on_gpu(monkeypatch: pytest
     assert trainer_flags("auto", 1)["deterministic"] == "warn"
 
 
-def test_warn_only_flag_reaches_torch_and_the_demo_restores_flags_and_threads(tmp_path: Path) -> None:
-    flags = {**trainer_flags("gpu", 1), "accelerator": "cpu"}  # what the demo gives Lightning on a GPU
-    threads = torch.get_num_threads()
-    try:
-        L.Trainer(**flags)
-        assert torch.are_deterministic_algorithms_enabled()
-        assert torch.is_deterministic_algorithms_warn_only_enabled()
-        demo(["lstm"], epochs=1, out=tmp_path, limit_batches=1, verbose=False)  # sets deterministic=True on CPU
-        assert torch.are_deterministic_algorithms_enabled()
-        assert torch.is_deterministic_algorithms_warn_only_enabled()  # both flags as they were before the demo
-        assert torch.get_num_threads() == threads  # the demo trains on one thread and gives the count back
-    finally:
-        torch.use_deterministic_algorithms(False)
+def test_warn_only_flag_reaches_torch_and_the_demo_restores_flags_and_threads(
+    lstm_again: tuple[DemoResult, dict],
+) -> None:
+    state = lstm_again[1]
+    assert state["before"] == (True, True)  # Lightning set the warn-only flag the demo asks for on a GPU
+    assert state["after"] == (True, True)  # both flags as they were before the demo
+    assert state["threads"][1] == state["threads"][0]  # the demo trains on one thread and gives the count back
 
 
 def test_full_runs_every_family_over_three_seeds_unless_told_otherwise() -> None:
@@ -292,29 +397,29 @@ def test_cli_rejects_an_unknown_model(capsys: pytest.CaptureFixture[str]) -> Non
     assert "resnet50" in capsys.readouterr().err
 
 
-def test_cli_trains_prints_the_table_and_says_where_it_wrote(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    main(["demo", "--models", "lstm", "--epochs", "1", "--seed", "[1]", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
+def test_cli_trains_prints_the_table_and_says_where_it_wrote(cli_lstm_seed_1: tuple[str, Path]) -> None:
+    out, folder = cli_lstm_seed_1
     for column in ("clean acc", "noisy", "TS", "AUROC"):  # rich wraps the long titles over two lines
         assert column in out
     assert out.count("lstm") >= 2
-    assert str(tmp_path) in out
-    assert (tmp_path / "demo.md").exists()
-    assert "seed(s) 1," in (tmp_path / "demo.md").read_text()
+    assert str(folder) in out
+    assert (folder / "demo.md").exists()
+    assert "seed(s) 1," in (folder / "demo.md").read_text()
     assert "GPU available" not in out  # Lightning's banners stay quiet
 
 
 @skip_on_windows
-def test_demo_on_two_cpu_processes_writes_once_and_measures_every_regime(tmp_path: Path) -> None:
+def test_demo_on_two_cpu_processes_writes_once_and_measures_what_one_process_measures(tmp_path: Path) -> None:
     # In-process DDP (fork): `strategy="ddp"`, the CLI's default for 2 devices, re-runs the command, which
     # inside pytest would re-run pytest; it is exercised as a subprocess in the slow test below.
-    with scrubbed_ddp_env():
+    with scrubbed_ddp_env(), _keeping_the_trained_models() as trained:
         result = demo(["lstm"], epochs=1, out=tmp_path, devices=2, strategy="ddp_fork", limit_batches=2, verbose=False)
     for recipe in ("plain", "regularized"):
         assert metrics_of(result, "lstm", recipe) == TRAINED_METRICS | SHIFT_METRICS
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.csv", "demo.md", "shift.png"]
+    # The weights trained by the 2 ranks came back, and every number is what one process computes from them.
+    assert len(trained) == 4
+    _assert_measured_as_recomputed(result, trained)
 
 
 @pytest.mark.slow

@@ -173,3 +173,37 @@ def test_two_ranks_give_the_metrics_of_the_union(process_group_pool: Any) -> Non
     expected = {k: float(v) for k, v in {**mis.compute(), **ood.compute()}.items()}
     assert rank0 == rank1
     assert rank0 == pytest.approx(expected, abs=1e-7)
+
+
+def test_fpr_at_tpr_bounds_of_tpr_a_single_positive_and_the_messages() -> None:
+    confidence = torch.arange(20.0, 0.0, -1.0)
+    positive = torch.tensor([True, False] * 10)
+    # tpr = 1 is allowed: every positive kept, the threshold is the lowest positive
+    assert float(fpr_at_tpr(confidence, positive, 1.0)) == pytest.approx(9 / 10)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"^Expected `tpr` in \(0, 1\], but got {bad}\.$"):
+            fpr_at_tpr(confidence, positive, bad)
+    # one positive (the third-highest score): reaching it keeps the two negatives above
+    one = torch.zeros(20, dtype=torch.bool)
+    one[2] = True
+    assert float(fpr_at_tpr(confidence, one, 0.95)) == pytest.approx(2 / 19)
+    with pytest.raises(ValueError, match=r"^Expected 1-D `scores` and `positive` of the same length, but got shapes"):
+        fpr_at_tpr(confidence, positive[:3])
+    message = (
+        r"^`score='mutual_information'` needs the mutual information of Monte-Carlo samples; a deterministic "
+        r"prediction has none\. Use `score='entropy'` or `'max_prob'`\.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        uncertainty_score(torch.tensor([[0.5, 0.5]]), "mutual_information")
+
+
+def test_risk_coverage_names_the_errors_argument() -> None:
+    with pytest.raises(ValueError, match=r"^Expected 1-D `scores` and `errors` of the same length, but got shapes"):
+        risk_coverage(torch.zeros(3), torch.zeros(2, dtype=torch.bool))
+
+
+def test_one_sample_is_enough_and_none_is_an_error() -> None:
+    assert float(aurc(torch.tensor([0.3]), torch.tensor([True]))) == 1.0
+    for function in (aurc, fpr_at_tpr):
+        with pytest.raises(ValueError, match=r"^Expected at least one sample, but got none\.$"):
+            function(torch.zeros(0), torch.zeros(0, dtype=torch.bool))

@@ -142,3 +142,65 @@ def test_two_ddp_processes_give_the_metrics_of_one_process_on_the_union(process_
     expected = {name: float(v) for name, v in single.compute().items()}
     assert {k: v for k, v in ranks[0].items() if k != "bins"} == pytest.approx(expected, rel=1e-6, abs=1e-7)
     torch.testing.assert_close(torch.tensor(ranks[0]["bins"]), single.reliability())
+
+
+def _mixed_predictions(n: int = 400, k: int = 10, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets drawn from the predictions themselves: bins both over- and under-confident (on `_predictions`, every
+    bin is over-confident and the ECE cannot tell one binning from another). Rows with confidences on the edges
+    of 8 bins (exact in binary) and near-uniform rows (confidence ~0.1, in the first bin)."""
+    g = torch.Generator().manual_seed(seed)
+    probs = (torch.rand(n, 1, generator=g) * 4 * torch.randn(n, k, generator=g)).softmax(-1)
+    targets = torch.multinomial(probs, 1, generator=g).squeeze(1)
+    edges = torch.tensor([0.5, 0.625, 0.375, 1.0, 0.125])
+    for row, top in enumerate(edges):
+        probs[row] = (1 - top) / (k - 1)
+        probs[row, row % k] = top
+    return probs, targets
+
+
+def test_reliability_bins_are_the_naive_per_sample_count_in_torchmetrics_bins() -> None:
+    probs, targets = _mixed_predictions()
+    n_bins = 8
+    bins = reliability_bins(probs, targets, n_bins=n_bins)
+    expected = torch.zeros(3, n_bins + 1)
+    confidences, predictions = probs.max(dim=1)
+    for c, p, y in zip(confidences.tolist(), predictions.tolist(), targets.tolist(), strict=True):
+        b = min(int(c * n_bins), n_bins)  # [b/8, (b+1)/8), and a bin of its own for a confidence of exactly 1
+        expected[:, b] += torch.tensor([1.0, c, float(p == y)])
+    assert expected[0, 0] > 0
+    assert expected[0, n_bins] == 1
+    torch.testing.assert_close(bins, expected)
+    gaps = expected[2, :n_bins] - expected[1, :n_bins]
+    assert (gaps > 0).any()
+    assert (gaps < 0).any()
+    reference = multiclass_calibration_error(probs, targets, num_classes=10, n_bins=n_bins, norm="l1")
+    torch.testing.assert_close(expected_calibration_error(bins), reference)
+
+
+def test_ece_of_one_sample_and_of_no_sample() -> None:
+    bins = reliability_bins(torch.tensor([[0.8, 0.2]]), torch.tensor([1]), n_bins=1)  # one bin is allowed
+    assert bins.shape == (3, 2)
+    torch.testing.assert_close(expected_calibration_error(bins), torch.tensor(0.8))  # |0 correct - 0.8| / 1
+    assert expected_calibration_error(torch.zeros(3, 5)) == 0  # nothing binned yet (a rank without batches)
+
+
+def test_every_function_checks_the_targets_against_the_probabilities() -> None:
+    probs, targets = _predictions()
+    message = (
+        r"^Expected class-index targets of shape \(200,\) to match probabilities of shape \(200, 4\), but got shape "
+        r"\(3,\)\. Pass `hard_targets\(targets\)` for soft targets\.$"
+    )
+    for function in (negative_log_likelihood, brier_score, reliability_bins):
+        with pytest.raises(ValueError, match=message):
+            function(probs, targets[:3])
+    for bad in (2.5, True, 0):
+        with pytest.raises(ValueError, match=f"Expected `n_bins` to be a positive int, but got {bad!r}"):
+            reliability_bins(probs, targets, n_bins=bad)  # type: ignore[arg-type]
+
+
+def test_reliability_bins_default_to_torchmetrics_15_bins() -> None:
+    probs, targets = _mixed_predictions()
+    bins = reliability_bins(probs, targets)
+    assert bins.shape == (3, 16)  # 15 equal-width bins and the bin of confidence 1
+    expected = multiclass_calibration_error(probs, targets, num_classes=10, n_bins=15, norm="l1")
+    torch.testing.assert_close(expected_calibration_error(bins), expected)

@@ -265,15 +265,31 @@ def test_fast_dev_run_also_caps_a_loader_passed_by_the_user(tmp_path: Path) -> N
     assert recal.last_report.num_batches == 2
 
 
-def test_state_dict_round_trip_keeps_the_frozen_layers() -> None:
-    recal = BNRecalibration()
-    recal._frozen = ["net.body.1"]
-    recal.num_recalibrations = 2
-    other = BNRecalibration()
-    other.load_state_dict(recal.state_dict())
-    assert other.state_dict() == {"frozen": ["net.body.1"], "num_recalibrations": 2}
-    other.load_state_dict({})  # a checkpoint from before these fields
-    assert other.state_dict() == {"frozen": [], "num_recalibrations": 0}
+def test_the_frozen_layers_seen_in_training_come_back_from_the_checkpoint(tmp_path: Path) -> None:
+    # Trained with a frozen BN layer, then tested with test-time adaptation in a new process: only the checkpoint
+    # knows that layer was frozen (the restored model is in eval mode throughout), and the layer keeps its statistics.
+    model = _model()
+    _bn(model).running_mean.fill_(0.25)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="frozen")
+    adapt = BNRecalibration(None, when="test_start", dataloader="test")
+    trainer = fast_trainer(tmp_path, callbacks=[_FreezeBN(), adapt, ckpt], enable_checkpointing=True)
+    trainer.fit(model, _loader())
+    assert adapt.state_dict() == {"frozen": ["net.body.1"], "num_recalibrations": 0}
+
+    restored, fresh = _model(), BNRecalibration(None, when="test_start", dataloader="test")
+    with pytest.warns(UserWarning, match="found no normalization layer"):
+        fast_trainer(tmp_path, callbacks=[fresh]).test(restored, _loader(n=16), ckpt_path=ckpt.best_model_path)
+    assert fresh.state_dict()["frozen"] == ["net.body.1"]
+    assert torch.equal(_bn(restored).running_mean, torch.full((8,), 0.25))
+
+    # Without that state (a checkpoint from before these fields), the same test adapts the layer to the test data.
+    older, plain = _model(), BNRecalibration(None, when="test_start", dataloader="test")
+    plain.load_state_dict({})
+    assert plain.state_dict() == {"frozen": [], "num_recalibrations": 0}
+    older.load_state_dict(torch.load(ckpt.best_model_path, weights_only=True)["state_dict"])
+    expected = _expected(older, _loader(n=16))
+    fast_trainer(tmp_path, callbacks=[plain]).test(older, _loader(n=16))
+    torch.testing.assert_close(_bn(older).running_mean, expected[0])
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ under 2-process DDP. (The shape of mosaicml/composer's algorithm_settings table.
 from __future__ import annotations
 
 import copy
-import json
 import pickle
 from collections.abc import Callable
 
@@ -73,11 +72,63 @@ def _fit(tmp_path, callback: L.Callback, epochs: int, ckpt_path=None, **kwargs) 
     return model
 
 
+# The callbacks that change what a training step sees; the others work outside training steps (evaluation,
+# end of epoch, logging) and must leave training exactly as it is without them, the global RNG included.
+CHANGES_TRAINING = {"mixup", "cutmix", "mixup_cutmix", "label_smoothing", "regmixup"}
+
+
+def _plain_fit(tmp_path, callback: L.Callback | None, epochs: int = 2) -> UserClassifier:
+    """A fit seeded once at the start (no per-epoch reseed): global RNG use by a callback shows in later epochs."""
+    L.seed_everything(0, verbose=False)
+    model = _model()
+    train, val = _loaders()
+    trainer = fast_trainer(tmp_path, max_epochs=epochs, callbacks=[] if callback is None else [callback])
+    trainer.fit(model, train, val)
+    return model
+
+
+@pytest.fixture(scope="module")
+def without_callback(tmp_path_factory) -> UserClassifier:
+    return _plain_fit(tmp_path_factory.mktemp("plain"), None)
+
+
+def _assert_same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (key, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), f"{key} differs"
+
+
+def _assert_same_state(a, b, where: str = "state") -> None:
+    """Deep equality of two callback states (dicts, lists, tensors such as generator states, numbers)."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where}: tensors differ"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_callback_trains_with_finite_loss(tmp_path, name):
-    model = _fit(tmp_path, SETUPS[name](), epochs=2)
-    assert len(model.train_losses) == 8
+def test_callback_trains_with_a_finite_loss_and_touches_training_only_if_it_should(tmp_path, name, without_callback):
+    model = _plain_fit(tmp_path, SETUPS[name]())
+    assert len(model.train_losses) == len(without_callback.train_losses) == 8
     assert all(torch.isfinite(torch.tensor(model.train_losses)))
+    if name in CHANGES_TRAINING:
+        # The regularizer acted: every step saw other targets (soft or mixed) and so another loss.
+        assert all(a != b for a, b in zip(model.train_losses, without_callback.train_losses, strict=True))
+        assert not torch.equal(model.seen_targets["train"][0], without_callback.seen_targets["train"][0])
+    else:
+        # Bit for bit the run without the callback: the same losses, and the same weights after training.
+        assert model.train_losses == without_callback.train_losses
+        params = dict(model.named_parameters())
+        for key, value in without_callback.named_parameters():
+            assert torch.equal(params[key], value), f"{key} differs from the run without {name}"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -98,22 +149,34 @@ def test_callback_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, name)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_callback_state_loads_with_weights_only(tmp_path, name):
+def test_callback_state_loads_with_weights_only_and_continues_alike(tmp_path, name):
     callback = SETUPS[name]()
-    _fit(tmp_path, callback, epochs=1)
+    _fit(tmp_path / "first", callback, epochs=1)
     path = tmp_path / "state.pt"
     torch.save(callback.state_dict(), path)
-    state = torch.load(path, weights_only=True)
     fresh = SETUPS[name]()
-    fresh.load_state_dict(state)
-    assert fresh.state_dict().keys() == callback.state_dict().keys()
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    _assert_same_state(fresh.state_dict(), callback.state_dict())
+    # The loaded state is the one that matters: the next fit draws (and trains) the same with either object.
+    continued = _fit(tmp_path / "continued", callback, epochs=1)
+    loaded = _fit(tmp_path / "loaded", fresh, epochs=1)
+    _assert_same_parameters(continued, loaded)
+    _assert_same_state(fresh.state_dict(), callback.state_dict())
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_callback_pickles_and_deep_copies(name):
+def test_callback_pickles_and_deep_copies_to_a_callback_that_behaves_the_same(tmp_path, name):
     callback = SETUPS[name]()
-    assert type(pickle.loads(pickle.dumps(callback))) is type(callback)
-    assert type(copy.deepcopy(callback)) is type(callback)
+    _fit(tmp_path / "first", callback, epochs=1)  # a used callback: its generator has drawn, T is fitted
+    pickled, copied = pickle.loads(pickle.dumps(callback)), copy.deepcopy(callback)
+    assert type(pickled) is type(copied) is type(callback)
+    _assert_same_state(pickled.state_dict(), callback.state_dict())
+    _assert_same_state(copied.state_dict(), callback.state_dict())
+    original = _fit(tmp_path / "original", callback, epochs=1)
+    for clone, label in ((pickled, "pickled"), (copied, "copied")):
+        again = _fit(tmp_path / label, clone, epochs=1)
+        _assert_same_parameters(original, again)
+        _assert_same_state(clone.state_dict(), callback.state_dict(), label)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -134,17 +197,41 @@ class _WriteState(L.Callback):
         self.out_dir = out_dir
 
     def on_train_end(self, trainer, pl_module):
-        losses = getattr(pl_module, "train_losses", [])
-        record = {"steps": trainer.global_step, "finite": bool(torch.isfinite(torch.tensor(losses)).all())}
-        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        rank = trainer.global_rank
+        params = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+        torch.save(
+            {"steps": trainer.global_step, "losses": pl_module.train_losses, "params": params},
+            self.out_dir / f"rank{rank}.pt",
+        )
+
+
+def _ddp_fit(tmp_path, callback: L.Callback | None) -> list[dict]:
+    L.seed_everything(0, verbose=False)
+    train, val = _loaders()
+    callbacks = ([] if callback is None else [callback]) + [_WriteState(tmp_path)]
+    with scrubbed_ddp_env():
+        trainer = ddp_fork_trainer(tmp_path, max_epochs=1, callbacks=callbacks)
+        trainer.fit(_model(), train, val)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def ddp_without_callback(tmp_path_factory) -> list[dict]:
+    return _ddp_fit(tmp_path_factory.mktemp("ddp_plain"), None)
 
 
 @skip_on_windows
 @pytest.mark.parametrize("name", NAMES)
-def test_callback_trains_under_two_process_ddp(tmp_path, name):
-    train, val = _loaders()
-    with scrubbed_ddp_env():
-        trainer = ddp_fork_trainer(tmp_path, max_epochs=1, callbacks=[SETUPS[name](), _WriteState(tmp_path)])
-        trainer.fit(_model(), train, val)
-    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert records == [{"steps": 2, "finite": True}] * 2
+def test_callback_trains_under_two_process_ddp(tmp_path, name, ddp_without_callback):
+    ranks = _ddp_fit(tmp_path, SETUPS[name]())
+    for rank in ranks:
+        assert rank["steps"] == 2
+        assert all(torch.isfinite(torch.tensor(rank["losses"])))
+    # DDP averaged the gradients: both replicas hold the same weights, and each rank trained on its own shard.
+    for key, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][key]), f"{key} differs between the ranks"
+    assert ranks[0]["losses"] != ranks[1]["losses"]
+    plain = ddp_without_callback[0]["params"]
+    same = all(torch.equal(value, plain[key]) for key, value in ranks[0]["params"].items())
+    # Training-time callbacks change the weights; the others leave the 2-process run as it is without them.
+    assert same is (name not in CHANGES_TRAINING)

@@ -10,10 +10,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor
+from torch.distributions import Categorical
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
 
-from lightning_reg import MCDropoutEvaluation, hard_targets
-from lightning_reg.functional.mc_dropout import MCDropoutPrediction
-from lightning_reg.metrics import UncertaintyMetrics
+from lightning_reg import MCDropoutEvaluation
+from lightning_reg._random import base_seed, rank_generator
+from lightning_reg.callbacks.mc_dropout import _STREAM as MC_STREAM
+from lightning_reg.forward import batch_inputs
+from lightning_reg.functional.mc_dropout import mc_dropout_predict
 from tests.helpers import TinyMLP, UserClassifier, fast_trainer, make_classification, make_images, make_loader
 from tests.helpers.ddp import ddp_fork_trainer, scrubbed_ddp_env, skip_on_windows
 
@@ -41,6 +45,51 @@ class _ModeRecorder(UserClassifier):
         super().validation_step(batch, batch_idx)
 
 
+def _callback_generator(stage: str = "validate", step: int = 0, rank: int = 0) -> torch.Generator:
+    """The documented stream of the callback: a fixed function of (seed, rank, stage, global step)."""
+    stream = (MC_STREAM * 4 + ("validate", "test", "predict").index(stage)) * (1 << 32) + step
+    return rank_generator(base_seed(), rank, stream)
+
+
+def _naive_mc(model: torch.nn.Module, batches: Any, n_samples: int, generator: torch.Generator) -> tuple[Tensor, ...]:
+    """The reference loop, by hand: per batch one seed drawn from ``generator`` seeds torch's (forked) RNG, then
+    ``n_samples`` plain forward passes with only the ``nn.Dropout`` modules in train mode. Returns the mean
+    probabilities, the mutual information and the targets of all batches."""
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts
+    model.eval()
+    means, infos, targets = [], [], []
+    for batch in batches:
+        x, y = (batch["input_ids"], batch["labels"]) if isinstance(batch, dict) else (batch[0], batch[1])
+        args = (x, batch["attention_mask"]) if isinstance(batch, dict) else (x,)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            for m in dropouts:
+                m.train()
+            probs = torch.stack([model(*args).softmax(-1) for _ in range(n_samples)])  # (S, N, K)
+            for m in dropouts:
+                m.eval()
+        mean = probs.mean(0)
+        predictive = Categorical(probs=mean).entropy()
+        expected = Categorical(probs=probs).entropy().mean(0)
+        means.append(mean), infos.append(predictive - expected), targets.append(y)
+    return torch.cat(means), torch.cat(infos), torch.cat(targets)
+
+
+def _reference_metrics(mean: Tensor, info: Tensor, targets: Tensor) -> dict[str, float]:
+    """The MC metrics of the mean prediction, with torch and torchmetrics (15 equal-width bins for the ECE)."""
+    k = mean.shape[1]
+    return {
+        "acc": float(multiclass_accuracy(mean, targets, num_classes=k, average="micro")),
+        "nll": float(F.nll_loss(mean.log(), targets)),
+        "brier": float(((mean - F.one_hot(targets, k)) ** 2).sum(1).mean()),
+        "ece": float(multiclass_calibration_error(mean, targets, num_classes=k, n_bins=15, norm="l1")),
+        "entropy": float(Categorical(probs=mean).entropy().mean()),
+        "mutual_info": float(info.mean()),
+    }
+
+
 def test_validate_logs_mc_and_deterministic_metrics(tmp_path: Path) -> None:
     model = _model()
     (results,) = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(8, plot=False)]).validate(model, _loader())
@@ -52,8 +101,11 @@ def test_validate_logs_mc_and_deterministic_metrics(tmp_path: Path) -> None:
         logits = model.eval()(inputs)
     assert results["mc/val/det_acc"] == pytest.approx(float((logits.argmax(1) == targets).float().mean()))
     assert results["mc/val/det_nll"] == pytest.approx(float(F.cross_entropy(logits, targets)), rel=1e-5)
+    # The MC metrics are those of the naive loop with the callback's generator, computed independently.
+    reference = _reference_metrics(*_naive_mc(model, _loader(), 8, _callback_generator()))
+    for name, value in reference.items():
+        assert results[f"mc/val/{name}"] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     assert results["mc/val/mutual_info"] > 0
-    assert results["mc/val/nll"] != results["mc/val/det_nll"]
 
 
 def test_validation_step_runs_in_plain_eval_and_modes_are_restored(tmp_path: Path) -> None:
@@ -332,12 +384,14 @@ def test_deterministic_pass_equals_the_zoo_modules_own_validation_metrics(
     tmp_path: Path, name: str, method: str
 ) -> None:
     model, loader = _zoo_case(name)
-    callback = _Recording(8, plot=False)
-    (results,) = fast_trainer(tmp_path, callbacks=[callback]).validate(model, loader)
+    (results,) = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(8, plot=False)]).validate(model, loader)
     assert results["mc/val/det_acc"] == pytest.approx(results["val_acc"], abs=1e-6)
     assert results["mc/val/det_nll"] == pytest.approx(results["val_loss"], rel=1e-5)
     assert results["mc/val/mutual_info"] > 0
-    assert callback.methods == {method}
+    # The path the callback's inputs take (the module's own forward arguments for a batch).
+    batch = next(iter(loader))
+    with torch.no_grad():
+        assert mc_dropout_predict(model.eval(), batch_inputs(model, batch, 0), 8).method == method
 
 
 class _MaskedTextModel(L.LightningModule):
@@ -395,12 +449,17 @@ class _TextData(torch.utils.data.Dataset):
 def test_module_with_forward_inputs_and_an_attention_mask(tmp_path: Path) -> None:
     torch.manual_seed(0)
     loader = torch.utils.data.DataLoader(_TextData(), batch_size=16)
-    callback = _Recording(8, plot=False, target_key="labels")
-    (results,) = fast_trainer(tmp_path, callbacks=[callback]).validate(_MaskedTextModel(), loader)
+    model = _MaskedTextModel()
+    callback = MCDropoutEvaluation(8, plot=False, target_key="labels")
+    (results,) = fast_trainer(tmp_path, callbacks=[callback]).validate(model, loader)
     assert results["mc/val/det_nll"] == pytest.approx(results["val_loss"], rel=1e-5)
     assert results["mc/val/det_acc"] == pytest.approx(results["val_acc"], abs=1e-6)
-    assert callback.methods == {"cached"}  # its traced deterministic prefix, fed both arguments, ran once
-    assert results["mc/val/mutual_info"] > 0
+    # Both arguments reached every pass: the naive loop calling forward(input_ids, attention_mask) agrees.
+    reference = _reference_metrics(*_naive_mc(model, loader, 8, _callback_generator()))
+    for name, value in reference.items():
+        assert results[f"mc/val/{name}"] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    with torch.no_grad():  # its traced deterministic prefix, fed both arguments, runs once
+        assert mc_dropout_predict(model, batch_inputs(model, next(iter(loader)), 0), 8).method == "cached"
 
 
 def test_a_forward_that_needs_more_of_the_batch_names_forward_inputs_and_forward_fn(tmp_path: Path) -> None:
@@ -421,11 +480,14 @@ def test_forward_fn_computes_the_logits_and_is_sampled_by_the_loop(tmp_path: Pat
         calls.append(1)
         return module(batch["input_ids"], attention_mask=batch["attention_mask"])
 
-    callback = _Recording(5, plot=False, target_key="labels", forward_fn=forward_fn)
-    (results,) = fast_trainer(tmp_path, callbacks=[callback]).validate(_MaskedTextModel(), loader)
+    callback = MCDropoutEvaluation(5, plot=False, target_key="labels", forward_fn=forward_fn)
+    model = _MaskedTextModel()
+    (results,) = fast_trainer(tmp_path, callbacks=[callback]).validate(model, loader)
     assert results["mc/val/det_nll"] == pytest.approx(results["val_loss"], rel=1e-5)
-    assert callback.methods == {"naive"}
-    assert len(calls) == 3 * (5 + 1)  # per batch: 5 samples and the deterministic pass
+    assert len(calls) == 3 * (5 + 1)  # per batch: 5 samples and the deterministic pass, the naive loop
+    reference = _reference_metrics(*_naive_mc(model, loader, 5, _callback_generator()))
+    for name, value in reference.items():
+        assert results[f"mc/val/{name}"] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     with pytest.raises(TypeError, match="Expected `forward_fn` to be None or a callable"):
         MCDropoutEvaluation(forward_fn=3)  # type: ignore[arg-type]
 
@@ -470,59 +532,40 @@ _LOG = {"validate": "val", "test": "test"}
 # --- DDP: the logged metrics are the single-process metrics on the union --------------------------------
 
 
-class _Recording(MCDropoutEvaluation):
-    """Keeps what each rank fed to its metrics, so the parent can recompute them on the union."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.seen: list[tuple[Tensor, Tensor, Tensor]] = []
-        self.methods: set[str] = set()
-
-    def _update(self, key: Any, prediction: MCDropoutPrediction, targets: Tensor) -> None:
-        super()._update(key, prediction, targets)
-        self.seen.append((prediction.mean_probs, prediction.mutual_information, targets))
-        self.methods.add(prediction.method)
-
-
-class _RankWriter(L.Callback):
-    def __init__(self, path: Path, recorder: _Recording) -> None:
-        self.path, self.recorder = path, recorder
+class _LoggedMC(L.Callback):
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("mc/")}
-        mean_probs, mutual_info, targets = (
-            torch.cat(parts).tolist() for parts in zip(*self.recorder.seen, strict=True)
-        )
-        record = {"logged": logged, "mean_probs": mean_probs, "mutual_info": mutual_info, "targets": targets}
-        (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(logged))
 
 
 @skip_on_windows
 def test_ddp_metrics_equal_single_process_metrics_on_the_union(tmp_path: Path) -> None:
     model = _model()
-    recorder = _Recording(4, plot=False)
     with scrubbed_ddp_env():
-        trainer = ddp_fork_trainer(tmp_path, callbacks=[recorder, _RankWriter(tmp_path, recorder)])
+        trainer = ddp_fork_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, plot=False), _LoggedMC(tmp_path)])
         trainer.validate(model, _loader(64))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0]["logged"] == ranks[1]["logged"]
-    assert len(ranks[0]["targets"]) == len(ranks[1]["targets"]) == 32
-    logged = ranks[0]["logged"]
+    assert ranks[0] == ranks[1]
+    logged = ranks[0]
 
     # The deterministic metrics: one process on all the data.
     (single,) = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, plot=False)]).validate(_model(), _loader(64))
     for name in METRICS:
         assert logged[f"mc/val/det_{name}"] == pytest.approx(single[f"mc/val/det_{name}"], abs=1e-6), name
 
-    # The MC metrics: one process's metrics on the union of what the ranks sampled.
-    union = UncertaintyMetrics(num_classes=3)
-    union.update(
-        torch.tensor(ranks[0]["mean_probs"] + ranks[1]["mean_probs"]),
-        hard_targets(torch.tensor(ranks[0]["targets"] + ranks[1]["targets"])),
-        torch.tensor(ranks[0]["mutual_info"] + ranks[1]["mutual_info"]),
-    )
-    for name, value in union.compute().items():
-        assert logged[f"mc/val/{name}"] == pytest.approx(float(value), abs=1e-6), name
+    # The MC metrics: the naive loop of each rank (its shard, samples r, r + 2, ... as DistributedSampler deals
+    # them without shuffling, in batches of 16; its own stream), metrics computed once on the union.
+    inputs, targets = make_classification(64)
+    parts = [
+        _naive_mc(model, make_loader(inputs[r::2], targets[r::2], batch_size=16), 4, _callback_generator(rank=r))
+        for r in range(2)
+    ]
+    union = (torch.cat(tensors) for tensors in zip(*parts, strict=True))
+    for name, value in _reference_metrics(*union).items():
+        assert logged[f"mc/val/{name}"] == pytest.approx(value, rel=1e-4, abs=1e-6), name
 
 
 class _AutocastRecorder(UserClassifier):
@@ -570,15 +613,6 @@ class _QuietValidation(UserClassifier):
         return None
 
 
-class _LoggedWriter(L.Callback):
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("mc/")}
-        (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(logged))
-
-
 @skip_on_windows
 def test_ddp_rank_without_batches_takes_part_and_both_ranks_log_the_union(tmp_path: Path) -> None:
     from datetime import timedelta
@@ -592,7 +626,7 @@ def test_ddp_rank_without_batches_takes_part_and_both_ranks_log_the_union(tmp_pa
     strategy = DDPStrategy(start_method="fork", timeout=timedelta(seconds=60))  # a hang fails instead of waiting
     with scrubbed_ddp_env():
         trainer = ddp_fork_trainer(
-            tmp_path, strategy=strategy, callbacks=[MCDropoutEvaluation(4, plot=False), _LoggedWriter(tmp_path)]
+            tmp_path, strategy=strategy, callbacks=[MCDropoutEvaluation(4, plot=False), _LoggedMC(tmp_path)]
         )
         trainer.validate(model, loader)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

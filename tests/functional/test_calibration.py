@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import Any
 
@@ -230,3 +231,143 @@ def test_a_finite_optimum_outside_the_bounds_is_clamped_with_a_warning() -> None
     assert fit_temperature(0.3 * logits, targets) < 0.5
     with pytest.warns(UserWarning, match="lies outside the range"):
         assert fit_temperature(0.3 * logits, targets, min_temperature=0.5) == 0.5
+
+
+def test_temperature_nll_is_torchs_cross_entropy_of_the_scaled_logits() -> None:
+    logits, targets = _data(n=50, k=4, seed=3)
+    z = logits.double()
+    g = torch.Generator().manual_seed(4)
+    soft = torch.rand(50, 4, generator=g, dtype=torch.float64).softmax(1)
+    per_class = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+    assert temperature_nll(logits, targets) == pytest.approx(float(F.cross_entropy(z, targets)), rel=1e-6)
+    for y in (targets, soft.float()):
+        for t in (1.3, per_class):
+            expected = float(F.cross_entropy(z / t, y.double() if y.ndim == 2 else y))
+            assert temperature_nll(logits, y, t) == pytest.approx(expected, rel=1e-6), (y.ndim, t)
+    # float64 logits keep float64 arithmetic: a python float T is not rounded to float32 on the way
+    assert temperature_nll(z, targets, 1.3) == pytest.approx(float(F.cross_entropy(z / 1.3, targets)), rel=1e-13)
+    assert temperature_nll(z, soft, 1.3) == pytest.approx(float(F.cross_entropy(z / 1.3, soft)), rel=1e-13)
+    assert temperature_nll(z[:1], targets[:1], 2.0) == pytest.approx(float(F.cross_entropy(z[:1] / 2, targets[:1])))
+
+
+def test_the_run_off_and_clamp_warnings_say_why_and_where() -> None:
+    targets = torch.arange(30) % 3
+    low = (
+        r"runs off to 0: every held-out sample's target is its top logit \(all classified correctly\), so the NLL "
+        r"keeps falling as T goes to 0\. Returning T = 0\.01 \(the `min_temperature` bound\)"
+    )
+    with pytest.warns(UserWarning, match=low):
+        fit_temperature(20.0 * F.one_hot(targets, 3).float(), targets)
+    high = (
+        r"runs off to infinity: the target logits are on average no higher than the mean logit \(the logits carry "
+        r"no information about the targets, or point away from them\), so the NLL keeps falling as T grows\. "
+        r"Returning T = 100\.0 \(the `max_temperature` bound\)"
+    )
+    with pytest.warns(UserWarning, match=high):
+        fit_temperature(-5.0 * F.one_hot(targets, 3).float(), targets)
+    # the clamp names the optimum it clamped: one T, or the range of the per-class ones
+    logits, targets = _data()
+    free = fit_temperature(0.3 * logits, targets)
+    with pytest.warns(UserWarning, match=rf"\(T = {free:.3g}\)\. It is clamped"):
+        fit_temperature(0.3 * logits, targets, min_temperature=0.5)
+    free_per_class = fit_temperature(0.3 * logits, targets, per_class=True)
+    lo, hi = float(free_per_class.min()), float(free_per_class.max())
+    with pytest.warns(UserWarning, match=rf"\(T = {lo:.3g} to {hi:.3g}\)\. It is clamped"):
+        fit_temperature(0.3 * logits, targets, per_class=True, min_temperature=0.5)
+
+
+def test_temperature_nll_of_no_sample_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"^Expected at least one sample, but got empty logits \(on every rank\)\.$"):
+        temperature_nll(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+
+
+def test_separable_logits_with_different_margins_per_sample_still_run_off_to_zero() -> None:
+    targets = torch.arange(30) % 3
+    margins = torch.linspace(2.0, 20.0, 30)[:, None]  # each row right, by its own margin
+    with pytest.warns(UserWarning, match="runs off to 0"):
+        assert fit_temperature(margins * F.one_hot(targets, 3).float(), targets) == 1e-2
+
+
+@pytest.mark.parametrize(
+    ("logits", "targets", "error", "message"),
+    [
+        (
+            [[0.0, 1.0]],
+            torch.zeros(1, dtype=torch.long),
+            ValueError,
+            "Expected `logits` of shape (N, num_classes), but got list.",
+        ),
+        (
+            torch.zeros(4),
+            torch.zeros(4, dtype=torch.long),
+            ValueError,
+            "Expected `logits` of shape (N, num_classes), but got shape (4,).",
+        ),
+        (
+            torch.zeros(4, 1),
+            torch.zeros(4, dtype=torch.long),
+            ValueError,
+            "Expected logits of at least 2 classes, but got shape (4, 1). A single logit is a sigmoid head: pass "
+            "`torch.stack([-z / 2, z / 2], 1)` (the same probabilities as two-class logits).",
+        ),
+        (torch.zeros(4, 3), [0, 1, 2, 0], TypeError, "Expected `targets` to be a tensor, but got list."),
+        (
+            torch.zeros(4, 3),
+            torch.zeros(4),
+            TypeError,
+            "Expected index targets `(N,)` of an integer dtype, but got dtype torch.float32. Pass class indices "
+            "(`.long()`) or probabilities of shape (N, num_classes).",
+        ),
+        (
+            torch.zeros(4, 3),
+            torch.zeros(4, 3, dtype=torch.long),
+            TypeError,
+            "Expected floating-point probability targets, but got dtype torch.int64.",
+        ),
+    ],
+)
+def test_bad_input_gets_the_whole_message(logits: Any, targets: Any, error: type, message: str) -> None:
+    for function in (fit_temperature, temperature_nll):
+        with pytest.raises(error, match=f"^{re.escape(message)}$"):
+            function(logits, targets)
+
+
+def test_the_options_accept_their_bounds_and_refuse_just_beyond_with_the_whole_message() -> None:
+    logits, targets = _data(n=200)
+    assert fit_temperature(logits, targets, max_iter=1) > 0  # one LBFGS iteration is allowed
+    assert fit_temperature(logits, targets, min_temperature=0.5, max_temperature=1.5) > 0
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=rf"^Expected `max_iter` to be an int >= 1, but got {bad!r}\.$"):
+            fit_temperature(logits, targets, max_iter=bad)  # type: ignore[arg-type]
+    for low, high in ((1.0, 2.0), (0.5, 1.0), (0.5, math.inf), (0.0, 2.0)):
+        message = (
+            r"^Expected 0 < `min_temperature` < 1 < `max_temperature` < inf, but got "
+            rf"min_temperature={low!r}, max_temperature={high!r}\.$"
+        )
+        with pytest.raises(ValueError, match=message):
+            fit_temperature(logits, targets, min_temperature=low, max_temperature=high)
+
+
+def test_fit_temperature_errors_and_warnings_in_full() -> None:
+    with pytest.raises(
+        ValueError, match=r"^Expected at least one sample to fit the temperature on, but got empty logits\.$"
+    ):
+        fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    nan = (
+        r"^Expected finite logits, but got 1 NaN or infinite values\. Check the model's outputs \(mixed precision "
+        r"overflow, a division by zero\) before fitting a temperature\.$"
+    )
+    with pytest.raises(ValueError, match=nan):
+        fit_temperature(torch.tensor([[0.0, math.nan], [1.0, 0.0]]), torch.tensor([0, 1]))
+    constant = (
+        r"^The NLL of these logits does not depend on the temperature \(every row's logits are equal, or the target "
+        r"logit is at once the mean and the maximum\): returning T = 1\.$"
+    )
+    targets = torch.arange(30) % 3
+    cases = [
+        (torch.ones(6, 3), torch.tensor([0, 1, 2, 0, 1, 2]), constant),
+        (20.0 * F.one_hot(targets, 3).float(), targets, r"fit on more \(or harder\) held-out data\.$"),
+    ]
+    for logits, y, message in cases:
+        with pytest.warns(UserWarning, match=message):
+            fit_temperature(logits, y)

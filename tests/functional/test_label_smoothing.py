@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_reg import functional as LF
+from lightning_reg.functional._targets import mixed_one_hot
 
 
 def test_one_hot_of_indices_matches_torch():
@@ -134,3 +137,148 @@ def test_mixed_one_hot_follows_a_float64_default_dtype():
     finally:
         torch.set_default_dtype(previous)
     assert mixed_one_hot(y, 3, 0.3, index, dtype=torch.float64).dtype == torch.float64
+
+
+# --- the validation helpers the callbacks share: their boundaries and their messages ----------------------------
+
+
+def test_check_range_accepts_exactly_the_indices_zero_to_k_minus_one() -> None:
+    from lightning_reg.functional._checks import check_range
+
+    check_range(torch.tensor([0, 2]), 3)  # both ends of the range
+    check_range(torch.tensor([], dtype=torch.long), 3)  # an empty batch has no range to read
+    message = (
+        r"^Expected class indices in \[0, 3\), but got values in \[{}, {}\]\. "
+        r"Pass the right `num_classes`, or remap the labels to 0\.\.num_classes-1\.$"
+    )
+    for bad, (low, high) in ((torch.tensor([3]), (3, 3)), (torch.tensor([-1, 0]), (-1, 0))):
+        with pytest.raises(ValueError, match=message.format(low, high)):
+            check_range(bad, 3)
+
+
+def test_check_rows_boundaries_are_inclusive_at_the_tolerance() -> None:
+    from lightning_reg.functional._checks import check_rows
+
+    # Values exact in binary, so that a bound is met exactly: -atol, 1 + atol, and a row sum of 1 + atol pass.
+    check_rows(torch.tensor([[-0.25, 1.25]], dtype=torch.float64), atol=0.25)
+    check_rows(torch.tensor([[0.5, 0.75]], dtype=torch.float64), atol=0.25)
+    check_rows(torch.zeros(0, 3))  # nothing to check
+    entries = (
+        r"^Expected probability targets with entries in \[0, 1\], but got values in \[{}, {}\]\. Pass probabilities "
+        r"\(apply softmax to logits\), or class indices as an integer tensor \(N,\)\.$"
+    )
+    for row, low, high in (([[2.0]], "2", "2"), ([[-0.5, 0.5, 1.0]], "-0.5", "1"), ([[1.5, 0.0]], "0", "1.5")):
+        with pytest.raises(ValueError, match=entries.format(low, high)):
+            check_rows(torch.tensor(row))
+    sums = (
+        r"^Expected probability targets \(N, K\) whose rows sum to 1, but a row sums to 1\.5 \(rows sum to "
+        r"\[1\.5, 1\.5\]\)\. Multi-hot \(multi-label\) targets need `multi_label=True`: each entry is then an "
+        r"independent binary label, smoothed towards 1/2\.$"
+    )
+    with pytest.raises(ValueError, match=sums):
+        check_rows(torch.tensor([[0.75, 0.75]]))
+    check_rows(torch.tensor([[0.75, 0.75]]), multi_label=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.bool, "float32"])
+def test_one_hot_rejects_a_dtype_that_is_not_floating(dtype: object) -> None:
+    with pytest.raises(ValueError, match=r"^Expected `dtype` to be a floating torch\.dtype or None, but got "):
+        LF.one_hot(torch.tensor([0, 1]), 2, dtype=dtype)  # type: ignore[arg-type]
+
+
+def test_smooth_spreads_over_the_k_classes_unless_told_multi_label() -> None:
+    rows = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(LF.smooth(rows, 0.4), torch.tensor([[0.7, 0.1, 0.1, 0.1]]))
+    torch.testing.assert_close(LF.smooth(rows, 0.4, multi_label=True), torch.tensor([[0.8, 0.2, 0.2, 0.2]]))
+
+
+def _naive_mixed(rows: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """``smooth(lam * rows + (1 - lam) * rows[partner])`` in float64, row by row."""
+    k = rows.shape[1]
+    out = torch.stack([lam[i] * rows[i] + (1 - lam[i]) * rows[j] for i, j in enumerate(partner.tolist())])
+    return (1 - smoothing) * out + smoothing / k
+
+
+@pytest.mark.parametrize("as_rows", [False, True], ids=["indices", "probability rows"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["float lam", "tensor lam"])
+def test_mixed_one_hot_with_a_shift_or_an_index_is_the_naive_mix_in_float64(as_rows: bool, per_sample: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    n, k, shift, smoothing = 6, 5, 2, 0.1
+    labels = torch.tensor([0, 3, 1, 4, 4, 2])
+    rows = torch.rand(n, k, generator=g, dtype=torch.float64)
+    rows /= rows.sum(1, keepdim=True)
+    targets = rows if as_rows else labels
+    reference_rows = rows if as_rows else F.one_hot(labels, k).double()
+    # a float32 lam tensor (exact eighths), to be cast to the rows' float64
+    lam = (
+        torch.randint(1, 8, (n,), generator=g).double() / 8
+        if per_sample
+        else torch.full((n,), 0.3, dtype=torch.float64)
+    )
+    lam_arg = lam.float() if per_sample else 0.3
+    partner = (torch.arange(n) + shift) % n
+    expected = _naive_mixed(reference_rows, lam, partner, smoothing)
+    dtype = None if as_rows else torch.float64
+    by_index = mixed_one_hot(targets, k, lam_arg, partner, smoothing, dtype=dtype)
+    # `shift` promises index[i] == (i + shift) % N and is not read: a wrong index shows whether it is
+    wrong = torch.zeros(n, dtype=torch.long)
+    by_shift = mixed_one_hot(targets, k, lam_arg, wrong, smoothing, shift=shift, dtype=dtype)
+    for got in (by_index, by_shift):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # into a float64 buffer, dtype taken from it
+    out = torch.empty(n, k, dtype=torch.float64)
+    if not as_rows:
+        mixed_one_hot(labels, k, lam_arg, partner, smoothing, out=out)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_mixed_one_hot_refuses_class_indices_for_multi_label_with_the_fix() -> None:
+    message = (
+        r"^`multi_label=True` expects multi-hot float rows \(N, K\), but got class indices of shape \(3,\)\. Build "
+        r"the multi-hot rows in the dataset, or drop `multi_label` for single-label classes\.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        mixed_one_hot(torch.tensor([0, 1, 2]), 3, 0.5, torch.tensor([1, 2, 0]), multi_label=True)
+
+
+def test_one_hot_builds_rows_of_the_dtype_asked_for_and_names_the_bad_targets() -> None:
+    rows = LF.one_hot(torch.tensor([2, 0]), 3, 0.3, dtype=torch.float64)
+    assert rows.dtype == torch.float64
+    torch.testing.assert_close(rows, torch.tensor([[0.1, 0.1, 0.8], [0.8, 0.1, 0.1]], dtype=torch.float64))
+    dense = (
+        r"^Expected `targets` with one label per sample: class indices \(N,\) or per-class rows \(N, K\) "
+        r"\(probabilities, or multi-hot rows with `multi_label=True`\), but got shape {shape} and dtype {dtype}\. "
+        r"Dense targets such as segmentation masks \(N, H, W\) are not supported: mixing and smoothing here act on "
+        r"one label distribution per sample\.$"
+    )
+    for bad in (torch.zeros(4, 2, dtype=torch.long), torch.zeros(4, 3, 3)):
+        shape = re.escape(str(tuple(bad.shape)))
+        with pytest.raises(ValueError, match=dense.format(shape=shape, dtype=re.escape(str(bad.dtype)))):
+            LF.one_hot(bad, 3)
+    squeeze = (
+        r"^Expected `targets` as class indices of shape \(N,\) with an integer dtype or probabilities of shape "
+        r"\(N, K\) with a float dtype, but got shape \(4, 1\) and dtype torch\.int64\. Squeeze \(N, 1\) targets to "
+        r"\(N,\), cast float indices with `\.long\(\)`, or pass one-hot rows as float\.$"
+    )
+    with pytest.raises(ValueError, match=squeeze):
+        LF.one_hot(torch.zeros(4, 1, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match=r"^`multi_label=True` expects multi-hot float rows \(N, K\), but got class "):
+        LF.one_hot(torch.tensor([0, 1]), 3, multi_label=True)
+    with pytest.raises(ValueError, match=r"^`multi_label=True` expects .* class indices of shape \(2,\)\. Build"):
+        LF.one_hot(torch.tensor([0, 1]), 3, multi_label=True)
+    with pytest.raises(ValueError, match=r"^Expected `smoothing` to be a float in \[0, 1\), but got '0\.1'\.$"):
+        LF.one_hot(torch.tensor([0, 1]), 3, "0.1")  # type: ignore[arg-type]
+
+
+def test_mixed_one_hot_refuses_a_non_float_out_buffer_and_a_non_int_num_classes() -> None:
+    labels, index = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0])
+    message = (
+        r"^Expected `out` as a float tensor of shape \(3, 3\) on cpu, but got \(3, 3\) torch\.int64 on cpu\. "
+        r"Pass `out=torch\.empty\(3, 3\)`\.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        mixed_one_hot(labels, 3, 0.5, index, out=torch.empty(3, 3, dtype=torch.long))
+    for bad in (2.5, True, 0):
+        with pytest.raises(ValueError, match=rf"^Expected `num_classes` to be a positive int, but got {bad!r}\.$"):
+            mixed_one_hot(labels, bad, 0.5, index)  # type: ignore[arg-type]

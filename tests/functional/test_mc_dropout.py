@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -11,8 +12,7 @@ from torch import Tensor, nn
 
 import zoo
 from lightning_reg import functional as LF
-from lightning_reg.functional.mc_dropout import mc_dropout_predict, mc_dropout_sampling
-from lightning_reg.functional.uncertainty import entropy
+from lightning_reg.functional.mc_dropout import MCDropoutPrediction, mc_dropout_predict, mc_dropout_sampling
 from lightning_reg.nn import LockedDropout, WeightDrop
 from tests.helpers import TinyMLP
 
@@ -218,8 +218,20 @@ def test_every_zoo_model_shows_spread_under_inference_mode(name: str) -> None:
     shapes = {"lstm": (8, 8), "gru": (8, 8), "transformer": (8, 8), "vit_tiny": (3, 32, 32), "resnet18": (3, 32, 32)}
     inputs = torch.randn(2, *shapes.get(name, (1, 8, 8)))
     with torch.inference_mode():
-        out = mc_dropout_predict(model, inputs, 3)
-    assert out.probs.std(dim=0).max() > 0
+        out = mc_dropout_predict(model, inputs, 4, generator=torch.Generator().manual_seed(0), deterministic=True)
+        naive = mc_dropout_predict(model, inputs, 4, generator=torch.Generator().manual_seed(0), method="naive")
+        plain = model(inputs).softmax(-1)
+    # The cached path (trunk once, head sampled) draws what the reference loop of 4 forward passes draws; the
+    # batched one (dropout in the trunk, below 256 rows) only the same distribution (tested on a large sample above).
+    assert out.method in ("cached", "batched")
+    if out.method == "cached":
+        torch.testing.assert_close(out.probs, naive.probs)
+    else:
+        assert ((naive.probs - plain).abs().amax(-1) > 1e-6).all(), naive.probs
+    # ... and the passes are sampled: for every input the samples disagree, and none is the eval-mode output.
+    assert (out.probs.std(dim=0).amax(-1) > 1e-4).all(), out.probs
+    assert ((out.probs - plain).abs().amax(-1) > 1e-6).all(), out.probs
+    torch.testing.assert_close(out.deterministic_probs, plain)
 
 
 # --- modes, statistics, paths -----------------------------------------------------------------------------
@@ -327,14 +339,55 @@ def test_deterministic_probs_are_the_eval_output_on_both_paths() -> None:
         torch.testing.assert_close(out.deterministic_probs, model(inputs).softmax(-1))
 
 
-def test_uncertainty_decomposition() -> None:
-    model, inputs = _build("Dropout")
-    out = mc_dropout_predict(model, inputs, 16)
-    torch.testing.assert_close(out.mean_probs.sum(-1), torch.ones(4))
-    torch.testing.assert_close(out.predictive_entropy, entropy(out.probs.mean(0)))
-    torch.testing.assert_close(out.expected_entropy, entropy(out.probs).mean(0))
-    torch.testing.assert_close(out.mutual_information, out.predictive_entropy - out.expected_entropy)
-    assert (out.mutual_information >= 0).all()
+def _h(*probs: float) -> float:
+    return -sum(p * math.log(p) for p in probs if p > 0)
+
+
+def test_uncertainty_decomposition_in_closed_form() -> None:
+    # Samples that disagree completely: the mean is uniform (PE = ln 2), each sample certain (EE = 0): all is MI.
+    # Samples that agree: no epistemic part. A mixture of both, row by row.
+    probs = torch.tensor(
+        [
+            [[1.0, 0.0], [0.7, 0.3], [0.9, 0.1]],
+            [[0.0, 1.0], [0.7, 0.3], [0.1, 0.9]],
+            [[1.0, 0.0], [0.7, 0.3], [0.5, 0.5]],
+            [[0.0, 1.0], [0.7, 0.3], [0.5, 0.5]],
+        ],
+        dtype=torch.float64,
+    )  # (S=4, N=3, K=2)
+    out = MCDropoutPrediction(probs, method="naive")
+    predictive = torch.tensor([math.log(2), _h(0.7, 0.3), math.log(2)], dtype=torch.float64)
+    expected = torch.tensor([0.0, _h(0.7, 0.3), (2 * _h(0.9, 0.1) + 2 * math.log(2)) / 4], dtype=torch.float64)
+    torch.testing.assert_close(out.mean_probs[:, 0], torch.tensor([0.5, 0.7, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(out.predictive_entropy, predictive)
+    torch.testing.assert_close(out.expected_entropy, expected)
+    torch.testing.assert_close(out.mutual_information, predictive - expected)
+
+
+def test_uncertainty_of_a_model_with_two_possible_passes_in_closed_form() -> None:
+    # x = 1 through Dropout(0.5) and logits (a x, -a x): a pass keeps x (x = 2, probabilities s = softmax(2a, -2a))
+    # or drops it (uniform). With k of S passes dropped the mean is (k/S) u + (1 - k/S) s, and
+    # EE = (k ln 2 + (S - k) H(s)) / S: the decomposition in closed form for whatever k the generator drew.
+    a, n_samples = 1.5, 40
+    model = nn.Sequential(nn.Dropout(0.5), nn.Linear(1, 2, bias=False)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[a], [-a]]))
+    out = mc_dropout_predict(model, torch.ones(1, 1), n_samples, generator=torch.Generator().manual_seed(0))
+    kept = torch.tensor([2 * a, -2 * a]).softmax(-1)
+    dropped = (out.probs[:, 0] - 0.5).abs().amax(-1) < 1e-7  # (S,)
+    for sample, is_dropped in zip(out.probs[:, 0], dropped, strict=True):
+        torch.testing.assert_close(sample, torch.full((2,), 0.5) if is_dropped else kept)
+    k = int(dropped.sum())
+    assert 0 < k < n_samples  # both passes drawn (probability 1 - 2**-39)
+    mean = (k * 0.5 + (n_samples - k) * kept) / n_samples
+    s0, s1 = float(kept[0]), float(kept[1])
+    assert float(out.predictive_entropy) == pytest.approx(_h(float(mean[0]), float(mean[1])), rel=1e-5)
+    assert float(out.expected_entropy) == pytest.approx(
+        (k * math.log(2) + (n_samples - k) * _h(s0, s1)) / n_samples, rel=1e-5
+    )
+    assert float(out.mutual_information) == pytest.approx(
+        _h(float(mean[0]), float(mean[1])) - (k * math.log(2) + (n_samples - k) * _h(s0, s1)) / n_samples, abs=1e-6
+    )
 
 
 def test_generator_makes_samples_reproducible_and_leaves_the_global_rng_alone() -> None:

@@ -67,3 +67,12 @@ def test_a_generator_on_another_device_draws_the_mask_there_and_copies_it(shape)
     assert y.shape == shape
     torch.empty(shape[0], 1, shape[2]).bernoulli_(0.5, generator=reference)  # the same draw on the CPU
     assert torch.equal(generator.get_state(), reference.get_state())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_locked_dropout_keeps_a_half_precision_dtype(dtype):
+    x = torch.randn(2, 5, 4)
+    y = locked_dropout(x.to(dtype), 0.5, generator=torch.Generator().manual_seed(0))
+    assert y.dtype == dtype  # a float32 mask would promote the activations
+    kept = y != 0
+    torch.testing.assert_close(y[kept], (x.to(dtype) * 2)[kept])

@@ -95,3 +95,12 @@ def test_a_generator_on_another_device_draws_the_mask_there_and_copies_it():
     # On one device, the same generator state gives the same mask as before the change.
     cpu = weight_drop(torch.ones(4, 6), 0.5, generator=torch.Generator().manual_seed(3))
     assert torch.equal(cpu, torch.empty(4, 6).bernoulli_(0.5, generator=torch.Generator().manual_seed(3)) * 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_drop_keeps_a_half_precision_dtype(dtype):
+    w = torch.randn(8, 8)
+    dropped = weight_drop(w.to(dtype), 0.5, generator=torch.Generator().manual_seed(0))
+    assert dropped.dtype == dtype  # a float32 mask would promote the weight
+    kept = dropped != 0
+    torch.testing.assert_close(dropped[kept], (w.to(dtype) * 2)[kept])

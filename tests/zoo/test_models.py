@@ -33,6 +33,7 @@ def test_zoo_model_contract(name, tmp_path):
     kwargs, sample_shape = TINY[name]
     L.seed_everything(0, verbose=False)
     model = zoo.create(name, num_classes=NUM_CLASSES, **kwargs)
+    assert isinstance(model, zoo.ClassifierModule)
     assert model.num_classes == NUM_CLASSES
     x = torch.randn(4, *sample_shape)
     y = torch.arange(4) % NUM_CLASSES

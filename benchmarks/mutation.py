@@ -1,0 +1,149 @@
+"""Mutation testing of one module at a time, fast enough for a small machine.
+
+    python benchmarks/mutation.py lightning_reg/functional/calibration.py [more modules...]
+
+`mutmut run` from the project root (pyproject's `[tool.mutmut]`) mutates all of `functional/` and `callbacks/`
+and first traces the whole test suite to learn which tests reach which function; on 2 cores that stats run alone
+takes longer than the default test run. This script runs the same mutmut per module instead: it copies the project
+into `mutants-work/<module>/`, narrows `[tool.mutmut]` there to that one module and to the test files that exercise
+it (`TESTS` below, or `--tests`), runs `mutmut run --max-children 1` (each mutant still runs only the tests that
+reached the mutated function), and prints the counts and the survivors. The numbers go to
+benchmarks/results/mutation.md by hand, with the survivors read and either killed by a test or explained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "mutants-work"
+COPIED = ["lightning_reg", "zoo", "tests", "benchmarks", "examples", "data", "pyproject.toml", "README.md", "docs"]
+
+# The test files that exercise each module (a module's own tests, those of its callback or nn wrapper, and the
+# examples that import it). mutmut still picks, per mutant, the tests of this selection that reached the function.
+TESTS: dict[str, list[str]] = {
+    "lightning_reg/functional/uncertainty.py": [
+        "tests/test_uncertainty_metrics.py",
+        "tests/functional/test_mc_dropout.py",
+        "tests/functional/test_calibration.py",
+    ],
+    # Not the callback's Trainer tests: every mutant of `fit_temperature` would run all of them (a minute each).
+    "lightning_reg/functional/calibration.py": ["tests/functional/test_calibration.py"],
+    "lightning_reg/functional/selective.py": ["tests/test_selective_metrics.py"],
+    "lightning_reg/functional/bn_recalibration.py": ["tests/functional/test_bn_recalibration.py"],
+    "lightning_reg/functional/label_smoothing.py": ["tests/functional/test_label_smoothing.py"],
+    "lightning_reg/functional/locked_dropout.py": ["tests/nn/test_locked_dropout.py"],
+    "lightning_reg/functional/recurrent_dropout.py": ["tests/nn/test_recurrent_dropout.py"],
+    "lightning_reg/functional/weight_drop.py": ["tests/nn/test_weight_drop.py"],
+    "lightning_reg/functional/regmixup.py": ["tests/callbacks/test_regmixup.py"],
+    "lightning_reg/callbacks/bn_recalibration.py": ["tests/callbacks/test_bn_recalibration.py"],
+    "lightning_reg/callbacks/temperature_scaling.py": ["tests/callbacks/test_temperature_scaling.py"],
+    "lightning_reg/callbacks/bn_stats_monitor.py": ["tests/callbacks/test_bn_stats_monitor.py"],
+    "lightning_reg/callbacks/regularization_check.py": ["tests/test_regularization_check.py"],
+}
+
+# The multi-process tests are left out: under mutmut's tracing one of them takes a minute, and every surviving
+# mutant would run it again. Their code paths (collectives) are therefore not scored here.
+DESELECT = "not ddp and not two_ranks and not two_process and not 2_process and not distributed"
+
+_SECTION = re.compile(r"^\[tool\.mutmut\]\n(?:(?!^\[).*\n?)*", re.MULTILINE)
+
+
+def _mutmut_section(module: str, tests: list[str]) -> str:
+    return (
+        "[tool.mutmut]\n"
+        'source_paths = ["lightning_reg"]\n'
+        f"only_mutate = {json.dumps([module])}\n"
+        'also_copy = ["zoo", "benchmarks", "examples", "data", "docs", "README.md"]\n'
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "--no-header", "-m", "not slow and not gpu", '
+        f'"-k", "{DESELECT}", "-W", "ignore::pytest.PytestUnraisableExceptionWarning"]\n'
+        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+        "use_git_change_detection = false\n"
+    )
+
+
+def run_module(module: str, tests: list[str], fresh: bool, survivors_only: bool = False) -> dict[str, object]:
+    """Run mutmut on one module in its own scratch copy; return the counts and the survivors.
+
+    With ``survivors_only``, only the previous run's survivors run again, against the current tests (the way to
+    check that new tests kill them without rerunning every mutant).
+    """
+    if not (ROOT / module).is_file():
+        raise SystemExit(f"Expected a module file under {ROOT}, but got {module!r}.")
+    missing = [t for t in tests if not (ROOT / t).exists()]
+    if missing:
+        raise SystemExit(f"Expected existing test files for {module}, but these are missing: {missing}.")
+    work = WORK / Path(module).with_suffix("").as_posix().replace("/", ".")
+    again: list[str] = []
+    if survivors_only:
+        previous = work / "result.json"
+        if not previous.exists():
+            raise SystemExit(f"Expected an earlier run of {module} in {work} for --survivors, but found none.")
+        again = list(json.loads(previous.read_text())["survivors"])
+        fresh = False
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        src, dst = ROOT / name, work / name
+        if dst.exists() and src.is_dir():
+            shutil.rmtree(dst)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.exists():
+            shutil.copy2(src, dst)
+    pyproject = work / "pyproject.toml"
+    text = pyproject.read_text()
+    pyproject.write_text(_SECTION.sub(_mutmut_section(module, tests), text, count=1))
+
+    mutmut = [sys.executable, "-m", "mutmut"]
+    start = time.monotonic()
+    subprocess.run([*mutmut, "run", "--max-children", "1", *again], cwd=work, check=False)
+    wall = time.monotonic() - start
+    listing = subprocess.run([*mutmut, "results", "--all", "true"], cwd=work, capture_output=True, text=True)
+    status: dict[str, str] = {}
+    for line in listing.stdout.splitlines():
+        name, _, state = line.strip().rpartition(": ")
+        if name:
+            status[name] = state
+    counts: dict[str, int] = {}
+    for state in status.values():
+        counts[state] = counts.get(state, 0) + 1
+    killed = counts.get("killed", 0)
+    counted = len(status) - counts.get("skipped", 0)
+    result = {
+        "module": module,
+        "tests": tests,
+        "mutants": counted,
+        "counts": counts,
+        "score": round(100 * killed / counted, 1) if counted else None,
+        "survivors": sorted(n for n, s in status.items() if s not in ("killed",)),
+        "wall_s": round(wall),
+    }
+    (work / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="+", help="module files, e.g. lightning_reg/functional/calibration.py")
+    parser.add_argument("--tests", nargs="+", help="test files to select from (default: TESTS[module])")
+    parser.add_argument("--fresh", action="store_true", help="start from scratch (default: reuse earlier results)")
+    parser.add_argument("--survivors", action="store_true", help="rerun only the last run's survivors")
+    args = parser.parse_args()
+    for module in args.modules:
+        if args.tests is None and module not in TESTS:
+            raise SystemExit(f"No test files known for {module!r}: pass --tests, or one of {sorted(TESTS)}.")
+        result = run_module(module, args.tests or TESTS[module], args.fresh, args.survivors)
+        print(json.dumps(result, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    main()
