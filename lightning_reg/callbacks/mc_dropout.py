@@ -462,16 +462,7 @@ class MCDropoutEvaluation(Callback):
             passes.append(("det_", self._detection[key][1]))
         curves = {}
         for tag, metric in passes:
-            _join_empty(metric, pl_module.device)
-            for name, value in metric.compute().items():
-                pl_module.log(
-                    f"{prefix}{tag}{name}{suffix}",
-                    value,
-                    on_step=False,
-                    on_epoch=True,
-                    sync_dist=False,
-                    add_dataloader_idx=False,
-                )
+            _log_detection(pl_module, metric, f"{prefix}{tag}", suffix)
             if self.plot:
                 with metric.sync_context():  # the union of all ranks' samples; a collective
                     curves["MC dropout" if tag == "" else "deterministic"] = metric.curve()
@@ -495,16 +486,7 @@ class MCDropoutEvaluation(Callback):
         prefix = f"mc/{_LOG_NAME[stage]}/"
         passes = [("", ood[0])] + ([("det_", ood[1])] if self.uncertainty_score != "mutual_information" else [])
         for tag, metric in passes:
-            _join_empty(metric, pl_module.device)
-            for name, value in metric.compute().items():
-                pl_module.log(
-                    f"{prefix}{tag}{name}",
-                    value,
-                    on_step=False,
-                    on_epoch=True,
-                    sync_dist=False,
-                    add_dataloader_idx=False,
-                )
+            _log_detection(pl_module, metric, f"{prefix}{tag}")
             metric.reset()
 
     def _log_dir(self, trainer: L.Trainer) -> Path | None:
@@ -559,6 +541,17 @@ def _check_detection_args(score: object, ood_dataloader_idx: object) -> None:
         raise ValueError(f"Expected `ood_dataloader_idx` to be None or an int >= 0, but got {ood_dataloader_idx!r}.")
 
 
-def _join_empty(metric: MisclassificationDetection | OODDetection, device: torch.device) -> None:
-    """Add an empty update, so that a rank that saw no sample still holds a tensor to gather (no rank waits)."""
+def _log_detection(
+    pl_module: L.LightningModule, metric: MisclassificationDetection | OODDetection, prefix: str, suffix: str = ""
+) -> None:
+    """Log every value of ``metric.compute()`` as ``{prefix}{name}{suffix}`` (a collective: every rank calls it).
+
+    An empty update first, so that a rank that saw no sample still holds a tensor to gather (no rank waits). The
+    values are already reduced over ranks by the metric's gathers: every rank logs the same number.
+    """
+    device = pl_module.device
     metric.update(torch.zeros(0, device=device), torch.zeros(0, dtype=torch.bool, device=device))
+    for name, value in metric.compute().items():
+        pl_module.log(
+            f"{prefix}{name}{suffix}", value, on_step=False, on_epoch=True, sync_dist=False, add_dataloader_idx=False
+        )
