@@ -15,6 +15,7 @@ from lightning_reg import functional as LF
 from lightning_reg.functional.mc_dropout import MCDropoutPrediction, mc_dropout_predict, mc_dropout_sampling
 from lightning_reg.nn import LockedDropout, WeightDrop
 from tests.helpers import TinyMLP
+from tests.helpers.mc import assert_prefix_once_with_the_loops_draws
 
 # --- small models, each with BatchNorm and exactly one kind of dropout -------------------------------
 
@@ -643,21 +644,7 @@ def test_any_traceable_module_runs_its_deterministic_prefix_once_with_the_naive_
     with torch.no_grad():
         model.train()(torch.randn(*shape))  # lazy layers, BN statistics
     model.eval()
-    calls = []
-    first = next(m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d))
-    handle = first.register_forward_hook(lambda *_: calls.append(1))
-    for seed in (0, 1):  # two batches: nothing is cached across them
-        inputs = torch.randn(*shape)
-        naive = mc_dropout_predict(model, inputs, 6, method="naive", generator=torch.Generator().manual_seed(seed))
-        calls.clear()
-        ours = mc_dropout_predict(model, inputs, 6, generator=torch.Generator().manual_seed(seed), deterministic=True)
-        assert ours.method == "cached"
-        assert len(calls) == 1  # the prefix once, for the samples and the deterministic pass
-        torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
-        assert ours.probs.std(dim=0).max() > 1e-5
-        assert ours.deterministic_probs is not None
-        torch.testing.assert_close(ours.deterministic_probs, model(inputs).softmax(-1))
-    handle.remove()
+    assert_prefix_once_with_the_loops_draws(model, shape)
 
 
 class _DataDependent(nn.Module):

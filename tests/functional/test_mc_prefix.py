@@ -11,6 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from lightning_reg.functional.mc_dropout import mc_dropout_predict
+from tests.helpers.mc import assert_prefix_once_with_the_loops_draws
 
 
 def _seeded(seed: int = 0) -> torch.Generator:
@@ -39,26 +40,10 @@ def test_a_timm_model_samples_its_head_once_per_sample_with_the_naive_loops_draw
     with torch.no_grad():
         model.train()(torch.randn(4, 1, 8, 8))
     model.eval()
-    calls: list[int] = []
-    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    handle = first.register_forward_hook(lambda *_: calls.append(1))
     # Threshold masks: the default, 6 samples of 4 rows in one head call, with the loop's words. torch's masks (one
     # seed per call) give the loop's draws one sample per call: what batches of 256 rows or more take.
     chunk_size = 4 if masks == "torch" else None
-    for seed in (0, 1):  # two batches: nothing is cached across them
-        inputs = torch.randn(4, 1, 8, 8)
-        naive = mc_dropout_predict(model, inputs, 6, method="naive", generator=_seeded(seed), masks=masks)  # type: ignore[arg-type]
-        calls.clear()
-        ours = mc_dropout_predict(
-            model, inputs, 6, generator=_seeded(seed), masks=masks, chunk_size=chunk_size, deterministic=True
-        )  # type: ignore[arg-type]
-        assert ours.method == "cached"
-        assert len(calls) == 1  # the trunk once, for the samples and the deterministic pass
-        torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
-        assert ours.probs.std(dim=0).max() > 1e-5
-        assert ours.deterministic_probs is not None
-        torch.testing.assert_close(ours.deterministic_probs, model(inputs).softmax(-1))
-    handle.remove()
+    assert_prefix_once_with_the_loops_draws(model, (4, 1, 8, 8), masks=masks, chunk_size=chunk_size)
 
 
 class _Flagged(nn.Module):
