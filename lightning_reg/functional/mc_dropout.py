@@ -778,6 +778,19 @@ def _sample_rows(fn: Callable[..., Any], x: ForwardInputs, n: int, n_samples: in
     return torch.cat(outputs).view(n_samples, n, -1)  # (S, N, K)
 
 
+# Below this many classes torch's CPU softmax over the last dimension measured 4-10x slower than over the first,
+# one thread (logits (30, 256, 10): 1.53 ms against 0.20 ms; 2 classes 0.43 against 0.05; 16 classes 0.24 against 0.32).
+_SOFTMAX_FIRST_BELOW = 16
+
+
+def _softmax(logits: Tensor) -> Tensor:
+    """Float softmax over the last dimension (the classes); on the CPU, few classes are moved first for speed."""
+    logits = logits.float()
+    if logits.device.type == "cpu" and logits.shape[-1] < _SOFTMAX_FIRST_BELOW:
+        return logits.movedim(-1, 0).contiguous().softmax(0).movedim(0, -1).contiguous()
+    return logits.softmax(dim=-1)
+
+
 def _per_call_masks(found: MCDropoutSites) -> bool:
     """Whether a site draws one mask per call shared by all batch rows (then rows are not independent)."""
     return any(
@@ -943,6 +956,6 @@ def mc_dropout_predict(
         if deterministic and det_logits is None:
             with _eval_mode(model, named):
                 det_logits = forward()
-    probs = logits.float().softmax(dim=-1)
-    det_probs = None if det_logits is None else det_logits.float().softmax(dim=-1)
+    probs = _softmax(logits)
+    det_probs = None if det_logits is None else _softmax(det_logits)
     return MCDropoutPrediction(probs=probs, method=taken, deterministic_probs=det_probs)

@@ -672,3 +672,17 @@ def test_an_untraceable_module_falls_back_with_the_reason_logged(caplog: pytest.
         out = mc_dropout_predict(_InPlaceOnThePrefix().eval(), torch.randn(6, 8), 5)
     assert out.method == "batched"
     assert "the in-place operation `add_` changes `body_2`, which the sampled part reads" in caplog.text
+
+
+@pytest.mark.parametrize("num_classes", [2, 10, 15, 16, 40])
+def test_probabilities_are_torch_softmax_of_the_logits_for_any_number_of_classes(num_classes: int) -> None:
+    # Few classes take another softmax layout on the CPU (faster there); the values must be torch's softmax.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, num_classes))
+    inputs = torch.randn(6, 4) * 3
+    out = mc_dropout_predict(model, inputs, 3, deterministic=True, generator=torch.Generator().manual_seed(0))
+    naive = mc_dropout_predict(model, inputs, 3, method="naive", generator=torch.Generator().manual_seed(0))
+    assert out.probs.shape == (3, 6, num_classes) and out.probs.is_contiguous()
+    torch.testing.assert_close(out.deterministic_probs, model.eval()(inputs).softmax(-1))
+    torch.testing.assert_close(out.probs.sum(-1), torch.ones(3, 6))
+    torch.testing.assert_close(out.probs, naive.probs)
