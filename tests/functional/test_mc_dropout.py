@@ -682,7 +682,8 @@ def test_probabilities_are_torch_softmax_of_the_logits_for_any_number_of_classes
     inputs = torch.randn(6, 4) * 3
     out = mc_dropout_predict(model, inputs, 3, deterministic=True, generator=torch.Generator().manual_seed(0))
     naive = mc_dropout_predict(model, inputs, 3, method="naive", generator=torch.Generator().manual_seed(0))
-    assert out.probs.shape == (3, 6, num_classes) and out.probs.is_contiguous()
+    assert out.probs.shape == (3, 6, num_classes)
+    assert out.probs.is_contiguous()
     torch.testing.assert_close(out.deterministic_probs, model.eval()(inputs).softmax(-1))
     torch.testing.assert_close(out.probs.sum(-1), torch.ones(3, 6))
     torch.testing.assert_close(out.probs, naive.probs)
