@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peers-path", default=None, help="a folder with torch-uncertainty and baal (pip --target)")
     parser.add_argument("--out", default="benchmarks/results/mc_dropout.md")
+    parser.add_argument("--note", default="", help="what else ran on the machine, e.g. ', one core busy'")
     args = parser.parse_args()
     if args.peers_path is not None:
         sys.path.append(args.peers_path)  # appended: the peers never shadow our torch or lightning
@@ -175,9 +176,8 @@ def main() -> None:
             f"{torch.__version__}, {', '.join(versions)}; n_samples={args.n_samples}, batch {args.batch}, median of "
             f"{args.repeats} interleaved repetitions under `torch.inference_mode()`, same weights in every column. "
             f"Load average (1, 5, 15 min) {tuple(round(v, 1) for v in load_before)} before, "
-            f"{tuple(round(v, 1) for v in load_after)} after, on a 2-core machine where one core runs another "
-            "benchmark the whole time: read the ratios (each column measured interleaved with the others), not the "
-            "milliseconds.",
+            f"{tuple(round(v, 1) for v in load_after)} after, on a {os.cpu_count()}-core machine{args.note}: read the "
+            "ratios (each column measured interleaved with the others), not the milliseconds.",
             "",
             "| model | our path | one eval pass | naive loop | ours | ours, torch's masks | torch-uncertainty "
             "(loop) | baal + `MCCachingModule` |",
@@ -185,8 +185,8 @@ def main() -> None:
             *rows,
             "",
             "Ratios are to one eval pass. Ours: `mc_dropout_predict` defaults (`masks='auto'`: threshold masks on the "
-            "CPU); `cached`: the deterministic prefix runs once and the rest is sampled one sample of N rows per "
-            "pass; `batched`: nothing to run once, one sample per pass from batch 256 on.",
+            "CPU); `cached`: the deterministic prefix runs once and the rest is sampled, at least N rows and up to "
+            "2^17 feature elements per pass; `batched`: nothing to run once, one sample per pass from batch 256 on.",
             "",
             "Goals (issue 19): resnet18 and cnn_small <= 1.5x one eval pass, transformer <= 0.8x the naive loop, never "
             "slower than the best peer.",

@@ -371,3 +371,19 @@ def test_fit_temperature_errors_and_warnings_in_full() -> None:
     for logits, y, message in cases:
         with pytest.warns(UserWarning, match=message):
             fit_temperature(logits, y)
+
+
+def test_max_iter_bounds_the_lbfgs_iterations() -> None:
+    # Per-class temperatures 0.5 ... 4: a few iterations stop short of them; the default reaches them.
+    g = torch.Generator().manual_seed(0)
+    true_logits = 3.0 * torch.randn(2000, 5, generator=g)
+    targets = torch.multinomial(true_logits.softmax(1), 1, generator=g).squeeze(1)
+    scales = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    logits = true_logits * scales.float()
+    short = fit_temperature(logits, targets, per_class=True, max_iter=3)
+    full = fit_temperature(logits, targets, per_class=True)
+    assert isinstance(short, Tensor)
+    assert isinstance(full, Tensor)
+    torch.testing.assert_close(full, scales, rtol=0.05, atol=0.0)
+    assert (short.log() - full.log()).abs().max() > 0.2
+    assert (fit_temperature(logits, targets, per_class=True, max_iter=200) - full).abs().max() < 1e-6

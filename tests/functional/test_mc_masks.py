@@ -356,3 +356,24 @@ def test_several_samples_per_head_call_give_the_naive_loops_draws_with_an_odd_wi
     )
     assert ours.method == "cached"  # 30 rows in one head call (fewer than 256)
     torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("width", "rows_per_call"), [(64, 2048), (512, 256)])
+def test_the_cached_head_takes_up_to_2_17_feature_elements_per_call_with_the_loops_draws(
+    width: int, rows_per_call: int
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Dropout(0.3), nn.Linear(width, 10)).eval()
+    inputs = torch.randn(256, 8)
+    rows: list[int] = []
+    model[3].register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    ours = mc_dropout_predict(model, inputs, 30, generator=torch.Generator().manual_seed(0), masks="threshold")
+    assert ours.method == "cached"
+    assert rows[0] == rows_per_call  # 2**17 elements of 64 features; 512 features keep one sample of 256 rows
+    assert sum(rows) == 30 * 256
+    rows.clear()
+    naive = mc_dropout_predict(
+        model, inputs, 30, method="naive", generator=torch.Generator().manual_seed(0), masks="threshold"
+    )
+    assert rows == [256] * 30
+    torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
