@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -341,3 +343,56 @@ def test_box_converts_to_and_from_torchvisions_xyxy():
         LF.Box.from_xyxy(torch.zeros(2, 4))
     with pytest.raises(ValueError, match="d == 2"):
         LF.Box(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)).to_xyxy()
+
+
+@pytest.mark.parametrize("lam", [0.7, torch.full((64,), 0.7)], ids=["one box", "a box per sample"])
+@pytest.mark.parametrize("minmax", [None, (0.2, 0.8)])
+def test_a_seeded_generator_gives_the_same_boxes_and_leaves_the_global_rng_alone(lam, minmax) -> None:
+    state = torch.get_rng_state()
+    a = LF.sample_box(lam, (8, 8), generator=torch.Generator().manual_seed(3), minmax=minmax)
+    b = LF.sample_box(lam, (8, 8), generator=torch.Generator().manual_seed(3), minmax=minmax)
+    c = LF.sample_box(lam, (8, 8), generator=torch.Generator().manual_seed(4), minmax=minmax)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.lo, b.lo)
+    assert torch.equal(a.hi, b.hi)
+    assert not (torch.equal(a.lo, c.lo) and torch.equal(a.hi, c.hi))
+
+
+@pytest.mark.parametrize("lam", [0.9, torch.full((4000,), 0.9)], ids=["one box", "a box per sample"])
+def test_boxes_start_at_every_position_including_the_border(lam) -> None:
+    # lam 0.9 on 8x8: sides of 3; the centre is uniform on 0..7, so the box starts at 0 for centres 0 and 1.
+    g = torch.Generator().manual_seed(0)
+    if isinstance(lam, float):
+        starts = torch.cat([LF.sample_box(lam, (8, 8), generator=g).lo for _ in range(400)])
+    else:
+        starts = LF.sample_box(lam, (8, 8), generator=g).lo
+    for dim in range(2):
+        assert set(starts[:, dim].tolist()) == set(range(7))  # 0 .. 6 (the last centre 7 starts at 6)
+
+
+def test_minmax_sides_equal_the_lower_bound_when_both_bounds_floor_to_it() -> None:
+    # timm's rand_bbox_minmax: side ~ U{int(L lo) .. max(int(L hi), int(L lo) + 1) - 1}; 8 * 0.5 = 4, 8 * 0.6 = 4.8.
+    box = LF.sample_box(torch.zeros(500), (8, 8), minmax=(0.5, 0.6), generator=torch.Generator().manual_seed(0))
+    assert set((box.hi - box.lo).flatten().tolist()) == {4}
+
+
+def test_a_dimension_of_length_one_is_a_valid_size() -> None:
+    box = LF.sample_box(0.5, (1, 8), generator=torch.Generator().manual_seed(0))
+    assert box.lo[0, 0] == 0
+    assert box.hi[0, 0] in (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("boxes", "got"),
+    [
+        (torch.tensor([0, 0, 2, 2]), "shape (4,) dtype torch.int64"),
+        (torch.zeros(2, 3, dtype=torch.long), "shape (2, 3) dtype torch.int64"),
+        (torch.zeros(1, 4), "shape (1, 4) dtype torch.float32"),
+        ([[0, 0, 2, 2]], "[[0, 0, 2, 2]]"),
+    ],
+)
+def test_box_from_xyxy_names_what_it_got(boxes, got: str) -> None:
+    with pytest.raises(
+        ValueError, match=re.escape(f"Expected integer boxes (B, 4) as [x1, y1, x2, y2], but got {got}.")
+    ):
+        LF.Box.from_xyxy(boxes)

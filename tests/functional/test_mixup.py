@@ -256,3 +256,44 @@ def test_draws_move_to_a_device_as_one_object():
     assert moved.index.device.type == "meta"
     assert moved.lam.device.type == "meta"
     assert moved.shift == params.shift
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_a_batch_of_one_is_its_own_partner_and_mixup_returns_it_unchanged(per_sample: bool) -> None:
+    params = LF.sample_mixup(1, 0.4, per_sample=per_sample, generator=torch.Generator().manual_seed(0))
+    assert params.index.dtype == torch.long
+    assert params.index.tolist() == [0]
+    assert params.shift == 0
+    lam = params.lam if isinstance(params.lam, float) else float(params.lam[0])
+    assert 0.0 < lam < 1.0
+    x, y = torch.randn(1, 3), torch.tensor([[0.0, 1.0]])
+    mixed, targets = LF.mixup(x, y, params.lam, params.index)
+    torch.testing.assert_close(mixed, x)
+    torch.testing.assert_close(targets, y)
+
+
+@pytest.mark.parametrize("pairing", ["shift", "permutation"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_a_seeded_generator_gives_the_same_params_and_leaves_the_global_rng_alone(per_sample: bool, pairing) -> None:
+    state = torch.get_rng_state()
+    draws = [
+        LF.sample_mixup(16, 0.4, per_sample=per_sample, pairing=pairing, generator=torch.Generator().manual_seed(s))
+        for s in (5, 5, 6)
+    ]
+    assert torch.equal(torch.get_rng_state(), state)
+    a, b, c = draws
+    assert torch.equal(a.index, b.index)
+    assert torch.equal(torch.as_tensor(a.lam), torch.as_tensor(b.lam))
+    assert not torch.equal(torch.as_tensor(a.lam), torch.as_tensor(c.lam))
+    if per_sample:
+        assert a.lam.dtype == torch.float32
+
+
+def test_a_bool_batch_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="Expected `batch_size` to be a positive int, but got True"):
+        LF.sample_mixup(True, 0.4)
+
+
+def test_moving_params_with_one_float_lambda_keeps_the_float() -> None:
+    params = LF.sample_mixup(4, 0.4, generator=torch.Generator().manual_seed(0)).to(torch.device("cpu"))
+    assert isinstance(params.lam, float)
