@@ -258,9 +258,11 @@ def test_draws_move_to_a_device_as_one_object():
     assert moved.shift == params.shift
 
 
+@pytest.mark.parametrize("seeded", [False, True])
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_a_batch_of_one_is_its_own_partner_and_mixup_returns_it_unchanged(per_sample: bool) -> None:
-    params = LF.sample_mixup(1, 0.4, per_sample=per_sample, generator=torch.Generator().manual_seed(0))
+def test_a_batch_of_one_is_its_own_partner_and_mixup_returns_it_unchanged(per_sample: bool, seeded: bool) -> None:
+    generator = torch.Generator().manual_seed(0) if seeded else None
+    params = LF.sample_mixup(1, 0.4, per_sample=per_sample, generator=generator)
     assert params.index.dtype == torch.long
     assert params.index.tolist() == [0]
     assert params.shift == 0
