@@ -377,3 +377,91 @@ def test_the_cached_head_takes_up_to_2_17_feature_elements_per_call_with_the_loo
     )
     assert rows == [256] * 30
     torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
+
+
+def _seeded(fn, seed: int = 7) -> Tensor:
+    torch.manual_seed(seed)
+    return fn()
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape", "mask_dims"),
+    [
+        (nn.Dropout, (4, 6, 5), None),
+        (nn.Dropout1d, (4, 6, 5), 2),
+        (nn.Dropout1d, (6, 5), 1),
+        (nn.Dropout2d, (4, 6, 5, 5), 2),
+        (nn.Dropout3d, (4, 6, 3, 3, 3), 2),
+        (nn.Dropout3d, (6, 3, 3, 3), 1),
+    ],
+)
+def test_each_layer_under_threshold_masks_draws_the_functional_mask_of_its_rank(layer, shape, mask_dims) -> None:
+    # The words come from the global RNG: the same seed gives threshold_dropout's mask with the layer's mask_dims.
+    module, x = layer(0.5).train(), torch.randn(shape)
+    with threshold_masks([module]):
+        ours = _seeded(lambda: module(x))
+    torch.testing.assert_close(ours, _seeded(lambda: threshold_dropout(x, 0.5, mask_dims=mask_dims)), rtol=0, atol=0)
+
+
+def test_inside_the_block_eval_mode_is_the_identity_and_rates_zero_and_one_are_torchs() -> None:
+    x = torch.randn(8, 16)
+    module = nn.Dropout(0.5)
+    with threshold_masks([module]):
+        assert torch.equal(module.eval()(x), x)
+        module.train()
+        module.p = 0.0
+        assert torch.equal(module(x), x)
+        module.p = 1.0
+        assert torch.equal(module(x), torch.zeros_like(x))
+
+
+def test_inputs_of_exactly_min_elements_take_threshold_masks_and_in_place_layers_stay_in_place() -> None:
+    x = torch.randn(4, 4)
+    module = nn.Dropout(0.5, inplace=True).train()
+    with threshold_masks([module], min_elements=16):
+        y = x.clone()
+        ours = _seeded(lambda: module(y))
+    assert ours.data_ptr() == y.data_ptr()
+    torch.testing.assert_close(ours, _seeded(lambda: threshold_dropout(x, 0.5)), rtol=0, atol=0)
+
+
+def test_a_tiny_rate_keeps_every_element_and_a_scalar_input_works() -> None:
+    # (1 - 1e-12) * 2**32 rounds to 2**32, which is no int32: the threshold is clamped to keep (almost) everything.
+    x = torch.randn(1000)
+    torch.testing.assert_close(threshold_dropout(x, 1e-12, generator=torch.Generator().manual_seed(0)), x)
+    y = threshold_dropout(torch.tensor(3.0), 0.5, generator=torch.Generator().manual_seed(0))
+    assert y.shape == ()
+    assert float(y) in (0.0, 6.0)
+
+
+def test_functional_mask_dims_accepts_one_to_ndim_and_drops_whole_channels() -> None:
+    x = torch.ones(4, 6, 5, 5)
+    g = torch.Generator().manual_seed(0)
+    for dims in (1, 2, 3):  # one value per index of the first `dims` dimensions, shared by the rest
+        y = threshold_dropout(x, 0.5, mask_dims=dims, generator=g)
+        assert torch.equal(y.amax(tuple(range(dims, 4)), keepdim=True).expand_as(y), y)
+    assert threshold_dropout(x, 0.5, mask_dims=4, generator=g).shape == x.shape  # ndim itself: elementwise
+    channels = threshold_dropout(x, 0.5, mask_dims=2, generator=g)
+    assert set(channels.amax((2, 3)).flatten().tolist()) == {0.0, 2.0}
+    assert bool((channels.amax((2, 3)) == channels.amin((2, 3))).all())
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rate_one_gives_zeros_in_place_only_when_asked(inplace: bool) -> None:
+    x = torch.randn(5, 3)
+    before = x.clone()
+    y = threshold_dropout(x, 1.0, inplace=inplace)
+    assert torch.equal(y, torch.zeros_like(x))
+    assert (y.data_ptr() == x.data_ptr()) is inplace
+    assert torch.equal(x, torch.zeros_like(x) if inplace else before)
+
+
+@pytest.mark.parametrize("kwargs", [{"p": True}, {"p": 0.5, "mask_dims": True}, {"p": 0.5, "mask_dims": 1.0}])
+def test_bool_and_float_arguments_where_numbers_or_ints_are_expected_are_refused(kwargs) -> None:
+    with pytest.raises(ValueError, match="Expected"):
+        threshold_dropout(torch.ones(2, 3), **kwargs)
+
+
+def test_auto_masks_are_torchs_off_the_cpu() -> None:
+    assert mc_masks.resolve_masks("auto", torch.device("meta")) == "torch"
+    assert mc_masks.resolve_masks("auto", torch.device("cpu")) == "threshold"

@@ -4,6 +4,7 @@ a naive per-sample step-by-step reference, and Monte-Carlo dropout."""
 from __future__ import annotations
 
 import pickle
+import re
 
 import pytest
 import torch
@@ -356,3 +357,47 @@ def test_repr_shows_both_rates():
     text = repr(VariationalGRU(I, H, dropout=0.1, recurrent_dropout=0.25))
     assert "dropout=0.1" in text
     assert "recurrent_dropout=0.25" in text
+
+
+def test_sample_recurrent_masks_defaults_are_one_unidirectional_layer_without_dropout() -> None:
+    masks = sample_recurrent_masks(3, 4, 5)
+    assert masks.inputs == (None,)
+    assert masks.hidden == (None,)
+
+
+@pytest.mark.parametrize("name", ["dropout", "recurrent_dropout"])
+@pytest.mark.parametrize("p", [1.0, True, -0.1, "0.5"])
+def test_a_rate_outside_zero_to_one_or_not_a_number_is_refused_by_name(name: str, p: object) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"Expected `{name}` to be a float in [0, 1), but got {p!r}.")):
+        sample_recurrent_masks(3, 4, 5, **{name: p})
+
+
+@pytest.mark.parametrize("name", ["batch_size", "input_size", "hidden_size"])
+def test_a_size_below_one_is_refused_by_name(name: str) -> None:
+    sizes = {"batch_size": 3, "input_size": 4, "hidden_size": 5, name: 0}
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        sample_recurrent_masks(**sizes)
+
+
+def test_masks_take_the_rate_dtype_and_scale_asked_for() -> None:
+    g = torch.Generator().manual_seed(0)
+    masks = sample_recurrent_masks(4000, 6, 5, dropout=0.2, recurrent_dropout=0.2, generator=g, dtype=torch.float64)
+    for mask in (masks.inputs[0], masks.hidden[0]):
+        assert mask.dtype == torch.float64
+        assert set(mask.unique().tolist()) == {0.0, 1.25}
+        kept = float((mask > 0).double().mean())
+        assert abs(kept - 0.8) < 0.01  # 24000 or 20000 draws: the standard error is 0.003
+
+
+def test_weights_of_the_wrong_shape_are_named_with_what_was_expected() -> None:
+    lstm = nn.LSTM(4, 5, batch_first=True)
+    good = RecurrentWeights(lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+    bad_ih = RecurrentWeights(lstm.weight_ih_l0[:12], lstm.weight_hh_l0, None, None)
+    message = "Expected weight set 0 to hold w_ih (20, I) and w_hh (20, 5), but got (12, 4) and (20, 5)."
+    with pytest.raises(ValueError, match=re.escape(message)):
+        variational_lstm(torch.randn(2, 3, 4), [bad_ih])
+    bad_hh = RecurrentWeights(lstm.weight_ih_l0, lstm.weight_hh_l0[:, :4], None, None)
+    with pytest.raises(ValueError, match=re.escape("but got (20, 4) and (20, 4).")):
+        variational_lstm(torch.randn(2, 3, 4), [bad_hh])
+    with pytest.raises(ValueError, match=re.escape("but got (2, 3).")):
+        variational_lstm(torch.randn(2, 3), [good])
