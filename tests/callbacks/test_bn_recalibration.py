@@ -364,6 +364,52 @@ def test_the_frozen_layers_seen_in_training_come_back_from_the_checkpoint(tmp_pa
     torch.testing.assert_close(_bn(older).running_mean, expected[0])
 
 
+def test_repr_of_the_defaults_and_nothing_reported_before_a_pass() -> None:
+    recal = BNRecalibration()
+    assert repr(recal) == "BNRecalibration(num_batches=100, dataloader='train', when='fit_end', every_n_epochs=None)"
+    assert recal.last_report is None
+    assert recal.num_recalibrations == 0
+
+
+def test_the_smallest_valid_counts_are_accepted() -> None:
+    recal = BNRecalibration(num_batches=1, every_n_epochs=1)
+    assert (recal.num_batches, recal.every_n_epochs) == (1, 1)
+
+
+_NEVER_RUNS = (
+    "`BNRecalibration` would never run: `when=None` and `every_n_epochs=None`. "
+    "Pass `when='fit_end'` (default), `when='test_start'` or `every_n_epochs=N`."
+)
+_TEST_ONLY = (
+    "`dataloader='test'` is only available at test time: use it with `when='test_start'` and "
+    "`every_n_epochs=None`, but got when='fit_end', every_n_epochs=None."
+)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"num_batches": 0}, ValueError, "Expected `num_batches` to be a positive int or None, but got 0."),
+        ({"num_batches": 1.5}, ValueError, "Expected `num_batches` to be a positive int or None, but got 1.5."),
+        ({"num_batches": True}, ValueError, "Expected `num_batches` to be a positive int or None, but got True."),
+        (
+            {"dataloader": 3},
+            TypeError,
+            "Expected `dataloader` to be one of ('train', 'val', 'test') or an iterable of batches (a DataLoader), "
+            "but got int.",
+        ),
+        ({"every_n_epochs": 1.5}, ValueError, "Expected `every_n_epochs` to be a positive int or None, but got 1.5."),
+        ({"every_n_epochs": True}, ValueError, "Expected `every_n_epochs` to be a positive int or None, but got True."),
+        ({"when": None}, ValueError, _NEVER_RUNS),
+        ({"dataloader": "test"}, ValueError, _TEST_ONLY),
+    ],
+)
+def test_invalid_arguments_raise_with_the_whole_message(kwargs: dict, error: type[Exception], message: str) -> None:
+    with pytest.raises(error) as raised:
+        BNRecalibration(**kwargs)
+    assert str(raised.value) == message
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
