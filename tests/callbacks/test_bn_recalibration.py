@@ -4,6 +4,7 @@ import importlib.util
 import itertools
 import json
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,11 @@ def test_fit_end_with_max_steps_recalibrates_once_at_the_last_step(tmp_path: Pat
     logger = MemoryLogger()
     trainer = fast_trainer(tmp_path, max_epochs=-1, max_steps=4, callbacks=[recal], logger=logger)
     model = _model()
-    trainer.fit(model, _loader())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, _loader())
+    # at the planned last step, not as the late fallback of an early stop
+    assert not [w for w in caught if "fit stopped before its planned last batch" in str(w.message)]
     assert recal.num_recalibrations == 1
     steps = [step for step, _ in logger.values("bn_recalibration/mean_abs_change_var")]
     assert steps == [4]
@@ -181,6 +186,73 @@ def test_test_start_adapts_the_statistics_to_the_test_data(tmp_path: Path) -> No
     trainer.test(model, test_loader)
     assert recal.num_recalibrations == 1
     torch.testing.assert_close(_bn(model).running_mean, expected[0])
+
+
+def test_repr_names_a_loader_passed_by_the_user_by_its_type() -> None:
+    recal = BNRecalibration(None, dataloader=_loader(), every_n_epochs=2)
+    expected = "BNRecalibration(num_batches=None, dataloader='DataLoader', when='fit_end', every_n_epochs=2)"
+    assert repr(recal) == expected
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """The images as a stream with no length: Lightning counts its batches as infinite."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.inputs, self.targets = inputs, targets
+
+    def __iter__(self) -> Any:
+        return iter(zip(self.inputs, self.targets, strict=True))
+
+
+def test_a_training_loader_without_length_is_taken_whole(tmp_path: Path) -> None:
+    model = _model()
+    loader = torch.utils.data.DataLoader(_Stream(*make_images(n=48)), batch_size=16)  # 3 batches, no len()
+    recal = BNRecalibration(None)
+    fast_trainer(tmp_path, callbacks=[recal]).fit(model, loader)
+    assert recal.last_report is not None
+    assert recal.last_report.num_batches == 3
+    torch.testing.assert_close(_bn(model).running_var, _expected(model, loader)[1])
+
+
+def test_a_loader_passed_by_the_user_is_not_capped_by_the_trainers_val_or_test_loaders(tmp_path: Path) -> None:
+    model, mine = _model(), _loader(n=32, batch_size=8)  # 4 batches
+    at_fit_end = BNRecalibration(None, dataloader=mine)
+    trainer = fast_trainer(tmp_path, callbacks=[at_fit_end])
+    trainer.fit(model, _loader(), val_dataloaders=_loader(n=8, batch_size=8))  # 1 val batch
+    assert at_fit_end.last_report is not None
+    assert at_fit_end.last_report.num_batches == 4
+    at_test = BNRecalibration(None, dataloader=mine, when="test_start")
+    fast_trainer(tmp_path, callbacks=[at_test]).test(model, _loader(n=8, batch_size=8))  # 1 test batch
+    assert at_test.last_report is not None
+    assert at_test.last_report.num_batches == 4
+
+
+def test_limit_test_batches_caps_the_test_loader(tmp_path: Path) -> None:
+    model, test = _model(), _loader(n=24, batch_size=8)
+    recal = BNRecalibration(None, dataloader="test", when="test_start")
+    fast_trainer(tmp_path, callbacks=[recal], limit_test_batches=2).test(model, test)
+    assert recal.last_report is not None
+    assert recal.last_report.num_batches == 2
+    torch.testing.assert_close(_bn(model).running_var, _expected(model, test, num_batches=2)[1])
+
+
+@pytest.mark.parametrize("wrap", ["list", "dict"])
+def test_one_val_loader_in_a_list_or_dict_is_the_one_used(tmp_path: Path, wrap: str) -> None:
+    model, val = _model(), _loader(n=16, batch_size=8)
+    wrapped = [val] if wrap == "list" else {"held_out": val}
+    recal = BNRecalibration(None, dataloader="val")
+    fast_trainer(tmp_path, callbacks=[recal]).fit(model, _loader(), val_dataloaders=wrapped)
+    torch.testing.assert_close(_bn(model).running_var, _expected(model, val)[1])
+
+
+def test_two_val_loaders_are_refused_with_the_fix(tmp_path: Path) -> None:
+    val = _loader(n=16, batch_size=8)
+    trainer = fast_trainer(tmp_path, callbacks=[BNRecalibration(None, dataloader="val")])
+    match = (
+        r"found 2 val dataloaders and cannot tell which to use\. Pass one: `BNRecalibration\(dataloader=my_loader\)`"
+    )
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(_model(), _loader(), val_dataloaders=[val, val])
 
 
 def test_a_dataloader_passed_by_the_user_is_used(tmp_path: Path) -> None:
@@ -290,6 +362,52 @@ def test_the_frozen_layers_seen_in_training_come_back_from_the_checkpoint(tmp_pa
     expected = _expected(older, _loader(n=16))
     fast_trainer(tmp_path, callbacks=[plain]).test(older, _loader(n=16))
     torch.testing.assert_close(_bn(older).running_mean, expected[0])
+
+
+def test_repr_of_the_defaults_and_nothing_reported_before_a_pass() -> None:
+    recal = BNRecalibration()
+    assert repr(recal) == "BNRecalibration(num_batches=100, dataloader='train', when='fit_end', every_n_epochs=None)"
+    assert recal.last_report is None
+    assert recal.num_recalibrations == 0
+
+
+def test_the_smallest_valid_counts_are_accepted() -> None:
+    recal = BNRecalibration(num_batches=1, every_n_epochs=1)
+    assert (recal.num_batches, recal.every_n_epochs) == (1, 1)
+
+
+_NEVER_RUNS = (
+    "`BNRecalibration` would never run: `when=None` and `every_n_epochs=None`. "
+    "Pass `when='fit_end'` (default), `when='test_start'` or `every_n_epochs=N`."
+)
+_TEST_ONLY = (
+    "`dataloader='test'` is only available at test time: use it with `when='test_start'` and "
+    "`every_n_epochs=None`, but got when='fit_end', every_n_epochs=None."
+)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"num_batches": 0}, ValueError, "Expected `num_batches` to be a positive int or None, but got 0."),
+        ({"num_batches": 1.5}, ValueError, "Expected `num_batches` to be a positive int or None, but got 1.5."),
+        ({"num_batches": True}, ValueError, "Expected `num_batches` to be a positive int or None, but got True."),
+        (
+            {"dataloader": 3},
+            TypeError,
+            "Expected `dataloader` to be one of ('train', 'val', 'test') or an iterable of batches (a DataLoader), "
+            "but got int.",
+        ),
+        ({"every_n_epochs": 1.5}, ValueError, "Expected `every_n_epochs` to be a positive int or None, but got 1.5."),
+        ({"every_n_epochs": True}, ValueError, "Expected `every_n_epochs` to be a positive int or None, but got True."),
+        ({"when": None}, ValueError, _NEVER_RUNS),
+        ({"dataloader": "test"}, ValueError, _TEST_ONLY),
+    ],
+)
+def test_invalid_arguments_raise_with_the_whole_message(kwargs: dict, error: type[Exception], message: str) -> None:
+    with pytest.raises(error) as raised:
+        BNRecalibration(**kwargs)
+    assert str(raised.value) == message
 
 
 @pytest.mark.parametrize(
@@ -475,6 +593,30 @@ def test_with_weight_averaging_every_n_epochs_each_validation_sees_the_averaged_
         torch.testing.assert_close(running_var, _conv_stats(conv, inputs)[1])
 
 
+def test_with_weight_averaging_a_bn_layer_frozen_during_training_keeps_its_statistics(tmp_path: Path) -> None:
+    model = _model()
+    _bn(model).running_mean.fill_(0.25)
+    callbacks = [_FreezeBN(), BNRecalibration(None), EMAWeightAveraging(decay=0.5)]
+    with pytest.warns(UserWarning, match="found no normalization layer"):
+        fast_trainer(tmp_path, max_epochs=2, callbacks=callbacks).fit(model, _loader())
+    assert torch.equal(_bn(model).running_mean, torch.full((8,), 0.25))
+
+
+def test_with_weight_averaging_first_an_early_stop_hands_the_recalibrated_statistics_to_the_model(
+    tmp_path: Path,
+) -> None:
+    """EMA's `on_train_end` copies the averaged weights with their old statistics first; the late recalibration
+    (early stop) must still leave the model with the statistics of those weights."""
+    model, loader = _model(), _loader()
+    callbacks = [EMAWeightAveraging(decay=0.5), BNRecalibration(None), _StopAfterFirstEpoch()]
+    with pytest.warns(UserWarning, match="fit stopped before its planned last batch"):
+        fast_trainer(tmp_path, max_epochs=5, callbacks=callbacks).fit(model, loader)
+    mean, var = _expected(model, loader)
+    torch.testing.assert_close(_bn(model).running_mean, mean)
+    torch.testing.assert_close(_bn(model).running_var, var)
+    assert int(_bn(model).num_batches_tracked) == 3
+
+
 def test_lightning_weight_averaging_still_keeps_its_averaged_model_where_we_read_it() -> None:
     """`BNRecalibration` reads `WeightAveraging._average_model` (no public accessor in Lightning 2.6)."""
     callback = EMAWeightAveraging()
@@ -498,6 +640,20 @@ class _DrawingDataset(torch.utils.data.Dataset):
         return self.inputs[i] + noise, self.targets[i]
 
 
+class _ShuffledBatchSampler:
+    """A batch sampler that is no torch `Sampler` (found by its name) and draws from its own generator."""
+
+    def __init__(self, n: int, batch_size: int) -> None:
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(1)
+
+    def __iter__(self) -> Any:
+        return (chunk.tolist() for chunk in torch.randperm(self.n, generator=self.generator).split(self.batch_size))
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+
 def _rng_loader(source: str) -> torch.utils.data.DataLoader:
     inputs, targets = make_images(n=48)
     dataset = torch.utils.data.TensorDataset(inputs, targets)
@@ -506,6 +662,12 @@ def _rng_loader(source: str) -> torch.utils.data.DataLoader:
     if source == "sampler-generator":
         sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(1))
         return torch.utils.data.DataLoader(dataset, 8, sampler=sampler)
+    if source == "batch-sampler-generator":  # the generator three attributes deep
+        random_sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(1))
+        batches = torch.utils.data.BatchSampler(random_sampler, 8, drop_last=False)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches)
+    if source == "plain-batch-sampler":
+        return torch.utils.data.DataLoader(dataset, batch_sampler=_ShuffledBatchSampler(48, 8))
     if source == "global":
         return torch.utils.data.DataLoader(dataset, 8, shuffle=True)  # order and base seed from the global RNG
     return torch.utils.data.DataLoader(_DrawingDataset(inputs, targets, source), 8)
@@ -521,7 +683,18 @@ def _train(tmp_path: Path, source: str, callbacks: list[L.Callback]) -> tuple[Us
     return model, loader
 
 
-@pytest.mark.parametrize("source", ["loader-generator", "sampler-generator", "global", "python", "numpy"])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "loader-generator",
+        "sampler-generator",
+        "batch-sampler-generator",
+        "plain-batch-sampler",
+        "global",
+        "python",
+        "numpy",
+    ],
+)
 def test_training_draws_the_same_with_and_without_the_recalibration_pass(tmp_path: Path, source: str) -> None:
     """Running statistics do not enter a training-mode forward, so with the RNG untouched the weights are equal.
 

@@ -76,8 +76,13 @@ def test_writes_histograms_to_tensorboard(tmp_path: Path) -> None:
     logger.finalize("success")
     events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"histograms": 0}).Reload()
     tags = set(events.Tags()["histograms"])
-    assert {f"bn_stats/net.body.1/{k}" for k in ("running_mean", "running_var", "mean_shift")} <= tags
+    assert {f"bn_stats/net.body.1/{k}" for k in ("running_mean", "running_var", "mean_shift")} == tags
     assert [e.step for e in events.Histograms("bn_stats/net.body.1/running_var")] == [0, 3]
+    # step 0 shows the running statistics the batch met (the initial 0 and 1), not those after the layer's update
+    first_mean = events.Histograms("bn_stats/net.body.1/running_mean")[0].histogram_value
+    first_var = events.Histograms("bn_stats/net.body.1/running_var")[0].histogram_value
+    assert (first_mean.min, first_mean.max) == (0.0, 0.0)
+    assert (first_var.min, first_var.max) == (1.0, 1.0)
     assert "bn_stats/net.body.1/mean_shift" in events.Tags()["scalars"]
 
 

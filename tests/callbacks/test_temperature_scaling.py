@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -399,3 +400,128 @@ def test_mc_dropout_on_a_module_without_forward_head_is_scaled_too(tmp_path: Pat
     assert float(trainer.callback_metrics["mc/val/det_nll"]) == pytest.approx(
         temperature_nll(logits, targets, ts.temperature), rel=1e-5
     )
+
+
+def test_repr_names_a_loader_passed_by_the_user_by_its_type() -> None:
+    _, val = _loaders()
+    expected = "TemperatureScaling(dataloader='DataLoader', when='test_start', per_class=True)"
+    assert repr(TemperatureScaling(val, when="test_start", per_class=True)) == expected
+
+
+_TRAIN_REFUSED = (
+    "`TemperatureScaling(dataloader='train')` would fit T on the training batches, whose logits are "
+    "over-confident by construction (the model was fitted to them): T comes out too low. Use "
+    "`dataloader='val'`, or pass a held-out loader itself. If you really mean the training data, "
+    "pass its DataLoader explicitly."
+)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"dataloader": "train"}, ValueError, _TRAIN_REFUSED),
+        (
+            {"dataloader": "validation"},
+            ValueError,
+            "Expected `dataloader` to be one of ('val', 'test') or an iterable of batches, but got 'validation'.",
+        ),
+        (
+            {"dataloader": 3},
+            TypeError,
+            "Expected `dataloader` to be one of ('val', 'test') or an iterable of batches (a DataLoader), but got int.",
+        ),
+        (
+            {"when": "epoch_end"},
+            ValueError,
+            "Expected `when` to be one of ('fit_end', 'test_start'), but got 'epoch_end'.",
+        ),
+        (
+            {"dataloader": "test"},
+            ValueError,
+            "`dataloader='test'` exists only at test time: use it with `when='test_start'`.",
+        ),
+        ({"num_batches": 0}, ValueError, "Expected `num_batches` to be None or an int >= 1, but got 0."),
+        ({"num_batches": 1.5}, ValueError, "Expected `num_batches` to be None or an int >= 1, but got 1.5."),
+        ({"num_batches": True}, ValueError, "Expected `num_batches` to be None or an int >= 1, but got True."),
+        ({"dataloader_idx": -1}, ValueError, "Expected `dataloader_idx` to be None or an int >= 0, but got -1."),
+        ({"max_iter": 0}, ValueError, "Expected `max_iter` to be an int >= 1, but got 0."),
+        ({"max_iter": 1.5}, ValueError, "Expected `max_iter` to be an int >= 1, but got 1.5."),
+        ({"max_iter": True}, ValueError, "Expected `max_iter` to be an int >= 1, but got True."),
+        (
+            {"input_key": 1.5},
+            TypeError,
+            "Expected `input_key` to be an int (position in a list batch) or a str (key of a dict batch), "
+            "but got 1.5 of type float.",
+        ),
+        (
+            {"target_key": 1.5},
+            TypeError,
+            "Expected `target_key` to be an int (position in a list batch) or a str (key of a dict batch), "
+            "but got 1.5 of type float.",
+        ),
+    ],
+)
+def test_invalid_arguments_raise_with_the_whole_message(kwargs: dict, error: type[Exception], message: str) -> None:
+    with pytest.raises(error) as raised:
+        TemperatureScaling(**kwargs)
+    assert str(raised.value) == message
+
+
+def test_the_smallest_valid_arguments_are_accepted() -> None:
+    callback = TemperatureScaling("test", "test_start", num_batches=1, dataloader_idx=0, max_iter=1)
+    assert (callback.num_batches, callback.dataloader_idx, callback.max_iter) == (1, 0, 1)
+
+
+@pytest.mark.parametrize(("flags", "samples"), [({"fast_dev_run": True}, 8), ({}, 16)], ids=["fast-dev-run", "two"])
+def test_num_batches_and_fast_dev_run_limit_the_held_out_batches(tmp_path: Path, flags: dict, samples: int) -> None:
+    callback = TemperatureScaling(num_batches=None if flags else 2)
+    _, model, val = _fit(tmp_path, [callback], **flags)
+    assert callback.report is not None
+    assert callback.report.num_samples == samples
+    logits, targets = _raw(model, val)
+    assert callback.temperature == pytest.approx(fit_temperature(logits[:samples], targets[:samples]), rel=1e-6)
+
+
+def test_the_report_measures_the_held_out_logits_and_is_logged_once_at_the_fit_step(tmp_path: Path) -> None:
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    logger, callback = MemoryLogger(), TemperatureScaling()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="final")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, model, val = _fit(tmp_path, [callback, checkpoint], logger=logger, enable_checkpointing=True)
+    # T was fitted at the final validation, before the checkpoint: no late refit at fit end
+    assert not [w for w in caught if "T is fitted now" in str(w.message)]
+    assert [step for step, _ in logger.values("calibration/temperature")] == [trainer.global_step]
+    logits, targets = _raw(model, val)
+    t, report = callback.temperature, callback.report
+    assert isinstance(t, float)
+    assert report is not None
+    assert report.num_samples == 32
+    assert report.nll_after == pytest.approx(float(F.cross_entropy(logits / t, targets)), rel=1e-5)
+    for ece, scaled in ((report.ece_before, logits), (report.ece_after, logits / t)):
+        expected = multiclass_calibration_error(scaled.softmax(1), targets, num_classes=3, n_bins=15)
+        assert ece == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_an_instance_level_forward_is_scaled_and_handed_back_by_calibrated(tmp_path: Path) -> None:
+    """A forward set on the instance (a wrapper of another library) is the one scaled, and stays after."""
+    model = _user_model()
+    class_forward = model.forward
+
+    def doubled(x: Tensor) -> Tensor:
+        return 2.0 * class_forward(x)
+
+    model.forward = doubled  # type: ignore[method-assign]
+    callback = TemperatureScaling()
+    _, model, val = _fit(tmp_path, [callback], model=model, max_epochs=1)
+    x = next(iter(val))[0]
+    t = callback.temperature
+    assert isinstance(t, float)
+    model.eval()
+    with torch.no_grad():
+        raw = 2.0 * model.net(x)
+        torch.testing.assert_close(model(x), raw / t)
+        calibrated = callback.calibrated(model)
+        torch.testing.assert_close(model(x), raw)  # the module's own patch is gone, the wrapper stays
+        torch.testing.assert_close(calibrated(x), raw / t)
