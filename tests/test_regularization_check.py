@@ -762,3 +762,25 @@ def test_no_finding_on_the_examples(
     assert checks
     for check in checks:
         assert {f.code for f in check.findings} == set()
+
+
+def test_min_bn_batch_accepts_one_and_refuses_bools_and_zero() -> None:
+    assert RegularizationCheck(min_bn_batch=1).min_bn_batch == 1
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=f"Expected `min_bn_batch` to be a positive int, but got {bad!r}."):
+            RegularizationCheck(min_bn_batch=bad)  # type: ignore[arg-type]
+
+
+def test_one_code_given_as_a_string_is_ignored_like_a_list_of_it() -> None:
+    model = Module(mlp(nn.BatchNorm1d(16), nn.ReLU()), adamw)
+    check = RegularizationCheck("small-bn-batch", summary="off")  # type: ignore[arg-type]
+    assert check.ignore == ("small-bn-batch",)
+    assert codes(fit(model, batch_size=8, check=check)) == []
+
+
+def test_summary_off_prints_nothing(caplog: pytest.LogCaptureFixture, capsys: Any) -> None:
+    model = Module(mlp(nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3)), adamw)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        fit(model, check=RegularizationCheck(summary="off"))
+    assert "Regularization summary" not in caplog.text
+    assert "Dropout-like layers" not in capsys.readouterr().out
