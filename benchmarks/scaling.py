@@ -77,6 +77,9 @@ def worker(accelerator: str, devices: int, threads: int, steps: int, batch_size:
         callbacks=[Timer(), MixUp(0.2), LabelSmoothing(0.1), BNRecalibration(num_batches=4)],
     )
     trainer.fit(model, datamodule=dm)
+    # Left to interpreter shutdown, gloo's threads can abort the worker after training (exit -6).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def run(accelerator: str, devices: int, threads: int, steps: int, batch_size: int) -> float:

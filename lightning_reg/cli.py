@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
@@ -114,21 +115,33 @@ def cli(
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the ``lightning-reg`` console script."""
+    """Entry point of the ``lightning-reg`` console script.
+
+    After a command that succeeded, the ``torch.distributed`` process group a DDP strategy started is destroyed:
+    left to interpreter shutdown, gloo's worker threads can abort the process (``terminate called without an
+    active exception``, exit code -6) after training has finished. After an exception it is left alone, because
+    a rank that destroys the group while the others are still inside a collective can hang them.
+    """
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["demo"]:
         from lightning_reg.demo import demo_cli
 
         demo_cli(argv[1:])
-        return
-    if argv[:1] == ["search"]:
+    elif argv[:1] == ["search"]:
         from lightning_reg.search import search_cli
 
         search_cli(argv[1:])
-        return
-    # None lets LightningCLI read sys.argv itself: passing sys.argv[1:] again as `args` makes it warn that both
-    # were given.
-    cli(args)
+    else:
+        # None lets LightningCLI read sys.argv itself: passing sys.argv[1:] again as `args` makes it warn that
+        # both were given.
+        cli(args)
+    _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """Destroy the default ``torch.distributed`` process group, if one is initialized."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

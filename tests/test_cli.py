@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 
 import lightning_reg
 import lightning_reg.callbacks
+import lightning_reg.cli
 import zoo
 from lightning_reg.cli import cli, main
 
@@ -41,6 +43,39 @@ def test_demo_subcommand_is_dispatched_to_the_demo_with_its_arguments(monkeypatc
     monkeypatch.setattr(lightning_reg.demo, "demo_cli", calls.append)
     main(["demo", "--epochs", "1", "--models", "cnn"])
     assert calls == [["--epochs", "1", "--models", "cnn"]]
+
+
+def start_a_process_group(*_args, **_kwargs) -> None:
+    """What a DDP strategy does on each rank: here one rank of gloo, over an in-memory store."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("command", [["fit"], ["demo"], ["search"]])
+def test_a_command_that_succeeded_destroys_the_process_group_its_strategy_started(monkeypatch, command):
+    # Left to interpreter shutdown, gloo's threads aborted `lightning-reg fit` under DDP after training (exit -6).
+    import lightning_reg.demo
+    import lightning_reg.search
+
+    monkeypatch.setattr(lightning_reg.cli, "cli", start_a_process_group)
+    monkeypatch.setattr(lightning_reg.demo, "demo_cli", start_a_process_group)
+    monkeypatch.setattr(lightning_reg.search, "search_cli", start_a_process_group)
+    main(command)
+    assert not dist.is_initialized()
+
+
+def test_a_command_that_raised_leaves_the_process_group_to_the_exception(monkeypatch):
+    # Destroying it while other ranks may still be inside a collective could hang them.
+    def fail(*_args, **_kwargs) -> None:
+        start_a_process_group()
+        raise RuntimeError("rank failed")
+
+    monkeypatch.setattr(lightning_reg.cli, "cli", fail)
+    try:
+        with pytest.raises(RuntimeError, match="rank failed"):
+            main(["fit"])
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_console_script_reads_sys_argv_without_warnings(monkeypatch, capsys, recwarn):

@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         timings[case] = round(time.perf_counter() - start, 2)
     if os.environ.get("LOCAL_RANK", "0") == "0":  # the launching process (ddp) or the parent (ddp_spawn)
         (args.out / "timings.json").write_text(json.dumps(timings))
+    # Left to interpreter shutdown, gloo's threads can abort a rank after its last fit (exit -6).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
