@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import pytest
@@ -12,7 +13,13 @@ from torch import Tensor, nn
 
 import zoo
 from lightning_reg import functional as LF
-from lightning_reg.functional.mc_dropout import MCDropoutPrediction, mc_dropout_predict, mc_dropout_sampling
+from lightning_reg.functional.mc_dropout import (
+    MCDropoutPrediction,
+    check_running_statistics,
+    mc_dropout_predict,
+    mc_dropout_sampling,
+    running_statistics,
+)
 from lightning_reg.nn import LockedDropout, WeightDrop
 from tests.helpers import TinyMLP
 from tests.helpers.mc import assert_prefix_once_with_the_loops_draws
@@ -520,6 +527,66 @@ def test_check_running_statistics_compares_nan_with_nan_and_still_sees_changes()
     bn.running_mean[1] = 5.0
     with pytest.raises(RuntimeError, match=r"changed during a test: \['running_mean'\]"):
         check_running_statistics(bn, before, during="a test")
+
+
+def _two_batch_norms() -> nn.Module:
+    return nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3))
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda m: m[1].running_var.add_(1e-6), "1.running_var"),  # one float among several of one dtype
+        (lambda m: m[0].num_batches_tracked.add_(1), "0.num_batches_tracked"),  # an int64 buffer
+        (lambda m: setattr(m[1], "running_mean", torch.zeros(4)), "1.running_mean"),  # another shape
+        (lambda m: setattr(m[0], "running_mean", None), "0.running_mean"),  # a buffer that vanished
+    ],
+    ids=["value", "count", "shape", "vanished"],
+)
+def test_check_running_statistics_names_exactly_the_buffer_that_changed(change, named) -> None:
+    model = _two_batch_norms()
+    before = running_statistics(model)
+    change(model)
+    with pytest.raises(RuntimeError, match=rf"changed during a test: \['{re.escape(named)}'\]\."):
+        check_running_statistics(model, before, during="a test")
+
+
+def test_check_running_statistics_accepts_the_same_values_in_another_dtype() -> None:
+    model = _two_batch_norms()
+    before = running_statistics(model)
+    model.double()  # the values are unchanged
+    check_running_statistics(model, before, during="a test")
+
+
+class _RecordsModes(nn.Module):
+    """A user's module with its own ``train`` and ``__setattr__``, as some freeze layers in ``train``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 3))
+        self.calls: list[object] = []
+
+    def train(self, mode: bool = True) -> _RecordsModes:
+        self.calls.append(("train", mode))
+        return super().train(mode)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "training" and "calls" in self.__dict__:
+            self.calls.append(("training", value))
+        super().__setattr__(name, value)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def test_sampling_calls_a_modules_own_train_and_setattr_and_restores_every_mode() -> None:
+    model = _RecordsModes().train()
+    model.calls.clear()
+    with mc_dropout_sampling(model, check_statistics=False):
+        assert [m.training for m in model.modules()] == [False, False, False, True, False]
+    assert model.calls[0] == ("train", False)  # its own train() put it in eval mode
+    assert model.calls[-1] == ("training", True)  # its own __setattr__ restored its mode
+    assert all(m.training for m in model.modules())
 
 
 def test_generator_on_mps_uses_the_mps_rng_functions(monkeypatch: pytest.MonkeyPatch) -> None:
