@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import copy
+import re
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -572,3 +573,190 @@ def test_torchvision_resnet18_with_single_images_counts_each_layer_as_far_as_tor
     report = _assert_exact(model, batches, calls=calls)
     assert len(one_by_one) == 5
     assert report.num_skipped == 3
+
+
+# --- batches of any structure, reports and messages ------------------------------------------------
+
+
+class _Pair(NamedTuple):
+    x: Tensor
+    lengths: Tensor
+
+
+def test_nested_batches_reach_forward_fn_with_their_structure_and_types() -> None:
+    data = _batches((3,), [5, 4])
+    batches = [{"pair": (x, torch.arange(len(x))), "named": _Pair(x, torch.ones(len(x))), "list": [x]} for x in data]
+    seen: list[tuple[type, type, type]] = []
+
+    def forward_fn(module: nn.Module, batch: dict[str, Any]) -> Tensor:
+        seen.append((type(batch["pair"]), type(batch["named"]), type(batch["list"])))
+        assert torch.equal(batch["pair"][0], batch["named"].x)
+        assert torch.equal(batch["list"][0], batch["named"].x)
+        return module(batch["named"].x)
+
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    report = LF.recalibrate_bn(model, batches, forward_fn=forward_fn)
+    assert seen == [(tuple, _Pair, list)] * 2
+    var, mean = torch.var_mean(torch.cat(data), dim=0)
+    torch.testing.assert_close(model[0].running_mean, mean)
+    torch.testing.assert_close(model[0].running_var, var)
+    assert report.num_samples == 9
+
+
+@pytest.mark.parametrize(
+    ("batch", "samples"),
+    [
+        ({"name": "abc", "scale": torch.tensor(2.0), "x": torch.randn(5, 3)}, 5),  # a string, a scalar, then rows
+        ({"x": torch.randn(6)}, 6),  # one value per sample
+        ({"files": ["a.png", "b.png"], "seed": 3}, 0),  # no tensor: forward_fn loads its own data
+        (None, 0),
+    ],
+    ids=["string-scalar-rows", "vector", "no-tensor", "none"],
+)
+def test_num_samples_is_the_first_batched_dimension_found_in_the_batch(batch: Any, samples: int) -> None:
+    def forward_fn(module: nn.Module, batch: Any) -> Tensor:
+        x = batch.get("x") if isinstance(batch, dict) else None
+        x = torch.randn(4, 3) if x is None else x.reshape(len(x), -1).expand(-1, 3)
+        return module(x)
+
+    report = LF.recalibrate_bn(nn.Sequential(nn.BatchNorm1d(3)), [batch, batch], forward_fn=forward_fn)
+    assert (report.num_batches, report.num_samples) == (2, 2 * samples)
+
+
+def test_one_instance_gives_instance_norm_its_unbiased_variance() -> None:
+    x = torch.randn(1, 3, 7)
+    layer = nn.InstanceNorm1d(3, track_running_stats=True)
+    LF.recalibrate_bn(nn.Sequential(layer), [x])
+    torch.testing.assert_close(layer.running_mean, x[0].mean(-1))
+    torch.testing.assert_close(layer.running_var, x[0].var(-1))
+
+
+def test_num_batches_of_one_takes_the_first_batch() -> None:
+    batches = _batches((3,), [4, 4])
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    assert LF.recalibrate_bn(model, batches, num_batches=1).num_batches == 1
+    torch.testing.assert_close(model[0].running_mean, batches[0].mean(0))
+
+
+def test_the_report_measures_the_change_from_nonzero_statistics_in_float64() -> None:
+    batches = _batches((3,), [6, 7])
+    layer = nn.BatchNorm1d(3)
+    layer.running_mean.copy_(torch.tensor([0.3, -1.7, 2.9]))
+    layer.running_var.copy_(torch.tensor([0.5, 3.1, 1.3]))
+    old_mean, old_var = layer.running_mean.double(), layer.running_var.double()
+    report = LF.recalibrate_bn(nn.Sequential(layer), batches)
+    assert report.mean_abs_change_mean == pytest.approx(
+        float((layer.running_mean.double() - old_mean).abs().mean()), rel=1e-12
+    )
+    assert report.mean_abs_change_var == pytest.approx(
+        float((layer.running_var.double() - old_var).abs().mean()), rel=1e-12
+    )
+
+
+def test_a_layer_before_an_unreached_one_and_after_it_are_both_recalibrated() -> None:
+    layers = nn.ModuleList([nn.BatchNorm1d(3), nn.BatchNorm1d(3), nn.BatchNorm1d(3)])
+
+    class SkipsTheMiddle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.layers[2](self.layers[0](x))
+
+    batches = _batches((3,), [5, 5])
+    with pytest.warns(UserWarning, match=r"never called \['layers.1'\]"):
+        report = LF.recalibrate_bn(SkipsTheMiddle(), batches)
+    assert report.layers == ["layers.0", "layers.2"]
+    assert int(layers[2].num_batches_tracked) == 2
+    normalized = layers[0].eval()(torch.cat(batches))
+    torch.testing.assert_close(layers[2].running_mean, normalized.mean(0), atol=1e-5, rtol=0)
+
+
+def test_an_instance_level_forward_of_a_batch_norm_is_kept() -> None:
+    # wrappers (accelerate's hooks, profilers) set `layer.forward` on the instance; it must survive
+    layer = nn.BatchNorm1d(3)
+    calls: list[int] = []
+
+    def forward(x: Tensor) -> Tensor:
+        calls.append(len(x))
+        return nn.BatchNorm1d.forward(layer, x)
+
+    layer.forward = forward  # type: ignore[method-assign]
+    LF.recalibrate_bn(nn.Sequential(layer), _batches((3,), [4]))
+    assert vars(layer)["forward"] is forward
+    assert calls == [4]
+
+
+def _whole(message: str) -> str:
+    return f"^{re.escape(message)}$"
+
+
+def test_batches_whose_forward_stops_everywhere_raise_with_the_number_of_batches() -> None:
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    model[0].running_var.fill_(5.0)
+    message = (
+        "Expected at least one batch in which a normalization layer gets more than one value per channel, but every "
+        "one of the 2 batches stopped at a layer with one value per channel (batches of one sample for BatchNorm1d, "
+        "or 1x1 feature maps); no statistics were changed. Use batches of at least 2 samples (BatchNorm cannot "
+        "compute a variance from one value)."
+    )
+    with pytest.raises(ValueError, match=_whole(message)):  # 8 samples in 2 batches, one of each reaches the layer
+        LF.recalibrate_bn(model, _batches((3,), [4, 4]), forward_fn=lambda m, x: m(x[:1]))
+    assert torch.equal(model[0].running_var, torch.full((3,), 5.0))
+
+
+def test_an_empty_iterable_raises_the_single_process_message() -> None:
+    message = (
+        "Expected `batches` to yield at least one batch, but it is empty; no statistics were changed. Pass the "
+        "training dataloader (or another non-empty iterable of batches)."
+    )
+    with pytest.raises(ValueError, match=_whole(message)):
+        LF.recalibrate_bn(nn.Sequential(nn.BatchNorm1d(3)), [])
+
+
+def test_a_model_whose_layers_are_all_frozen_warns_and_reports_them() -> None:
+    model = TinyMLP(batch_norm=True).train()
+    model.body[1].eval()
+    message = (
+        "`recalibrate_bn` found no normalization layer with running statistics to recalibrate in TinyMLP (1 frozen); "
+        "nothing was changed. Only layers with `track_running_stats=True` (BatchNorm, SyncBatchNorm, "
+        "InstanceNorm(track_running_stats=True)) that are not frozen are recalibrated."
+    )
+    with pytest.warns(UserWarning, match=_whole(message)):
+        report = LF.recalibrate_bn(model, _batches((8,), [4]))
+    assert report.frozen == ["body.1"]
+    assert report.layers == []
+
+
+def test_a_starved_layer_is_named_in_the_whole_warning() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(2), nn.Flatten(), nn.BatchNorm1d(18))
+    message = (
+        "`recalibrate_bn`: ['2'] got one value per channel in every batch that reached them (batches of one sample?); "
+        "their statistics were left as they were. Use batches of at least 2 samples."
+    )
+    with pytest.warns(UserWarning, match=_whole(message)):
+        LF.recalibrate_bn(model, _batches((2, 3, 3), [1]))
+
+
+def test_instance_norm_over_many_batched_and_unbatched_inputs_records_one_concatenated_batch() -> None:
+    # 40 calls (more than one buffered chunk); an unbatched (C, L) input is one instance, as torch counts it
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randn(3, 6, generator=g) + i if i % 3 == 0 else torch.randn(2, 3, 6, generator=g) for i in range(40)
+    ]
+    model = nn.Sequential(nn.InstanceNorm1d(3, track_running_stats=True))
+    LF.recalibrate_bn(model, batches)
+    one = nn.InstanceNorm1d(3, track_running_stats=True, momentum=1.0).train()
+    one(torch.cat([b if b.dim() == 3 else b.unsqueeze(0) for b in batches]))
+    torch.testing.assert_close(model[0].running_mean, one.running_mean)
+    torch.testing.assert_close(model[0].running_var, one.running_var)
+
+
+def test_instance_norm_inputs_of_one_position_stop_and_the_others_count() -> None:
+    batches = [torch.randn(2, 3, 5), torch.randn(4, 3, 1), torch.randn(3, 1)]  # one value per instance and channel
+    model = nn.Sequential(nn.InstanceNorm1d(3, track_running_stats=True))
+    report = LF.recalibrate_bn(model, batches)
+    assert report.num_skipped == 2
+    torch.testing.assert_close(model[0].running_mean, batches[0].mean(-1).mean(0))
+    torch.testing.assert_close(model[0].running_var, batches[0].var(-1).mean(0))
