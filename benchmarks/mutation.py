@@ -59,24 +59,34 @@ DESELECT = "not ddp and not two_ranks and not two_process and not 2_process and 
 _SECTION = re.compile(r"^\[tool\.mutmut\]\n(?:(?!^\[).*\n?)*", re.MULTILINE)
 
 
-def _mutmut_section(module: str, tests: list[str]) -> str:
+def _mutmut_section(module: str, tests: list[str], distributed: bool = False) -> str:
+    deselect = "" if distributed else f'"-k", "{DESELECT}", '
     return (
         "[tool.mutmut]\n"
         'source_paths = ["lightning_reg"]\n'
         f"only_mutate = {json.dumps([module])}\n"
         'also_copy = ["zoo", "benchmarks", "examples", "data", "docs", "README.md"]\n'
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "--no-header", "-m", "not slow and not gpu", '
-        f'"-k", "{DESELECT}", "-W", "ignore::pytest.PytestUnraisableExceptionWarning"]\n'
+        f'{deselect}"-W", "ignore::pytest.PytestUnraisableExceptionWarning"]\n'
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
         "use_git_change_detection = false\n"
     )
 
 
-def run_module(module: str, tests: list[str], fresh: bool, survivors_only: bool = False) -> dict[str, object]:
+def run_module(
+    module: str,
+    tests: list[str],
+    fresh: bool,
+    survivors_only: bool = False,
+    distributed: bool = False,
+    only: list[str] | None = None,
+) -> dict[str, object]:
     """Run mutmut on one module in its own scratch copy; return the counts and the survivors.
 
     With ``survivors_only``, only the previous run's survivors run again, against the current tests (the way to
-    check that new tests kill them without rerunning every mutant).
+    check that new tests kill them without rerunning every mutant). With ``distributed``, the multi-process tests
+    are kept too (each mutant that reaches them then starts its own process group: seconds to a minute each);
+    ``only`` narrows a survivors rerun to the mutants whose names contain one of its strings.
     """
     if not (ROOT / module).is_file():
         raise SystemExit(f"Expected a module file under {ROOT}, but got {module!r}.")
@@ -90,7 +100,12 @@ def run_module(module: str, tests: list[str], fresh: bool, survivors_only: bool 
         if not previous.exists():
             raise SystemExit(f"Expected an earlier run of {module} in {work} for --survivors, but found none.")
         again = list(json.loads(previous.read_text())["survivors"])
+        if only:  # those of the named functions (substrings of the mutant names)
+            again = [name for name in again if any(part in name for part in only)]
         fresh = False
+    base = work
+    if distributed:  # its own copy: other pytest arguments make mutmut start every mutant afresh
+        work = work.with_name(work.name + ".distributed")
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -104,7 +119,7 @@ def run_module(module: str, tests: list[str], fresh: bool, survivors_only: bool 
             shutil.copy2(src, dst)
     pyproject = work / "pyproject.toml"
     text = pyproject.read_text()
-    pyproject.write_text(_SECTION.sub(_mutmut_section(module, tests), text, count=1))
+    pyproject.write_text(_SECTION.sub(_mutmut_section(module, tests, distributed), text, count=1))
 
     mutmut = [sys.executable, "-m", "mutmut"]
     start = time.monotonic()
@@ -130,6 +145,18 @@ def run_module(module: str, tests: list[str], fresh: bool, survivors_only: bool 
         "survivors": sorted(n for n, s in status.items() if s not in ("killed",)),
         "wall_s": round(wall),
     }
+    if distributed and survivors_only:
+        # the base run's score, plus its survivors that the multi-process tests killed
+        previous = json.loads((base / "result.json").read_text())
+        rerun_killed = sorted(n for n in again if status.get(n) == "killed")
+        total_killed = previous["counts"].get("killed", 0) + len(rerun_killed)
+        result.update(
+            mutants=previous["mutants"],
+            counts={"killed": total_killed, "survived": previous["mutants"] - total_killed},
+            score=round(100 * total_killed / previous["mutants"], 1),
+            survivors=sorted(set(previous["survivors"]) - set(rerun_killed)),
+            killed_by_multi_process_tests=rerun_killed,
+        )
     (work / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -140,11 +167,17 @@ def main() -> None:
     parser.add_argument("--tests", nargs="+", help="test files to select from (default: TESTS[module])")
     parser.add_argument("--fresh", action="store_true", help="start from scratch (default: reuse earlier results)")
     parser.add_argument("--survivors", action="store_true", help="rerun only the last run's survivors")
+    parser.add_argument(
+        "--distributed", action="store_true", help="keep the multi-process tests (best with --survivors: slow)"
+    )
+    parser.add_argument("--only", nargs="+", help="with --survivors: rerun the survivors whose names contain these")
     args = parser.parse_args()
     for module in args.modules:
         if args.tests is None and module not in TESTS:
             raise SystemExit(f"No test files known for {module!r}: pass --tests, or one of {sorted(TESTS)}.")
-        result = run_module(module, args.tests or TESTS[module], args.fresh, args.survivors)
+        result = run_module(
+            module, args.tests or TESTS[module], args.fresh, args.survivors, args.distributed, args.only
+        )
         print(json.dumps(result, indent=2), flush=True)
 
 
