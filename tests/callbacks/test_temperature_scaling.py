@@ -525,3 +525,288 @@ def test_an_instance_level_forward_is_scaled_and_handed_back_by_calibrated(tmp_p
         calibrated = callback.calibrated(model)
         torch.testing.assert_close(model(x), raw)  # the module's own patch is gone, the wrapper stays
         torch.testing.assert_close(calibrated(x), raw / t)
+
+
+# --- refits, the loaders it fits on, the forwards it scales -------------------------------------------
+
+
+class _SetHeadBias(L.Callback):
+    """Sets the head's bias to ``[b, -b, 0]``: to ``first`` when the (one) validation starts, to ``then`` when
+    training ends, after that validation and its checkpoint. The sum stays 0, the sum of squares changes."""
+
+    def __init__(self, first: float, then: float) -> None:
+        self.first, self.then = first, then
+
+    def _set(self, pl_module: Any, b: float) -> None:
+        with torch.no_grad():
+            pl_module.net.head.bias.copy_(torch.tensor([b, -b, 0.0]))
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._set(pl_module, self.first)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._set(pl_module, self.then)
+
+
+def test_weights_changed_after_the_final_validation_are_refitted_on_their_unscaled_logits(tmp_path: Path) -> None:
+    """The refit at fit end runs with the first T installed: it must fit on the raw logits, not on logits / T."""
+    logger, callback = MemoryLogger(), TemperatureScaling()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="final")
+    callbacks = [callback, _SetHeadBias(1.0, 2.0), checkpoint]
+    with pytest.warns(UserWarning, match="T is fitted now") as caught:
+        trainer, model, val = _fit(tmp_path, callbacks, max_epochs=1, logger=logger, enable_checkpointing=True)
+    messages = [str(w.message) for w in caught if "TemperatureScaling" in str(w.message)]
+    assert messages == [
+        "`TemperatureScaling`: the weights changed after the final validation, so T is fitted now, in `on_fit_end`, "
+        "after the last checkpoint was saved: the checkpoints of this fit do not hold this T. Save one now with "
+        "`trainer.save_checkpoint(path)`."
+    ]
+    steps = [step for step, _ in logger.values("calibration/temperature")]
+    assert steps == [trainer.global_step, trainer.global_step]  # the fit at the validation, then the refit
+    logits, targets = _raw(model, val)
+    t = callback.temperature
+    assert t == pytest.approx(fit_temperature(logits, targets), rel=1e-6)
+    x = next(iter(val))[0]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.net(x) / t)
+
+
+def test_without_a_following_validation_the_warning_names_the_reasons(tmp_path: Path) -> None:
+    train, val = _loaders()
+    callback = TemperatureScaling(dataloader=val)
+    trainer = fast_trainer(tmp_path, callbacks=[callback, ModelCheckpoint(dirpath=tmp_path)], enable_checkpointing=True)
+    with pytest.warns(UserWarning, match="T is fitted now") as caught:
+        trainer.fit(_user_model(), train)
+    messages = [str(w.message) for w in caught if "TemperatureScaling" in str(w.message)]
+    assert messages == [
+        "`TemperatureScaling`: no validation ran after the last training batch (early stopping, `max_time`, "
+        "`limit_val_batches=0`, `check_val_every_n_epoch`), so T is fitted now, in `on_fit_end`, after the last "
+        "checkpoint was saved: the checkpoints of this fit do not hold this T. Save one now with "
+        "`trainer.save_checkpoint(path)`."
+    ]
+
+
+def test_fit_end_by_max_steps_fits_at_the_final_validation_before_the_checkpoint(tmp_path: Path) -> None:
+    logger, callback = MemoryLogger(), TemperatureScaling()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="final")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, model, val = _fit(
+            tmp_path, [callback, checkpoint], max_epochs=-1, max_steps=6, logger=logger, enable_checkpointing=True
+        )
+    assert trainer.global_step == 6  # one epoch of 6 batches; no max_epochs to end it
+    assert not [w for w in caught if "T is fitted now" in str(w.message)]
+    assert [step for step, _ in logger.values("calibration/temperature")] == [6]
+    assert callback.temperature == pytest.approx(fit_temperature(*_raw(model, val)), rel=1e-6)
+
+
+def test_float64_logits_are_fitted_in_float64(tmp_path: Path) -> None:
+    callback = TemperatureScaling()
+    _, model, val = _fit(tmp_path, [callback], precision="64-true", max_epochs=1)
+    model.net.eval()
+    with torch.no_grad():
+        logits = torch.cat([model.net(x.double()) for x, _ in val])
+    targets = torch.cat([y for _, y in val])
+    # float32 logits move T by about 3e-9 here: far outside this tolerance
+    assert callback.temperature == pytest.approx(fit_temperature(logits, targets), rel=1e-12, abs=0.0)
+
+
+def test_max_iter_bounds_the_fit(tmp_path: Path) -> None:
+    callback = TemperatureScaling(max_iter=1)
+    _, model, val = _fit(tmp_path, [callback], max_epochs=1)
+    logits, targets = _raw(model, val)
+    one_step = fit_temperature(logits, targets, max_iter=1)
+    assert callback.temperature == pytest.approx(one_step, rel=1e-9)
+    assert one_step != pytest.approx(fit_temperature(logits, targets), rel=1e-3)  # one LBFGS step is not the optimum
+
+
+def test_nothing_is_reported_before_a_fit_and_a_named_loader_is_in_the_repr() -> None:
+    callback = TemperatureScaling("test", "test_start")
+    assert callback.temperature is None
+    assert callback.report is None
+    assert repr(callback) == "TemperatureScaling(dataloader='test', when='test_start', per_class=False)"
+
+
+def test_test_start_with_the_test_loader_fits_on_the_test_batches(tmp_path: Path) -> None:
+    train, val = _loaders()
+    test = make_loader(*_images(24, 2), batch_size=8)
+    L.seed_everything(0, verbose=False)
+    model = _user_model()
+    fast_trainer(tmp_path).fit(model, train, val)
+    callback = TemperatureScaling("test", "test_start")
+    result = fast_trainer(tmp_path, callbacks=[callback]).test(model, test, verbose=False)[0]
+    logits, targets = _raw(model, test)
+    t = callback.temperature
+    assert t == pytest.approx(fit_temperature(logits, targets), rel=1e-6)
+    assert t != pytest.approx(fit_temperature(*_raw(model, val)), rel=1e-3)  # not the val loader's T
+    assert result["test_loss"] == pytest.approx(float(F.cross_entropy(logits / t, targets)), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("wrap", "index"), [("list", None), ("dict", None), ("dict", 1)], ids=["list-of-one", "dict-of-one", "dict-idx-1"]
+)
+def test_the_val_loader_is_taken_from_a_list_or_dict(tmp_path: Path, wrap: str, index: int | None) -> None:
+    train, val = _loaders()
+    loaders: Any = [val] if wrap == "list" else ({"held_out": val} if index is None else {"train": train, "val": val})
+    callback = TemperatureScaling(dataloader_idx=index)
+    model = _TwoLoaders(TinyCNN(num_classes=3))
+    fast_trainer(tmp_path, callbacks=[callback]).fit(model, train, loaders)
+    assert callback.temperature == pytest.approx(fit_temperature(*_raw(model, val)), rel=1e-6)
+
+
+def test_a_dataloader_idx_past_the_loaders_is_refused(tmp_path: Path) -> None:
+    train, val = _loaders()
+    trainer = fast_trainer(tmp_path, callbacks=[TemperatureScaling(dataloader_idx=2)])
+    with pytest.raises(ValueError, match="dataloader_idx") as raised:
+        trainer.fit(_TwoLoaders(TinyCNN(num_classes=3)), train, [train, val])
+    assert str(raised.value) == "Expected `dataloader_idx` below 2, but got 2."
+
+
+def test_the_loader_errors_give_the_whole_fix(tmp_path: Path) -> None:
+    train, val = _loaders()
+    with pytest.raises(RuntimeError) as raised:
+        fast_trainer(tmp_path, callbacks=[TemperatureScaling()], limit_val_batches=0).fit(_user_model(), train, val)
+    assert str(raised.value) == (
+        "`TemperatureScaling(dataloader='val')` found no val dataloader on the trainer or its datamodule (with "
+        "`limit_val_batches=0` Lightning does not load the loaders passed to `fit`). Pass the held-out loader itself: "
+        "`TemperatureScaling(dataloader=my_loader)`."
+    )
+    with pytest.raises(ValueError, match="found 2 val dataloaders") as raised:
+        fast_trainer(tmp_path, callbacks=[TemperatureScaling()]).fit(
+            _TwoLoaders(TinyCNN(num_classes=3)), train, [val, val]
+        )
+    assert str(raised.value) == (
+        "`TemperatureScaling(dataloader='val')` found 2 val dataloaders: say which one holds the in-distribution "
+        "held-out data with `dataloader_idx=`."
+    )
+    with pytest.raises(ValueError, match="is the training dataloader") as raised:
+        fast_trainer(tmp_path, callbacks=[TemperatureScaling()]).fit(_user_model(), train, train)
+    assert str(raised.value) == (
+        "The val dataloader is the training dataloader: T fitted on training logits comes out too low. Pass a "
+        "held-out loader, or the training loader explicitly if you mean it."
+    )
+    with pytest.raises(RuntimeError) as raised:
+        fast_trainer(tmp_path, callbacks=[TemperatureScaling(dataloader=[])]).fit(_user_model(), train)
+    assert str(raised.value) == (
+        "`TemperatureScaling` found no batch in its held-out loader (on this rank). Pass a non-empty loader: "
+        "`TemperatureScaling(dataloader=my_loader)`."
+    )
+    with pytest.raises(RuntimeError) as raised:
+        TemperatureScaling().calibrated(_user_model())
+    assert str(raised.value) == "No temperature yet: fit the model with this callback first, or load its checkpoint."
+
+
+class _ExtraDim(UserClassifier):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)[..., None]  # (N, K, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0])[..., 0], batch[1])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self(batch[0])
+
+
+@pytest.mark.parametrize(
+    ("module", "got"), [(_TupleOutput, "tuple"), (_ExtraDim, "shape (8, 3, 1)")], ids=["tuple", "3d"]
+)
+def test_held_out_logits_of_the_wrong_kind_are_refused_whole(tmp_path: Path, module: type, got: str) -> None:
+    train, val = _loaders()
+    with pytest.raises(ValueError, match="Expected logits of shape") as raised:
+        fast_trainer(tmp_path, callbacks=[TemperatureScaling()]).fit(module(TinyCNN(num_classes=3)), train, val)
+    assert str(raised.value) == f"Expected logits of shape (N, num_classes) for a batch, but got {got}."
+
+
+def test_a_missing_target_key_is_named(tmp_path: Path) -> None:
+    train, val = _loaders()
+    with pytest.raises(KeyError) as raised:
+        fast_trainer(tmp_path, callbacks=[TemperatureScaling(target_key=5)]).fit(_user_model(), train, val)
+    assert raised.value.args[0] == (
+        "The batch is a sequence of length 2, but `target_key=5` is not a valid position in it. "
+        "Pass an int `target_key` below 2."
+    )
+
+
+def test_a_forward_that_returns_no_tensor_is_refused_with_the_whole_fix(tmp_path: Path) -> None:
+    train, val = _loaders()
+    callback = TemperatureScaling(forward_fn=lambda module, batch: module.net(batch[0]))
+    with pytest.raises(TypeError) as raised:
+        fast_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(_TupleOutput(TinyCNN(num_classes=3)), train, val)
+    assert str(raised.value) == (
+        "`TemperatureScaling` divides the logits returned by the LightningModule's `forward` by T, but it returned "
+        "tuple. Return the logits tensor from `forward` (e.g. `.logits` of a model output), or leave the callback "
+        "out and divide by `callback.temperature` yourself."
+    )
+
+
+def test_a_persistent_worker_val_loader_is_fitted_and_still_validated_whole(tmp_path: Path) -> None:
+    """The fit at the first batch of the final validation must not reset that validation's own iterator."""
+    train, _ = _loaders()
+    dataset = torch.utils.data.TensorDataset(*_images(32, seed=1))
+    val = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=1, persistent_workers=True)
+    callback = TemperatureScaling()
+    L.seed_everything(0, verbose=False)
+    model = _user_model()
+    trainer = fast_trainer(tmp_path, max_epochs=2, callbacks=[callback])
+    trainer.fit(model, train, val)
+    assert len(model.seen_targets["val"]) == 2 * 4  # two validations of 4 batches each
+    logits, targets = _raw(model, torch.utils.data.DataLoader(dataset, batch_size=8))
+    t = callback.temperature
+    assert t == pytest.approx(fit_temperature(logits, targets), rel=1e-6)
+    assert float(trainer.callback_metrics["val_loss"]) == pytest.approx(
+        float(F.cross_entropy(logits / t, targets)), rel=1e-5
+    )
+
+
+class _HeadClassifier(UserClassifier):
+    """A user module split as trunk and head (the timm convention), whose forward and head take a keyword."""
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.net.body(x)
+
+    def forward_head(self, features: Tensor, *, shift: float = 0.0) -> Tensor:
+        return self.net.head(self.net.dropout(features)) + shift
+
+    def forward(self, x: Tensor, *, shift: float = 0.0) -> Tensor:
+        return self.forward_head(self.forward_features(x), shift=shift)
+
+
+def test_keyword_arguments_reach_the_scaled_forward_and_head(tmp_path: Path) -> None:
+    callback = TemperatureScaling()
+    model = _HeadClassifier(TinyCNN(num_classes=3, dropout=0.0), num_classes=3, lr=0.5)
+    _, model, val = _fit(tmp_path, [callback], model=model, max_epochs=1)
+    t = callback.temperature
+    assert isinstance(t, float)
+    x = next(iter(val))[0]
+    with torch.no_grad():
+        model.eval()
+        features = model.net.body(x)
+        torch.testing.assert_close(model(x, shift=1.0), (model.net(x) + 1.0) / t)
+        torch.testing.assert_close(model.forward_head(features, shift=1.0), (model.net.head(features) + 1.0) / t)
+        model.train()
+        torch.testing.assert_close(model(x, shift=1.0), model.net(x) + 1.0)
+
+
+def test_an_instance_level_forward_head_is_scaled_and_handed_back_by_calibrated(tmp_path: Path) -> None:
+    model = _HeadClassifier(TinyCNN(num_classes=3, dropout=0.0), num_classes=3, lr=0.5)
+    class_head = model.forward_head
+
+    def doubled(features: Tensor, *, shift: float = 0.0) -> Tensor:
+        return 2.0 * class_head(features, shift=shift)
+
+    model.forward_head = doubled  # type: ignore[method-assign]
+    callback = TemperatureScaling()
+    _, model, val = _fit(tmp_path, [callback], model=model, max_epochs=1)
+    logits, targets = _raw(model, val)
+    t = callback.temperature
+    assert t == pytest.approx(fit_temperature(2.0 * logits, targets), rel=1e-6)  # fitted on the doubled logits
+    x = next(iter(val))[0]
+    model.eval()
+    with torch.no_grad():
+        features = model.net.body(x)
+        torch.testing.assert_close(model.forward_head(features), 2.0 * model.net.head(features) / t)
+        torch.testing.assert_close(model(x), 2.0 * model.net(x) / t)
+        calibrated = callback.calibrated(model)
+        torch.testing.assert_close(model.forward_head(features), 2.0 * model.net.head(features))
+        torch.testing.assert_close(calibrated(x), 2.0 * model.net(x) / t)
