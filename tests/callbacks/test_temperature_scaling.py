@@ -498,6 +498,7 @@ def test_the_report_measures_the_held_out_logits_and_is_logged_once_at_the_fit_s
     assert isinstance(t, float)
     assert report is not None
     assert report.num_samples == 32
+    assert report.temperature == pytest.approx(t, rel=1e-12, abs=0.0)  # the fitted T, in float64
     assert report.nll_after == pytest.approx(float(F.cross_entropy(logits / t, targets)), rel=1e-5)
     for ece, scaled in ((report.ece_before, logits), (report.ece_after, logits / t)):
         expected = multiclass_calibration_error(scaled.softmax(1), targets, num_classes=3, n_bins=15)
@@ -531,15 +532,16 @@ def test_an_instance_level_forward_is_scaled_and_handed_back_by_calibrated(tmp_p
 
 
 class _SetHeadBias(L.Callback):
-    """Sets the head's bias to ``[b, -b, 0]``: to ``first`` when the (one) validation starts, to ``then`` when
-    training ends, after that validation and its checkpoint. The sum stays 0, the sum of squares changes."""
+    """Sets the head's bias to ``[b, -b/2, -b/2]``: to ``first`` when the (one) validation starts, to ``then`` when
+    training ends, after that validation and its checkpoint. The sum stays 0, the sum of squares changes, and no
+    entry is 0."""
 
     def __init__(self, first: float, then: float) -> None:
         self.first, self.then = first, then
 
     def _set(self, pl_module: Any, b: float) -> None:
         with torch.no_grad():
-            pl_module.net.head.bias.copy_(torch.tensor([b, -b, 0.0]))
+            pl_module.net.head.bias.copy_(torch.tensor([b, -b / 2, -b / 2]))
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._set(pl_module, self.first)
@@ -609,7 +611,14 @@ def test_float64_logits_are_fitted_in_float64(tmp_path: Path) -> None:
         logits = torch.cat([model.net(x.double()) for x, _ in val])
     targets = torch.cat([y for _, y in val])
     # float32 logits move T by about 3e-9 here: far outside this tolerance
-    assert callback.temperature == pytest.approx(fit_temperature(logits, targets), rel=1e-12, abs=0.0)
+    t = callback.temperature
+    assert t == pytest.approx(fit_temperature(logits, targets), rel=1e-12, abs=0.0)
+    assert callback.report is not None
+    assert callback.report.temperature == pytest.approx(t, rel=1e-12, abs=0.0)
+    x = next(iter(val))[0].double()
+    model.eval()
+    with torch.no_grad():  # divided by T in float64 (a float32 T is off by about 1e-8)
+        torch.testing.assert_close(model(x), model.net(x) / t, rtol=1e-13, atol=0.0)
 
 
 def test_max_iter_bounds_the_fit(tmp_path: Path) -> None:
@@ -625,6 +634,7 @@ def test_nothing_is_reported_before_a_fit_and_a_named_loader_is_in_the_repr() ->
     callback = TemperatureScaling("test", "test_start")
     assert callback.temperature is None
     assert callback.report is None
+    assert callback.state_dict() == {"temperature": None, "per_class": False, "fitted_step": None}
     assert repr(callback) == "TemperatureScaling(dataloader='test', when='test_start', per_class=False)"
 
 
@@ -740,20 +750,29 @@ def test_a_forward_that_returns_no_tensor_is_refused_with_the_whole_fix(tmp_path
     )
 
 
+def _doubled_inputs(rows: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+    """A collate function the batches depend on: the stacked inputs, doubled."""
+    inputs, targets = torch.utils.data.default_collate(rows)
+    return [2.0 * inputs, targets]
+
+
 def test_a_persistent_worker_val_loader_is_fitted_and_still_validated_whole(tmp_path: Path) -> None:
-    """The fit at the first batch of the final validation must not reset that validation's own iterator."""
+    """The fit at the first batch of the final validation must not reset that validation's own iterator, and
+    fits on the loader's own batches (its batch size and collate function)."""
     train, _ = _loaders()
     dataset = torch.utils.data.TensorDataset(*_images(32, seed=1))
-    val = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=1, persistent_workers=True)
-    callback = TemperatureScaling()
+    val = torch.utils.data.DataLoader(
+        dataset, batch_size=8, num_workers=1, persistent_workers=True, collate_fn=_doubled_inputs
+    )
+    callback = TemperatureScaling(num_batches=2)
     L.seed_everything(0, verbose=False)
     model = _user_model()
     trainer = fast_trainer(tmp_path, max_epochs=2, callbacks=[callback])
     trainer.fit(model, train, val)
     assert len(model.seen_targets["val"]) == 2 * 4  # two validations of 4 batches each
-    logits, targets = _raw(model, torch.utils.data.DataLoader(dataset, batch_size=8))
+    logits, targets = _raw(model, torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=_doubled_inputs))
     t = callback.temperature
-    assert t == pytest.approx(fit_temperature(logits, targets), rel=1e-6)
+    assert t == pytest.approx(fit_temperature(logits[:16], targets[:16]), rel=1e-6)  # the first 2 batches of 8
     assert float(trainer.callback_metrics["val_loss"]) == pytest.approx(
         float(F.cross_entropy(logits / t, targets)), rel=1e-5
     )
@@ -810,3 +829,128 @@ def test_an_instance_level_forward_head_is_scaled_and_handed_back_by_calibrated(
         calibrated = callback.calibrated(model)
         torch.testing.assert_close(model.forward_head(features), 2.0 * model.net.head(features))
         torch.testing.assert_close(calibrated(x), 2.0 * model.net(x) / t)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """The images as a stream with no length: Lightning counts its batches as infinite."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
+        self.inputs, self.targets = inputs, targets
+
+    def __iter__(self) -> Any:
+        return iter(zip(self.inputs, self.targets, strict=True))
+
+
+def test_a_training_loader_without_length_fits_at_the_final_validation(tmp_path: Path) -> None:
+    """Its last batch is known only when the loader runs out (`trainer.is_last_batch`), not from a count."""
+    logger, callback = MemoryLogger(), TemperatureScaling()
+    train = torch.utils.data.DataLoader(_Stream(*_images(48, seed=0)), batch_size=8)
+    _, val = _loaders()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="final")
+    trainer = fast_trainer(
+        tmp_path, max_epochs=2, callbacks=[callback, checkpoint], logger=logger, enable_checkpointing=True
+    )
+    L.seed_everything(0, verbose=False)
+    model = _user_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, train, val)
+    assert not [w for w in caught if "T is fitted now" in str(w.message)]
+    assert [step for step, _ in logger.values("calibration/temperature")] == [trainer.global_step] == [12]
+    assert callback.temperature == pytest.approx(fit_temperature(*_raw(model, val)), rel=1e-6)
+
+
+def test_validate_alone_fits_no_t(tmp_path: Path) -> None:
+    for when in ("fit_end", "test_start"):
+        callback = TemperatureScaling(when=when)
+        _, val = _loaders()
+        fast_trainer(tmp_path, callbacks=[callback]).validate(_user_model(), val, verbose=False)
+        assert callback.temperature is None
+        assert callback.report is None
+
+
+def test_a_validation_before_the_last_training_batch_fits_no_t(tmp_path: Path) -> None:
+    """5 training batches, validation after the 4th only: T is fitted once, on the weights after the 5th."""
+    logger, callback = MemoryLogger(), TemperatureScaling()
+    L.seed_everything(0, verbose=False)
+    train = make_loader(*_images(40, seed=0), batch_size=8, shuffle=True)
+    _, val = _loaders()
+    model = _user_model()
+    fast_trainer(tmp_path, val_check_interval=4, callbacks=[callback], logger=logger).fit(model, train, val)
+    assert len(model.seen_targets["val"]) == 4  # one validation of 4 batches
+    assert [step for step, _ in logger.values("calibration/temperature")] == [5]
+    assert callback.temperature == pytest.approx(fit_temperature(*_raw(model, val)), rel=1e-6)
+
+
+def test_dict_batches_without_forward_fn_are_read_at_input_key(tmp_path: Path) -> None:
+    inputs, targets = _images(16, 1)
+    val = make_loader(inputs, targets, batch_size=8, as_dict=True)
+    callback = TemperatureScaling(dataloader=val, input_key="inputs", target_key="targets")
+    train, _ = _loaders()
+    L.seed_everything(0, verbose=False)
+    model = _user_model()
+    fast_trainer(tmp_path, callbacks=[callback]).fit(model, train)
+    assert callback.temperature == pytest.approx(fit_temperature(*_raw(model, make_loader(inputs, targets))), rel=1e-6)
+
+
+class _FailAfterTraining(L.Callback):
+    """Changes the weights when training ends (so T is fitted again at fit end) and makes that fit's pass fail."""
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def forward_fn(self, module: nn.Module, batch: Any) -> Tensor:
+        if self.failing:
+            raise RuntimeError("the held-out pass failed")
+        return module(batch[0])
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        with torch.no_grad():
+            pl_module.net.head.bias.add_(torch.tensor([1.0, -0.5, -0.5]))
+        self.failing = True
+
+
+def test_a_failed_refit_leaves_the_module_scaled_by_the_last_t_and_in_its_modes(tmp_path: Path) -> None:
+    failing = _FailAfterTraining()
+    callback = TemperatureScaling(forward_fn=failing.forward_fn)
+    L.seed_everything(0, verbose=False)
+    train, val = _loaders()
+    model = _user_model()
+    trainer = fast_trainer(tmp_path, callbacks=[callback, failing])
+    with pytest.raises(RuntimeError, match="the held-out pass failed"):
+        trainer.fit(model, train, val)
+    t = callback.temperature
+    assert isinstance(t, float)
+    assert model.training  # as it was when fit ended
+    x = next(iter(val))[0]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.net(x) / t)  # the T of the fit at the final validation
+
+
+class _TupleHead(UserClassifier):
+    """A trunk and head split whose head returns ``(logits, None)``: its forward takes the logits out."""
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.net.body(x)
+
+    def forward_head(self, features: Tensor) -> Any:
+        return self.net.head(features), None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))[0]
+
+
+def test_a_head_that_returns_no_tensor_is_refused_with_the_whole_fix(tmp_path: Path) -> None:
+    train, val = _loaders()
+    callback = TemperatureScaling(dataloader=val)
+    model = _TupleHead(TinyCNN(num_classes=3), num_classes=3, lr=0.5)
+    fast_trainer(tmp_path, callbacks=[callback]).fit(model, train)  # no validation: T is fitted at fit end
+    model.eval()
+    with pytest.raises(TypeError) as raised, torch.no_grad():
+        model.forward_head(model.net.body(next(iter(val))[0]))
+    assert str(raised.value) == (
+        "`TemperatureScaling` divides the logits returned by the LightningModule's `forward_head` by T, but it "
+        "returned tuple. Return the logits tensor from `forward_head` (e.g. `.logits` of a model output), or leave "
+        "the callback out and divide by `callback.temperature` yourself."
+    )
