@@ -188,6 +188,45 @@ def test_test_start_adapts_the_statistics_to_the_test_data(tmp_path: Path) -> No
     torch.testing.assert_close(_bn(model).running_mean, expected[0])
 
 
+class _Standardizer(L.LightningModule):
+    """A module of buffers only: a BatchNorm without affine parameters that standardizes its inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(1, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x)
+
+    def test_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        self(batch[0])
+
+
+def test_test_start_adapts_a_module_of_buffers_only(tmp_path: Path) -> None:
+    inputs, targets = make_images(n=24, seed=3)
+    model, recal = _Standardizer(), BNRecalibration(None, when="test_start", dataloader="test")
+    fast_trainer(tmp_path, callbacks=[recal]).test(model, make_loader(inputs + 2.0, targets, batch_size=8))
+    var, mean = torch.var_mean(inputs.flatten() + 2.0)  # one channel: over every pixel of every image
+    torch.testing.assert_close(model.bn.running_mean, mean.reshape(1))
+    torch.testing.assert_close(model.bn.running_var, var.reshape(1))
+
+
+def test_a_model_without_norm_layers_trains_as_without_the_callback_with_a_warning(tmp_path: Path) -> None:
+    def train(callbacks: list[L.Callback]) -> UserClassifier:
+        torch.manual_seed(0)
+        model = UserClassifier(net=TinyCNN(batch_norm=False), lr=0.5)  # parameters, no buffers
+        fast_trainer(tmp_path, callbacks=callbacks).fit(model, _loader())
+        return model
+
+    recal = BNRecalibration(None)
+    with pytest.warns(UserWarning, match="found no normalization layer"):
+        with_callback = train([recal])
+    assert recal.num_recalibrations == 1
+    without = train([])
+    for (name, a), (_, b) in zip(with_callback.named_parameters(), without.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_repr_names_a_loader_passed_by_the_user_by_its_type() -> None:
     recal = BNRecalibration(None, dataloader=_loader(), every_n_epochs=2)
     expected = "BNRecalibration(num_batches=None, dataloader='DataLoader', when='fit_end', every_n_epochs=2)"
@@ -617,6 +656,67 @@ def test_with_weight_averaging_first_an_early_stop_hands_the_recalibrated_statis
     assert int(_bn(model).num_batches_tracked) == 3
 
 
+def test_with_weight_averaging_the_sanity_check_recalibrates_nothing(tmp_path: Path) -> None:
+    model, loader = _model(), _loader()
+    recal = BNRecalibration(None)
+    callbacks = [recal, EMAWeightAveraging(decay=0.5)]
+    trainer = fast_trainer(tmp_path, num_sanity_val_steps=1, callbacks=callbacks)
+    trainer.fit(model, loader, val_dataloaders=_loader(n=16))
+    assert recal.num_recalibrations == 1  # once, at the end of fit
+    mean, var = _expected(model, loader)
+    torch.testing.assert_close(_bn(model).running_mean, mean)
+    torch.testing.assert_close(_bn(model).running_var, var)
+
+
+class _EpochAveraging(WeightAveraging):
+    """Averages once per epoch, in its `on_train_epoch_end`: after `BNRecalibration`'s, when listed after it."""
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return epoch_idx is not None
+
+
+def test_with_two_weight_averagers_the_one_updated_last_is_recalibrated_too(tmp_path: Path) -> None:
+    """EMA is up to date at the epoch's end, the epoch averager moves after that: its copy, which the model ends
+    with (its `on_train_end` runs last), must get the statistics of its own weights."""
+    model, loader = _model(), _loader()
+    callbacks = [BNRecalibration(None), EMAWeightAveraging(decay=0.5), _EpochAveraging()]
+    fast_trainer(tmp_path, max_epochs=2, callbacks=callbacks).fit(model, loader)
+    mean, var = _expected(model, loader)
+    torch.testing.assert_close(_bn(model).running_mean, mean)
+    torch.testing.assert_close(_bn(model).running_var, var)
+
+
+class _AveragingElsewhere(WeightAveraging):
+    """Stands in for a Lightning whose `WeightAveraging` keeps no `_average_model` (and, here, averages nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self._average_model
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pass
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        pass
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass
+
+
+def test_a_weight_averaging_without_a_reachable_averaged_model_is_refused_with_the_fix(tmp_path: Path) -> None:
+    trainer = fast_trainer(tmp_path, callbacks=[BNRecalibration(None), _AveragingElsewhere()])
+    with pytest.raises(RuntimeError) as raised:
+        trainer.fit(_model(), _loader())
+    assert str(raised.value) == (
+        "`BNRecalibration` cannot reach the averaged weights of _AveragingElsewhere: this Lightning version has no "
+        "`WeightAveraging._average_model`. Recalibrate after fit instead: "
+        "`lightning_reg.functional.recalibrate_bn(model, loader)`."
+    )
+
+
 def test_lightning_weight_averaging_still_keeps_its_averaged_model_where_we_read_it() -> None:
     """`BNRecalibration` reads `WeightAveraging._average_model` (no public accessor in Lightning 2.6)."""
     callback = EMAWeightAveraging()
@@ -627,7 +727,7 @@ def test_lightning_weight_averaging_still_keeps_its_averaged_model_where_we_read
 
 
 class _DrawingDataset(torch.utils.data.Dataset):
-    """Images whose `__getitem__` adds noise drawn from Python's or NumPy's global RNG (as some augmentations do)."""
+    """Images whose `__getitem__` adds noise from torch's, Python's or NumPy's global RNG (as augmentations do)."""
 
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, rng: str) -> None:
         self.inputs, self.targets, self.rng = inputs, targets, rng
@@ -636,7 +736,10 @@ class _DrawingDataset(torch.utils.data.Dataset):
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        noise = random.random() if self.rng == "python" else float(np.random.rand())
+        if self.rng == "torch":
+            noise = float(torch.rand(()))
+        else:
+            noise = random.random() if self.rng == "python" else float(np.random.rand())
         return self.inputs[i] + noise, self.targets[i]
 
 
@@ -649,6 +752,36 @@ class _ShuffledBatchSampler:
 
     def __iter__(self) -> Any:
         return (chunk.tolist() for chunk in torch.randperm(self.n, generator=self.generator).split(self.batch_size))
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+
+class _NestedGeneratorBatchSampler:
+    """A batch sampler that keeps its generator in a dict of nested lists: five attributes deep from the loader."""
+
+    def __init__(self, n: int, batch_size: int) -> None:
+        self.n, self.batch_size = n, batch_size
+        self.streams = {"order": [[torch.Generator().manual_seed(1)]]}
+
+    def __iter__(self) -> Any:
+        generator = self.streams["order"][0][0]
+        return (chunk.tolist() for chunk in torch.randperm(self.n, generator=generator).split(self.batch_size))
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+
+class _SlottedBatchSampler:
+    """A batch sampler with `__slots__`, so no `__dict__` to walk, and a fixed order."""
+
+    __slots__ = ("batch_size", "n")
+
+    def __init__(self, n: int, batch_size: int) -> None:
+        self.n, self.batch_size = n, batch_size
+
+    def __iter__(self) -> Any:
+        return (list(range(i, min(i + self.batch_size, self.n))) for i in range(0, self.n, self.batch_size))
 
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
@@ -668,6 +801,13 @@ def _rng_loader(source: str) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(dataset, batch_sampler=batches)
     if source == "plain-batch-sampler":
         return torch.utils.data.DataLoader(dataset, batch_sampler=_ShuffledBatchSampler(48, 8))
+    if source == "nested-generator":  # loader -> batch sampler -> dict -> list -> list -> generator
+        return torch.utils.data.DataLoader(dataset, batch_sampler=_NestedGeneratorBatchSampler(48, 8))
+    if source == "slotted-batch-sampler":
+        return torch.utils.data.DataLoader(dataset, batch_sampler=_SlottedBatchSampler(48, 8))
+    if source == "persistent-workers":  # the noise is drawn in a worker process that outlives each epoch
+        drawing = _DrawingDataset(inputs, targets, "torch")
+        return torch.utils.data.DataLoader(drawing, 8, num_workers=1, persistent_workers=True)
     if source == "global":
         return torch.utils.data.DataLoader(dataset, 8, shuffle=True)  # order and base seed from the global RNG
     return torch.utils.data.DataLoader(_DrawingDataset(inputs, targets, source), 8)
@@ -690,6 +830,9 @@ def _train(tmp_path: Path, source: str, callbacks: list[L.Callback]) -> tuple[Us
         "sampler-generator",
         "batch-sampler-generator",
         "plain-batch-sampler",
+        "nested-generator",
+        "slotted-batch-sampler",
+        "persistent-workers",
         "global",
         "python",
         "numpy",
@@ -699,7 +842,8 @@ def test_training_draws_the_same_with_and_without_the_recalibration_pass(tmp_pat
     """Running statistics do not enter a training-mode forward, so with the RNG untouched the weights are equal.
 
     Each epoch's pass iterates the shuffled training loader (drawing its order and base seed) and runs the dataset's
-    transforms; after it, training must draw exactly what it would have drawn without the callback.
+    transforms; after it, training must draw exactly what it would have drawn without the callback. A persistent
+    worker draws from its own process's RNG, which no restore in this process reaches: the pass must not use it.
     """
     recal = BNRecalibration(None, when=None, every_n_epochs=1)
     with_pass, loader_a = _train(tmp_path / "a", source, [recal])
@@ -719,6 +863,28 @@ def test_training_draws_the_same_with_and_without_the_recalibration_pass(tmp_pat
 def _loader_generators(loader: torch.utils.data.DataLoader) -> list[torch.Generator]:
     candidates = [loader.generator, getattr(loader.sampler, "generator", None)]
     return [g for g in candidates if isinstance(g, torch.Generator)]
+
+
+def _doubled_plus_one(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """A collate function the batches depend on: the stacked inputs, doubled, plus one."""
+    inputs, targets = torch.utils.data.default_collate(rows)
+    return [2.0 * inputs + 1.0, targets]
+
+
+def test_a_loader_with_persistent_workers_is_recalibrated_on_its_own_batches(tmp_path: Path) -> None:
+    """The pass over a persistent-worker loader keeps the loader's batch size and collate function."""
+    inputs, targets = make_images(n=48)
+    dataset = torch.utils.data.TensorDataset(inputs, targets)
+    loader = torch.utils.data.DataLoader(
+        dataset, 16, num_workers=1, persistent_workers=True, collate_fn=_doubled_plus_one
+    )
+    model, recal = _model(), BNRecalibration(None)
+    fast_trainer(tmp_path, callbacks=[recal]).fit(model, loader)
+    assert recal.last_report is not None
+    assert recal.last_report.num_batches == 3
+    mean, var = _conv_stats(model.net.body[0], 2.0 * inputs + 1.0)
+    torch.testing.assert_close(_bn(model).running_mean, mean)
+    torch.testing.assert_close(_bn(model).running_var, var)
 
 
 # --- batches through the forward protocol: forward_inputs, forward_fn ---------------------------------

@@ -224,10 +224,16 @@ def test_without_a_following_validation_t_is_fitted_at_fit_end_with_a_warning(tm
         enable_checkpointing=True,
     )
     model = _user_model()
-    with pytest.warns(UserWarning, match="no validation ran after the last training batch"):
+    with pytest.warns(UserWarning, match="no validation ran after the last training batch") as caught:
         trainer.fit(model, train)
     logits, targets = _raw(model, val)
     assert callback.temperature == pytest.approx(fit_temperature(logits, targets), rel=1e-6)
+    assert [str(w.message) for w in caught if "TemperatureScaling" in str(w.message)] == [
+        "`TemperatureScaling`: no validation ran after the last training batch (early stopping, `max_time`, "
+        "`limit_val_batches=0`, `check_val_every_n_epoch`), so T is fitted now, in `on_fit_end`, after the last "
+        "checkpoint was saved: the checkpoints of this fit do not hold this T. Save one now with "
+        "`trainer.save_checkpoint(path)`."
+    ]
 
 
 def test_test_start_fits_on_the_validation_loader_of_a_datamodule(tmp_path: Path) -> None:
@@ -308,26 +314,11 @@ def test_per_class_temperatures(tmp_path: Path) -> None:
     torch.testing.assert_close(restored.temperature, t)
 
 
-def test_errors(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="over-confident by construction"):
-        TemperatureScaling(dataloader="train")
-    with pytest.raises(ValueError, match="one of"):
-        TemperatureScaling(dataloader="validation")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="only at test time"):
-        TemperatureScaling(dataloader="test")
-    with pytest.raises(ValueError, match="`when`"):
-        TemperatureScaling(when="epoch_end")  # type: ignore[arg-type]
+def test_forward_fn_is_checked_and_dataloader_idx_picks_one_of_several_val_loaders(tmp_path: Path) -> None:
+    # (the other argument and loader errors are compared whole below)
     with pytest.raises(TypeError, match="forward_fn"):
         TemperatureScaling(forward_fn=3)  # type: ignore[arg-type]
     train, val = _loaders()
-    with pytest.raises(ValueError, match="is the training dataloader"):
-        fast_trainer(tmp_path, callbacks=[TemperatureScaling()]).fit(_user_model(), train, train)
-    with pytest.raises(RuntimeError, match="limit_val_batches=0"):
-        fast_trainer(tmp_path, callbacks=[TemperatureScaling()], limit_val_batches=0).fit(_user_model(), train, val)
-    with pytest.raises(ValueError, match="found 2 val dataloaders"):
-        fast_trainer(tmp_path, callbacks=[TemperatureScaling()]).fit(
-            _TwoLoaders(TinyCNN(num_classes=3)), train, [val, val]
-        )
     callback = TemperatureScaling(dataloader_idx=1)
     model = _TwoLoaders(TinyCNN(num_classes=3))
     fast_trainer(tmp_path, callbacks=[callback]).fit(model, train, [train, val])  # index 1 is held out
@@ -348,14 +339,6 @@ class _TupleOutput(UserClassifier):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self(batch[0])
-
-
-def test_a_forward_that_returns_no_tensor_gets_a_clear_error(tmp_path: Path) -> None:
-    train, val = _loaders()
-    callback = TemperatureScaling(forward_fn=lambda module, batch: module.net(batch[0]))
-    trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[callback])
-    with pytest.raises(TypeError, match="returned tuple"):
-        trainer.fit(_TupleOutput(TinyCNN(num_classes=3)), train, val)
 
 
 # --- DDP --------------------------------------------------------------------------------------------
@@ -498,6 +481,7 @@ def test_the_report_measures_the_held_out_logits_and_is_logged_once_at_the_fit_s
     assert isinstance(t, float)
     assert report is not None
     assert report.num_samples == 32
+    assert report.temperature == pytest.approx(t, rel=1e-12, abs=0.0)  # the fitted T, in float64
     assert report.nll_after == pytest.approx(float(F.cross_entropy(logits / t, targets)), rel=1e-5)
     for ece, scaled in ((report.ece_before, logits), (report.ece_after, logits / t)):
         expected = multiclass_calibration_error(scaled.softmax(1), targets, num_classes=3, n_bins=15)
@@ -525,3 +509,416 @@ def test_an_instance_level_forward_is_scaled_and_handed_back_by_calibrated(tmp_p
         calibrated = callback.calibrated(model)
         torch.testing.assert_close(model(x), raw)  # the module's own patch is gone, the wrapper stays
         torch.testing.assert_close(calibrated(x), raw / t)
+
+
+# --- refits, the loaders it fits on, the forwards it scales -------------------------------------------
+
+
+class _SetHeadBias(L.Callback):
+    """Sets the head's bias to ``[b, -b/2, -b/2]``: to ``first`` when the (one) validation starts, to ``then`` when
+    training ends, after that validation and its checkpoint. The sum stays 0, the sum of squares changes, and no
+    entry is 0."""
+
+    def __init__(self, first: float, then: float) -> None:
+        self.first, self.then = first, then
+
+    def _set(self, pl_module: Any, b: float) -> None:
+        with torch.no_grad():
+            pl_module.net.head.bias.copy_(torch.tensor([b, -b / 2, -b / 2]))
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._set(pl_module, self.first)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._set(pl_module, self.then)
+
+
+def test_weights_changed_after_the_final_validation_are_refitted_on_their_unscaled_logits(tmp_path: Path) -> None:
+    """The refit at fit end runs with the first T installed: it must fit on the raw logits, not on logits / T."""
+    logger, callback = MemoryLogger(), TemperatureScaling()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="final")
+    callbacks = [callback, _SetHeadBias(1.0, 2.0), checkpoint]
+    with pytest.warns(UserWarning, match="T is fitted now") as caught:
+        trainer, model, val = _fit(tmp_path, callbacks, max_epochs=1, logger=logger, enable_checkpointing=True)
+    messages = [str(w.message) for w in caught if "TemperatureScaling" in str(w.message)]
+    assert messages == [
+        "`TemperatureScaling`: the weights changed after the final validation, so T is fitted now, in `on_fit_end`, "
+        "after the last checkpoint was saved: the checkpoints of this fit do not hold this T. Save one now with "
+        "`trainer.save_checkpoint(path)`."
+    ]
+    steps = [step for step, _ in logger.values("calibration/temperature")]
+    assert steps == [trainer.global_step, trainer.global_step]  # the fit at the validation, then the refit
+    logits, targets = _raw(model, val)
+    t = callback.temperature
+    assert t == pytest.approx(fit_temperature(logits, targets), rel=1e-6)
+    x = next(iter(val))[0]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.net(x) / t)
+
+
+def test_fit_end_by_max_steps_fits_at_the_final_validation_before_the_checkpoint(tmp_path: Path) -> None:
+    logger, callback = MemoryLogger(), TemperatureScaling()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="final")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, model, val = _fit(
+            tmp_path, [callback, checkpoint], max_epochs=-1, max_steps=6, logger=logger, enable_checkpointing=True
+        )
+    assert trainer.global_step == 6  # one epoch of 6 batches; no max_epochs to end it
+    assert not [w for w in caught if "T is fitted now" in str(w.message)]
+    assert [step for step, _ in logger.values("calibration/temperature")] == [6]
+    assert callback.temperature == pytest.approx(fit_temperature(*_raw(model, val)), rel=1e-6)
+
+
+def test_float64_logits_are_fitted_in_float64(tmp_path: Path) -> None:
+    callback = TemperatureScaling()
+    _, model, val = _fit(tmp_path, [callback], precision="64-true", max_epochs=1)
+    model.net.eval()
+    with torch.no_grad():
+        logits = torch.cat([model.net(x.double()) for x, _ in val])
+    targets = torch.cat([y for _, y in val])
+    # float32 logits move T by about 3e-9 here: far outside this tolerance
+    t = callback.temperature
+    assert t == pytest.approx(fit_temperature(logits, targets), rel=1e-12, abs=0.0)
+    assert callback.report is not None
+    assert callback.report.temperature == pytest.approx(t, rel=1e-12, abs=0.0)
+    x = next(iter(val))[0].double()
+    model.eval()
+    with torch.no_grad():  # divided by T in float64 (a float32 T is off by about 1e-8)
+        torch.testing.assert_close(model(x), model.net(x) / t, rtol=1e-13, atol=0.0)
+
+
+def test_max_iter_bounds_the_fit(tmp_path: Path) -> None:
+    callback = TemperatureScaling(max_iter=1)
+    _, model, val = _fit(tmp_path, [callback], max_epochs=1)
+    logits, targets = _raw(model, val)
+    one_step = fit_temperature(logits, targets, max_iter=1)
+    assert callback.temperature == pytest.approx(one_step, rel=1e-9)
+    assert one_step != pytest.approx(fit_temperature(logits, targets), rel=1e-3)  # one LBFGS step is not the optimum
+
+
+def test_nothing_is_reported_before_a_fit_and_a_named_loader_is_in_the_repr() -> None:
+    callback = TemperatureScaling("test", "test_start")
+    assert callback.temperature is None
+    assert callback.report is None
+    assert callback.state_dict() == {"temperature": None, "per_class": False, "fitted_step": None}
+    assert repr(callback) == "TemperatureScaling(dataloader='test', when='test_start', per_class=False)"
+
+
+def test_test_start_with_the_test_loader_fits_on_the_test_batches(tmp_path: Path) -> None:
+    train, val = _loaders()
+    test = make_loader(*_images(24, 2), batch_size=8)
+    L.seed_everything(0, verbose=False)
+    model = _user_model()
+    fast_trainer(tmp_path).fit(model, train, val)
+    callback = TemperatureScaling("test", "test_start")
+    result = fast_trainer(tmp_path, callbacks=[callback]).test(model, test, verbose=False)[0]
+    logits, targets = _raw(model, test)
+    t = callback.temperature
+    assert t == pytest.approx(fit_temperature(logits, targets), rel=1e-6)
+    assert t != pytest.approx(fit_temperature(*_raw(model, val)), rel=1e-3)  # not the val loader's T
+    assert result["test_loss"] == pytest.approx(float(F.cross_entropy(logits / t, targets)), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("wrap", "index"), [("list", None), ("dict", None), ("dict", 1)], ids=["list-of-one", "dict-of-one", "dict-idx-1"]
+)
+def test_the_val_loader_is_taken_from_a_list_or_dict(tmp_path: Path, wrap: str, index: int | None) -> None:
+    train, val = _loaders()
+    loaders: Any = [val] if wrap == "list" else ({"held_out": val} if index is None else {"train": train, "val": val})
+    callback = TemperatureScaling(dataloader_idx=index)
+    model = _TwoLoaders(TinyCNN(num_classes=3))
+    fast_trainer(tmp_path, callbacks=[callback]).fit(model, train, loaders)
+    assert callback.temperature == pytest.approx(fit_temperature(*_raw(model, val)), rel=1e-6)
+
+
+def test_a_dataloader_idx_past_the_loaders_is_refused(tmp_path: Path) -> None:
+    train, val = _loaders()
+    trainer = fast_trainer(tmp_path, callbacks=[TemperatureScaling(dataloader_idx=2)])
+    with pytest.raises(ValueError, match="dataloader_idx") as raised:
+        trainer.fit(_TwoLoaders(TinyCNN(num_classes=3)), train, [train, val])
+    assert str(raised.value) == "Expected `dataloader_idx` below 2, but got 2."
+
+
+def test_the_loader_errors_give_the_whole_fix(tmp_path: Path) -> None:
+    train, val = _loaders()
+    with pytest.raises(RuntimeError) as raised:
+        fast_trainer(tmp_path, callbacks=[TemperatureScaling()], limit_val_batches=0).fit(_user_model(), train, val)
+    assert str(raised.value) == (
+        "`TemperatureScaling(dataloader='val')` found no val dataloader on the trainer or its datamodule (with "
+        "`limit_val_batches=0` Lightning does not load the loaders passed to `fit`). Pass the held-out loader itself: "
+        "`TemperatureScaling(dataloader=my_loader)`."
+    )
+    with pytest.raises(ValueError, match="found 2 val dataloaders") as raised:
+        fast_trainer(tmp_path, callbacks=[TemperatureScaling()]).fit(
+            _TwoLoaders(TinyCNN(num_classes=3)), train, [val, val]
+        )
+    assert str(raised.value) == (
+        "`TemperatureScaling(dataloader='val')` found 2 val dataloaders: say which one holds the in-distribution "
+        "held-out data with `dataloader_idx=`."
+    )
+    with pytest.raises(ValueError, match="is the training dataloader") as raised:
+        fast_trainer(tmp_path, callbacks=[TemperatureScaling()]).fit(_user_model(), train, train)
+    assert str(raised.value) == (
+        "The val dataloader is the training dataloader: T fitted on training logits comes out too low. Pass a "
+        "held-out loader, or the training loader explicitly if you mean it."
+    )
+    with pytest.raises(RuntimeError) as raised:
+        fast_trainer(tmp_path, callbacks=[TemperatureScaling(dataloader=[])]).fit(_user_model(), train)
+    assert str(raised.value) == (
+        "`TemperatureScaling` found no batch in its held-out loader (on this rank). Pass a non-empty loader: "
+        "`TemperatureScaling(dataloader=my_loader)`."
+    )
+    with pytest.raises(RuntimeError) as raised:
+        TemperatureScaling().calibrated(_user_model())
+    assert str(raised.value) == "No temperature yet: fit the model with this callback first, or load its checkpoint."
+
+
+class _ExtraDim(UserClassifier):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)[..., None]  # (N, K, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0])[..., 0], batch[1])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self(batch[0])
+
+
+@pytest.mark.parametrize(
+    ("module", "got"), [(_TupleOutput, "tuple"), (_ExtraDim, "shape (8, 3, 1)")], ids=["tuple", "3d"]
+)
+def test_held_out_logits_of_the_wrong_kind_are_refused_whole(tmp_path: Path, module: type, got: str) -> None:
+    train, val = _loaders()
+    with pytest.raises(ValueError, match="Expected logits of shape") as raised:
+        fast_trainer(tmp_path, callbacks=[TemperatureScaling()]).fit(module(TinyCNN(num_classes=3)), train, val)
+    assert str(raised.value) == f"Expected logits of shape (N, num_classes) for a batch, but got {got}."
+
+
+def test_a_missing_target_key_is_named(tmp_path: Path) -> None:
+    train, val = _loaders()
+    with pytest.raises(KeyError) as raised:
+        fast_trainer(tmp_path, callbacks=[TemperatureScaling(target_key=5)]).fit(_user_model(), train, val)
+    assert raised.value.args[0] == (
+        "The batch is a sequence of length 2, but `target_key=5` is not a valid position in it. "
+        "Pass an int `target_key` below 2."
+    )
+
+
+def test_a_forward_that_returns_no_tensor_is_refused_with_the_whole_fix(tmp_path: Path) -> None:
+    train, val = _loaders()
+    callback = TemperatureScaling(forward_fn=lambda module, batch: module.net(batch[0]))
+    with pytest.raises(TypeError) as raised:
+        fast_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(_TupleOutput(TinyCNN(num_classes=3)), train, val)
+    assert str(raised.value) == (
+        "`TemperatureScaling` divides the logits returned by the LightningModule's `forward` by T, but it returned "
+        "tuple. Return the logits tensor from `forward` (e.g. `.logits` of a model output), or leave the callback "
+        "out and divide by `callback.temperature` yourself."
+    )
+
+
+def _doubled_inputs(rows: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+    """A collate function the batches depend on: the stacked inputs, doubled."""
+    inputs, targets = torch.utils.data.default_collate(rows)
+    return [2.0 * inputs, targets]
+
+
+def test_a_persistent_worker_val_loader_is_fitted_and_still_validated_whole(tmp_path: Path) -> None:
+    """The fit at the first batch of the final validation must not reset that validation's own iterator, and
+    fits on the loader's own batches (its batch size and collate function)."""
+    train, _ = _loaders()
+    dataset = torch.utils.data.TensorDataset(*_images(32, seed=1))
+    val = torch.utils.data.DataLoader(
+        dataset, batch_size=8, num_workers=1, persistent_workers=True, collate_fn=_doubled_inputs
+    )
+    callback = TemperatureScaling(num_batches=2)
+    L.seed_everything(0, verbose=False)
+    model = _user_model()
+    trainer = fast_trainer(tmp_path, max_epochs=2, callbacks=[callback])
+    trainer.fit(model, train, val)
+    assert len(model.seen_targets["val"]) == 2 * 4  # two validations of 4 batches each
+    logits, targets = _raw(model, torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=_doubled_inputs))
+    t = callback.temperature
+    assert t == pytest.approx(fit_temperature(logits[:16], targets[:16]), rel=1e-6)  # the first 2 batches of 8
+    assert float(trainer.callback_metrics["val_loss"]) == pytest.approx(
+        float(F.cross_entropy(logits / t, targets)), rel=1e-5
+    )
+
+
+class _HeadClassifier(UserClassifier):
+    """A user module split as trunk and head (the timm convention), whose forward and head take a keyword."""
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.net.body(x)
+
+    def forward_head(self, features: Tensor, *, shift: float = 0.0) -> Tensor:
+        return self.net.head(self.net.dropout(features)) + shift
+
+    def forward(self, x: Tensor, *, shift: float = 0.0) -> Tensor:
+        return self.forward_head(self.forward_features(x), shift=shift)
+
+
+def test_keyword_arguments_reach_the_scaled_forward_and_head(tmp_path: Path) -> None:
+    callback = TemperatureScaling()
+    model = _HeadClassifier(TinyCNN(num_classes=3, dropout=0.0), num_classes=3, lr=0.5)
+    _, model, val = _fit(tmp_path, [callback], model=model, max_epochs=1)
+    t = callback.temperature
+    assert isinstance(t, float)
+    x = next(iter(val))[0]
+    with torch.no_grad():
+        model.eval()
+        features = model.net.body(x)
+        torch.testing.assert_close(model(x, shift=1.0), (model.net(x) + 1.0) / t)
+        torch.testing.assert_close(model.forward_head(features, shift=1.0), (model.net.head(features) + 1.0) / t)
+        model.train()
+        torch.testing.assert_close(model(x, shift=1.0), model.net(x) + 1.0)
+
+
+def test_an_instance_level_forward_head_is_scaled_and_handed_back_by_calibrated(tmp_path: Path) -> None:
+    model = _HeadClassifier(TinyCNN(num_classes=3, dropout=0.0), num_classes=3, lr=0.5)
+    class_head = model.forward_head
+
+    def doubled(features: Tensor, *, shift: float = 0.0) -> Tensor:
+        return 2.0 * class_head(features, shift=shift)
+
+    model.forward_head = doubled  # type: ignore[method-assign]
+    callback = TemperatureScaling()
+    _, model, val = _fit(tmp_path, [callback], model=model, max_epochs=1)
+    logits, targets = _raw(model, val)
+    t = callback.temperature
+    assert t == pytest.approx(fit_temperature(2.0 * logits, targets), rel=1e-6)  # fitted on the doubled logits
+    x = next(iter(val))[0]
+    model.eval()
+    with torch.no_grad():
+        features = model.net.body(x)
+        torch.testing.assert_close(model.forward_head(features), 2.0 * model.net.head(features) / t)
+        torch.testing.assert_close(model(x), 2.0 * model.net(x) / t)
+        calibrated = callback.calibrated(model)
+        torch.testing.assert_close(model.forward_head(features), 2.0 * model.net.head(features))
+        torch.testing.assert_close(calibrated(x), 2.0 * model.net(x) / t)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """The images as a stream with no length: Lightning counts its batches as infinite."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
+        self.inputs, self.targets = inputs, targets
+
+    def __iter__(self) -> Any:
+        return iter(zip(self.inputs, self.targets, strict=True))
+
+
+def test_a_training_loader_without_length_fits_at_the_final_validation(tmp_path: Path) -> None:
+    """Its last batch is known only when the loader runs out (`trainer.is_last_batch`), not from a count."""
+    logger, callback = MemoryLogger(), TemperatureScaling()
+    train = torch.utils.data.DataLoader(_Stream(*_images(48, seed=0)), batch_size=8)
+    _, val = _loaders()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="final")
+    trainer = fast_trainer(
+        tmp_path, max_epochs=2, callbacks=[callback, checkpoint], logger=logger, enable_checkpointing=True
+    )
+    L.seed_everything(0, verbose=False)
+    model = _user_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, train, val)
+    assert not [w for w in caught if "T is fitted now" in str(w.message)]
+    assert [step for step, _ in logger.values("calibration/temperature")] == [trainer.global_step] == [12]
+    assert callback.temperature == pytest.approx(fit_temperature(*_raw(model, val)), rel=1e-6)
+
+
+def test_validate_alone_fits_no_t(tmp_path: Path) -> None:
+    for when in ("fit_end", "test_start"):
+        callback = TemperatureScaling(when=when)
+        _, val = _loaders()
+        fast_trainer(tmp_path, callbacks=[callback]).validate(_user_model(), val, verbose=False)
+        assert callback.temperature is None
+        assert callback.report is None
+
+
+def test_a_validation_before_the_last_training_batch_fits_no_t(tmp_path: Path) -> None:
+    """5 training batches, validation after the 4th only: T is fitted once, on the weights after the 5th."""
+    logger, callback = MemoryLogger(), TemperatureScaling()
+    L.seed_everything(0, verbose=False)
+    train = make_loader(*_images(40, seed=0), batch_size=8, shuffle=True)
+    _, val = _loaders()
+    model = _user_model()
+    fast_trainer(tmp_path, val_check_interval=4, callbacks=[callback], logger=logger).fit(model, train, val)
+    assert len(model.seen_targets["val"]) == 4  # one validation of 4 batches
+    assert [step for step, _ in logger.values("calibration/temperature")] == [5]
+    assert callback.temperature == pytest.approx(fit_temperature(*_raw(model, val)), rel=1e-6)
+
+
+def test_dict_batches_without_forward_fn_are_read_at_input_key(tmp_path: Path) -> None:
+    inputs, targets = _images(16, 1)
+    val = make_loader(inputs, targets, batch_size=8, as_dict=True)
+    callback = TemperatureScaling(dataloader=val, input_key="inputs", target_key="targets")
+    train, _ = _loaders()
+    L.seed_everything(0, verbose=False)
+    model = _user_model()
+    fast_trainer(tmp_path, callbacks=[callback]).fit(model, train)
+    assert callback.temperature == pytest.approx(fit_temperature(*_raw(model, make_loader(inputs, targets))), rel=1e-6)
+
+
+class _FailAfterTraining(L.Callback):
+    """Changes the weights when training ends (so T is fitted again at fit end) and makes that fit's pass fail."""
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def forward_fn(self, module: nn.Module, batch: Any) -> Tensor:
+        if self.failing:
+            raise RuntimeError("the held-out pass failed")
+        return module(batch[0])
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        with torch.no_grad():
+            pl_module.net.head.bias.add_(torch.tensor([1.0, -0.5, -0.5]))
+        self.failing = True
+
+
+def test_a_failed_refit_leaves_the_module_scaled_by_the_last_t_and_in_its_modes(tmp_path: Path) -> None:
+    failing = _FailAfterTraining()
+    callback = TemperatureScaling(forward_fn=failing.forward_fn)
+    L.seed_everything(0, verbose=False)
+    train, val = _loaders()
+    model = _user_model()
+    trainer = fast_trainer(tmp_path, callbacks=[callback, failing])
+    with pytest.raises(RuntimeError, match="the held-out pass failed"):
+        trainer.fit(model, train, val)
+    t = callback.temperature
+    assert isinstance(t, float)
+    assert model.training  # as it was when fit ended
+    x = next(iter(val))[0]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.net(x) / t)  # the T of the fit at the final validation
+
+
+class _TupleHead(UserClassifier):
+    """A trunk and head split whose head returns ``(logits, None)``: its forward takes the logits out."""
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.net.body(x)
+
+    def forward_head(self, features: Tensor) -> Any:
+        return self.net.head(features), None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))[0]
+
+
+def test_a_head_that_returns_no_tensor_is_refused_with_the_whole_fix(tmp_path: Path) -> None:
+    train, val = _loaders()
+    callback = TemperatureScaling(dataloader=val)
+    model = _TupleHead(TinyCNN(num_classes=3), num_classes=3, lr=0.5)
+    fast_trainer(tmp_path, callbacks=[callback]).fit(model, train)  # no validation: T is fitted at fit end
+    model.eval()
+    with pytest.raises(TypeError) as raised, torch.no_grad():
+        model.forward_head(model.net.body(next(iter(val))[0]))
+    assert str(raised.value) == (
+        "`TemperatureScaling` divides the logits returned by the LightningModule's `forward_head` by T, but it "
+        "returned tuple. Return the logits tensor from `forward_head` (e.g. `.logits` of a model output), or leave "
+        "the callback out and divide by `callback.temperature` yourself."
+    )
