@@ -437,12 +437,25 @@ def _generators(root: Any) -> list[torch.Generator]:
             for item in obj.values() if isinstance(obj, Mapping) else obj:
                 visit(item, depth + 1)
         elif walkable(obj):
-            for item in getattr(obj, "__dict__", {}).values():
+            for item in _attributes(obj):
                 if isinstance(item, torch.Generator | list | tuple | Mapping) or walkable(item):
                     visit(item, depth + 1)
 
     visit(root, 0)
     return found
+
+
+def _attributes(obj: Any) -> list[Any]:
+    """The values of ``obj``'s instance attributes: its ``__dict__`` and its classes' ``__slots__``."""
+    values = list(getattr(obj, "__dict__", {}).values())
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name.startswith("__") and not name.endswith("__"):  # a private slot: its mangled name
+                name = f"_{cls.__name__.lstrip('_')}{name}"
+            if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
+                values.append(getattr(obj, name))
+    return values
 
 
 @contextlib.contextmanager

@@ -787,6 +787,23 @@ class _SlottedBatchSampler:
         return -(-self.n // self.batch_size)
 
 
+class _SlottedShuffledBatchSampler:
+    """A batch sampler with `__slots__` that shuffles with its own generator, kept in a private slot."""
+
+    __slots__ = ("__generator", "batch_size", "n")
+
+    def __init__(self, n: int, batch_size: int) -> None:
+        self.n, self.batch_size = n, batch_size
+        self.__generator = torch.Generator().manual_seed(1)
+
+    def __iter__(self) -> Any:
+        order = torch.randperm(self.n, generator=self.__generator)
+        return (chunk.tolist() for chunk in order.split(self.batch_size))
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+
 def _rng_loader(source: str) -> torch.utils.data.DataLoader:
     inputs, targets = make_images(n=48)
     dataset = torch.utils.data.TensorDataset(inputs, targets)
@@ -805,6 +822,8 @@ def _rng_loader(source: str) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(dataset, batch_sampler=_NestedGeneratorBatchSampler(48, 8))
     if source == "slotted-batch-sampler":
         return torch.utils.data.DataLoader(dataset, batch_sampler=_SlottedBatchSampler(48, 8))
+    if source == "slotted-shuffled-batch-sampler":
+        return torch.utils.data.DataLoader(dataset, batch_sampler=_SlottedShuffledBatchSampler(48, 8))
     if source == "persistent-workers":  # the noise is drawn in a worker process that outlives each epoch
         drawing = _DrawingDataset(inputs, targets, "torch")
         return torch.utils.data.DataLoader(drawing, 8, num_workers=1, persistent_workers=True)
@@ -832,6 +851,7 @@ def _train(tmp_path: Path, source: str, callbacks: list[L.Callback]) -> tuple[Us
         "plain-batch-sampler",
         "nested-generator",
         "slotted-batch-sampler",
+        "slotted-shuffled-batch-sampler",
         "persistent-workers",
         "global",
         "python",
