@@ -204,6 +204,11 @@ def _ddp_fit(rank: int, world_size: int) -> dict[str, Any]:
         fit_temperature(bad, targets)
     except ValueError as err:
         out["error"] = str(err)
+    try:  # 3 classes on rank 0, 4 on rank 1: both ranks raise with both counts
+        extra = torch.cat([logits, logits[:, :1]], 1) if rank == 1 else logits
+        fit_temperature(extra, targets)
+    except ValueError as err:
+        out["classes_error"] = str(err)
     return out
 
 
@@ -224,6 +229,12 @@ def test_two_ranks_fit_the_temperature_of_the_union(process_group_pool: Any) -> 
     assert rank0["t_empty_rank"] == rank1["t_empty_rank"] == pytest.approx(fit_temperature(*_rank_share(0)), rel=1e-9)
     assert "1 NaN or infinite" in rank0["error"]
     assert "1 NaN or infinite" in rank1["error"]
+    k = logits.shape[1]
+    for rank, here in ((rank0, k), (rank1, k + 1)):
+        assert rank["classes_error"] == (
+            f"Expected the same number of classes on every rank, but got {here} here and between {k} and {k + 1} "
+            "across ranks."
+        )
 
 
 def test_a_finite_optimum_outside_the_bounds_is_clamped_with_a_warning() -> None:
@@ -231,6 +242,9 @@ def test_a_finite_optimum_outside_the_bounds_is_clamped_with_a_warning() -> None
     assert fit_temperature(0.3 * logits, targets) < 0.5
     with pytest.warns(UserWarning, match="lies outside the range"):
         assert fit_temperature(0.3 * logits, targets, min_temperature=0.5) == 0.5
+    assert fit_temperature(3.0 * logits, targets) > 2.0  # over-confident: the optimum is near 3
+    with pytest.warns(UserWarning, match="lies outside the range"):
+        assert fit_temperature(3.0 * logits, targets, max_temperature=2.0) == 2.0
 
 
 def test_temperature_nll_is_torchs_cross_entropy_of_the_scaled_logits() -> None:
@@ -323,6 +337,20 @@ def test_separable_logits_with_different_margins_per_sample_still_run_off_to_zer
             torch.zeros(4, 3, dtype=torch.long),
             TypeError,
             "Expected floating-point probability targets, but got dtype torch.int64.",
+        ),
+        (
+            torch.zeros(2, 2),
+            torch.tensor([[1.5, -0.5], [0.5, 0.5]]),  # rows sum to 1, one entry is negative
+            ValueError,
+            "Expected probability targets: non-negative rows that sum to 1. Pass class indices `(N,)`, or normalize "
+            "the rows (multi-label targets are not supported by softmax temperature scaling).",
+        ),
+        (
+            torch.zeros(4, 3),
+            torch.zeros(4, 3, 2),
+            ValueError,
+            "Expected targets of shape (N,) (class indices) or (N, num_classes) (probabilities), but got shape "
+            "(4, 3, 2).",
         ),
     ],
 )
