@@ -401,3 +401,61 @@ def test_weights_of_the_wrong_shape_are_named_with_what_was_expected() -> None:
         variational_lstm(torch.randn(2, 3, 4), [bad_hh])
     with pytest.raises(ValueError, match=re.escape("but got (2, 3).")):
         variational_lstm(torch.randn(2, 3), [good])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_without_masks_the_functional_forms_are_torchs_rnns(cell):
+    ref, _ = pair(cell, num_layers=2, bidirectional=True, batch_first=True)
+    weights = [
+        RecurrentWeights(
+            *(getattr(ref, f"{name}_l{layer}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        )
+        for layer in range(2)
+        for suffix in ("", "_reverse")
+    ]
+    x = torch.randn(N, T, I, dtype=torch.float64)
+    fn = variational_lstm if cell == "lstm" else variational_gru
+    out, state = fn(x, weights, num_layers=2, bidirectional=True)  # masks=None: no dropout
+    expected, expected_state = ref(x)
+    torch.testing.assert_close(out, expected)
+    h, h_ref = (state[0], expected_state[0]) if cell == "lstm" else (state, expected_state)
+    torch.testing.assert_close(h, h_ref)
+
+
+def test_an_lstm_with_only_the_recurrent_bias_is_torchs_with_a_zero_input_bias():
+    ref, _ = pair("lstm", batch_first=True)
+    with torch.no_grad():
+        ref.bias_ih_l0.zero_()
+    weights = [RecurrentWeights(ref.weight_ih_l0, ref.weight_hh_l0, None, ref.bias_hh_l0)]
+    x = torch.randn(N, T, I, dtype=torch.float64)
+    out, _ = variational_lstm(x, weights)
+    torch.testing.assert_close(out, ref(x)[0])
+
+
+def _gru_weights():
+    return [RecurrentWeights(torch.randn(3 * H, I), torch.randn(3 * H, H))]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"masks": RecurrentDropoutMasks((None, None), (None, None))},
+            "Expected masks for 1 layers x directions, but got 2 input masks and 2 recurrent masks; draw them with "
+            "`sample_recurrent_masks` for this network.",
+        ),
+        (
+            {"lengths": torch.tensor([1, 2, 3, 4, 5])},  # valid values, one too many
+            f"Expected `lengths` of shape ({N},) with values in [1, {T}], but got shape (5,) and values "
+            "[1, 2, 3, 4, 5].",
+        ),
+        (
+            {"lengths": torch.tensor([7, 0, 5, 1])},  # an empty sequence
+            f"Expected `lengths` of shape ({N},) with values in [1, {T}], but got shape (4,) and values [7, 0, 5, 1].",
+        ),
+    ],
+    ids=["masks", "lengths-shape", "lengths-zero"],
+)
+def test_bad_masks_or_lengths_get_the_whole_message(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        variational_gru(torch.randn(N, T, I), _gru_weights(), **kwargs)
