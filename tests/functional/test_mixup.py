@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -299,3 +301,72 @@ def test_a_bool_batch_size_is_refused() -> None:
 def test_moving_params_with_one_float_lambda_keeps_the_float() -> None:
     params = LF.sample_mixup(4, 0.4, generator=torch.Generator().manual_seed(0)).to(torch.device("cpu"))
     assert isinstance(params.lam, float)
+
+
+# --- the draws behind sample_mixup (functional/_draws.py) -----------------------------------------------------------
+def _naive_shift(index):
+    """The ``k`` with ``index[i] == (i + k) % N`` for every ``i``, by trying every ``k``; else ``None``."""
+    n = len(index)
+    found = [k for k in range(n) if all(int(index[i]) == (i + k) % n for i in range(n))]
+    return found[0] if found else None
+
+
+def test_cyclic_shift_finds_exactly_the_rolls_among_all_permutations_of_four():
+    from itertools import permutations
+
+    from lightning_reg.functional._draws import cyclic_shift
+
+    for perm in permutations(range(4)):
+        for dtype in (torch.int64, torch.int32):
+            index = torch.tensor(perm, dtype=dtype)
+            assert cyclic_shift(index) == _naive_shift(perm), perm
+    for index in ([1, 2, 0], [0], [4, 1, 2, 3], [-1, 0, 1, 2], [1, 2, 3, 4], [0, 1, 2, 4]):
+        assert cyclic_shift(torch.tensor(index)) == _naive_shift(index), index
+
+
+def test_cyclic_shift_is_none_for_an_index_that_is_not_one_dim_or_empty():
+    from lightning_reg.functional._draws import cyclic_shift
+
+    for index in (
+        torch.tensor(0),
+        torch.tensor([[1, 0]]),
+        torch.tensor([[0, 1], [1, 0]]),
+        torch.zeros(0, dtype=torch.long),
+    ):
+        assert cyclic_shift(index) is None
+
+
+def test_beta_is_the_first_of_two_gamma_variates_over_their_sum_in_float64():
+    # The same generator stream drawn through the Gamma primitive directly: one (2, *size) draw per call.
+    from lightning_reg._torch_private import standard_gamma
+    from lightning_reg.functional._draws import beta, beta_float
+
+    g, ref = _gen(3), _gen(3)
+    for size in ((5,), (2, 3)):
+        lam = beta(0.4, size, generator=g)
+        gammas = standard_gamma(torch.full((2, *size), 0.4, dtype=torch.float64), ref)
+        assert lam.dtype == torch.float64
+        torch.testing.assert_close(lam, gammas[0] / (gammas[0] + gammas[1]), rtol=0, atol=0)
+    for seed in range(5):
+        expected = float(beta(0.4, (), generator=_gen(seed)))
+        assert beta_float(0.4, _gen(seed)) == expected
+
+
+@pytest.mark.parametrize("n", [0, 1, True, 2.0])
+def test_derangement_refuses_fewer_than_two_samples_or_a_non_int(n):
+    from lightning_reg.functional._draws import derangement
+
+    message = f"Expected `n` to be an int >= 2 (a single sample has no other partner), but got {n!r}."
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        derangement(n)
+
+
+def test_derangement_has_no_fixed_point_on_every_draw():
+    from lightning_reg.functional._draws import derangement
+
+    g = _gen(1)
+    for n in (2, 3, 5):
+        for _ in range(50):
+            index = derangement(n, generator=g)
+            assert sorted(index.tolist()) == list(range(n))
+            assert all(int(index[i]) != i for i in range(n))
