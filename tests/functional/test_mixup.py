@@ -370,3 +370,34 @@ def test_derangement_has_no_fixed_point_on_every_draw():
             index = derangement(n, generator=g)
             assert sorted(index.tolist()) == list(range(n))
             assert all(int(index[i]) != i for i in range(n))
+
+
+@pytest.mark.parametrize("index", [[2, 0, 3, 1], [1, 2, 3, 0]], ids=["gather", "shift"])
+def test_blend_writes_the_per_sample_lerp_into_out_or_in_place_through_scratch(index):
+    from lightning_reg.functional._apply import blend
+    from lightning_reg.functional._draws import cyclic_shift
+
+    x = torch.randn(4, 3, 2, generator=_gen(7))
+    index, lam = torch.tensor(index), torch.tensor([0.2, 0.9, 0.5, 0.7])
+    expected = torch.stack([torch.lerp(x[int(index[i])], x[i], lam[i]) for i in range(4)])
+    shift = cyclic_shift(index)
+    out = torch.full_like(x, float("nan"))
+    assert blend(x, lam, index, shift, out=out).data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-7)
+    inplace, scratch = x.clone(), torch.full_like(x, float("nan"))
+    assert blend(inplace, lam, index, shift, out=inplace, scratch=scratch) is inplace
+    torch.testing.assert_close(inplace, expected, rtol=0, atol=1e-6)  # x + (1 - lam)(p - x): other rounding
+    torch.testing.assert_close(scratch, x[index], rtol=0, atol=0)  # the partners were gathered into `scratch`
+
+
+def test_mixup_with_a_float64_per_sample_lam_blends_in_the_inputs_dtype():
+    x, index = torch.randn(4, 3, generator=_gen(8)), torch.tensor([1, 2, 3, 0])
+    lam = torch.tensor([0.1, 0.4, 0.6, 0.9], dtype=torch.float64)
+    mixed, _ = LF.mixup(x, torch.eye(4), lam, index)
+    assert mixed.dtype == torch.float32
+    expected = torch.stack([torch.lerp(x[int(index[i])], x[i], lam[i].float()) for i in range(4)])
+    torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-7)
+    images = torch.tensor([[0, 100], [200, 50], [10, 255], [3, 4]], dtype=torch.uint8)
+    mixed_images, _ = LF.mixup(images, torch.eye(4), lam, index)
+    naive = [(lam[i] * images[i].double() + (1 - lam[i]) * images[int(index[i])].double()).round() for i in range(4)]
+    torch.testing.assert_close(mixed_images, torch.stack(naive).to(torch.uint8), rtol=0, atol=1)
