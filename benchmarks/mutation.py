@@ -28,6 +28,13 @@ COPIED = ["lightning_reg", "zoo", "tests", "benchmarks", "examples", "data", "py
 
 # The test files that exercise each module (a module's own tests, those of its callback or nn wrapper, and the
 # examples that import it). mutmut still picks, per mutant, the tests of this selection that reached the function.
+_MIXING_TESTS = [
+    "tests/functional/test_mixup.py",
+    "tests/functional/test_cutmix.py",
+    "tests/functional/test_label_smoothing.py",
+    "tests/test_targets.py",
+    "tests/test_argument_checks.py",
+]
 TESTS: dict[str, list[str]] = {
     "lightning_reg/functional/uncertainty.py": [
         "tests/test_uncertainty_metrics.py",
@@ -46,6 +53,11 @@ TESTS: dict[str, list[str]] = {
     "lightning_reg/functional/mixup.py": ["tests/functional/test_mixup.py"],
     "lightning_reg/functional/cutmix.py": ["tests/functional/test_cutmix.py"],
     "lightning_reg/functional/mc_masks.py": ["tests/functional/test_mc_masks.py"],
+    # The private helpers of the mixing and smoothing functions: the functional tests of their callers (seconds).
+    "lightning_reg/functional/_checks.py": _MIXING_TESTS,
+    "lightning_reg/functional/_targets.py": _MIXING_TESTS,
+    "lightning_reg/functional/_draws.py": _MIXING_TESTS,
+    "lightning_reg/functional/_apply.py": _MIXING_TESTS,
     "lightning_reg/callbacks/bn_recalibration.py": ["tests/callbacks/test_bn_recalibration.py"],
     "lightning_reg/callbacks/temperature_scaling.py": ["tests/callbacks/test_temperature_scaling.py"],
     "lightning_reg/callbacks/bn_stats_monitor.py": ["tests/callbacks/test_bn_stats_monitor.py"],

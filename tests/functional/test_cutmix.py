@@ -396,3 +396,103 @@ def test_box_from_xyxy_names_what_it_got(boxes, got: str) -> None:
         ValueError, match=re.escape(f"Expected integer boxes (B, 4) as [x1, y1, x2, y2], but got {got}.")
     ):
         LF.Box.from_xyxy(boxes)
+
+
+# --- the kernels behind cutmix (functional/_apply.py), against naive per-sample loops --------------------------------
+def _naive_paste(x, lo, hi, index, axes, base=None):
+    """Sample ``i``: ``base[i]`` (default ``x[i]``) with its box ``[lo[i], hi[i])`` along ``axes`` from its partner."""
+    expected = (x if base is None else base).detach().clone()
+    for i in range(x.shape[0]):
+        b = 0 if lo.shape[0] == 1 else i
+        region = [slice(None)] * (x.ndim - 1)
+        for j, d in enumerate(axes):
+            region[d - 1] = slice(int(lo[b, j]), int(hi[b, j]))
+        expected[i][tuple(region)] = x[int(index[i])].detach()[tuple(region)]
+    return expected
+
+
+def _boxes(n, g):
+    box = LF.sample_box(torch.rand(n, generator=g), (6, 5), generator=g)
+    return box.lo, box.hi
+
+
+@pytest.mark.parametrize("index", [[2, 0, 3, 1], [1, 2, 3, 0]], ids=["gather", "shift"])
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_paste_writes_the_naive_paste_into_out_or_in_place_or_with_a_graph(index, per_sample):
+    from lightning_reg.functional._apply import paste
+    from lightning_reg.functional._draws import cyclic_shift
+
+    g = _gen(5)
+    x = torch.randn(4, 2, 6, 5, generator=g)
+    index = torch.tensor(index)
+    lo, hi = _boxes(4, g)
+    if not per_sample:
+        lo, hi = lo[:1], hi[:1]
+    expected = _naive_paste(x, lo, hi, index, (2, 3))
+    out = torch.full_like(x, float("nan"))
+    result = paste(x, lo, hi, index, cyclic_shift(index), (2, 3), out=out)
+    assert result.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(paste(x, lo, hi, index, cyclic_shift(index), (2, 3)), expected, rtol=0, atol=0)
+    inplace = x.clone()
+    assert paste(inplace, lo, hi, index, cyclic_shift(index), (2, 3), out=inplace) is inplace
+    torch.testing.assert_close(inplace, expected, rtol=0, atol=0)
+    leaf = x.clone().requires_grad_(True)
+    mixed = paste(leaf, lo, hi, index, cyclic_shift(index), (2, 3))
+    torch.testing.assert_close(mixed.detach(), expected, rtol=0, atol=0)
+    assert mixed.requires_grad
+
+
+@pytest.mark.parametrize("index", [[2, 0, 3, 1], [1, 2, 3, 0]], ids=["gather", "shift"])
+def test_mix_elementwise_equals_a_lerp_then_a_paste_per_sample(index):
+    from lightning_reg.functional._apply import mix_elementwise
+    from lightning_reg.functional._draws import cyclic_shift
+
+    g = _gen(6)
+    x = torch.randn(4, 2, 6, 5, generator=g)
+    index = torch.tensor(index)
+    weight = torch.tensor([0.3, 1.0, 0.8, 1.0])
+    lo, hi = _boxes(4, g)
+    blended = torch.stack([torch.lerp(x[int(index[i])], x[i], weight[i]) for i in range(4)])
+    expected = _naive_paste(x, lo, hi, index, (2, 3), base=blended)
+    shift = cyclic_shift(index)
+    out = torch.full_like(x, float("nan"))
+    result = mix_elementwise(x, index, weight, lo, hi, (2, 3), out=out, shift=shift)
+    assert result.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    leaf = x.clone().requires_grad_(True)
+    mixed = mix_elementwise(leaf, index, weight, lo, hi, (2, 3), shift=shift)
+    torch.testing.assert_close(mixed.detach(), expected, rtol=0, atol=0)
+    assert mixed.requires_grad
+    message = "Expected per-sample boxes with `lo`/`hi` of shape (4, 2), but got (4, 2) and (4, 1)."
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        mix_elementwise(x, index, weight, lo, hi[:, :1], (2, 3))
+
+
+@pytest.mark.parametrize(
+    ("lows", "highs", "sizes"),
+    [([1, 0], [3, 5], (6, 5)), ([2], [2], (7,)), ([4, 1], [2, 3], (6, 5)), ([0, 0, 1], [2, 3, 4], (2, 3, 4))],
+)
+def test_kept_one_and_kept_fraction_are_one_minus_the_box_volume_over_the_sample_volume(lows, highs, sizes):
+    from fractions import Fraction
+    from math import prod
+
+    from lightning_reg.functional._apply import kept_fraction, kept_one
+
+    volume = prod(max(h - l, 0) for l, h in zip(lows, highs, strict=True))  # noqa: E741
+    expected = 1 - Fraction(volume, prod(sizes))
+    assert kept_one(lows, highs, sizes) == pytest.approx(float(expected), abs=1e-15)
+    fraction = kept_fraction(torch.tensor([lows]), torch.tensor([highs]), sizes)
+    assert fraction.dtype == torch.float64
+    assert float(fraction[0]) == kept_one(lows, highs, sizes)
+    with pytest.raises(ValueError, match="zip"):  # corners of another length than the box
+        kept_one(lows, highs[:-1] if len(highs) > 1 else [], sizes)
+
+
+def test_box_mask_refuses_no_axes():
+    from lightning_reg.functional._apply import box_mask
+
+    with pytest.raises(ValueError, match=r"^Expected at least one axis to cut along\.$"):
+        box_mask(
+            torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.long), (), (2, 3), torch.device("cpu")
+        )

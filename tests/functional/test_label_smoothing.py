@@ -1,4 +1,5 @@
 import re
+import warnings
 
 import pytest
 import torch
@@ -72,6 +73,51 @@ def test_mixed_one_hot_equals_mixing_the_one_hot_rows(per_sample):
     assert torch.allclose(mixed_one_hot(LF.one_hot(y, 5), 5, lam, index, smoothing=0.1), expected, atol=1e-6)
     with pytest.raises(ValueError, match=r"indices in \[0, 3\)"):
         mixed_one_hot(y, 3, lam, index)
+
+
+def test_mixed_one_hot_rounds_a_float64_lam_to_the_row_dtype_before_one_minus_lam():
+    # Mixing float32 one-hot rows multiplies by lam and 1 - lam in float32: 1 - lam is taken after the rounding.
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 8
+    index = torch.arange(64).roll(-1)  # every partner has another class
+    lam = torch.rand(64, generator=g, dtype=torch.float64)
+    w = lam.float()
+    expected = torch.zeros(64, 8)
+    expected[torch.arange(64), y] = w
+    expected[torch.arange(64), y[index]] = 1 - w
+    assert bool((1 - w != (1 - lam).float()).any())  # the data tells the two orders apart
+    torch.testing.assert_close(mixed_one_hot(y, 8, lam, index), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_mixed_one_hot_of_narrow_integer_labels_equals_that_of_int64_labels(dtype):
+    y, index = torch.tensor([0, 2, 1, 2]), torch.tensor([1, 2, 3, 0])
+    expected = 0.25 * F.one_hot(y, 3).float() + 0.75 * F.one_hot(y[index], 3).float()
+    torch.testing.assert_close(mixed_one_hot(y.to(dtype), 3, 0.25, index), expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(mixed_one_hot(y.to(dtype), 3, 0.25, index, shift=1), expected, rtol=0, atol=1e-7)
+
+
+def test_mixed_one_hot_with_a_per_sample_lam_warns_nothing():
+    # A kernel writing into a wrongly sized buffer would resize it, and torch warns about that.
+    y, index = torch.tensor([0, 2, 1, 2]), torch.tensor([1, 2, 3, 0])
+    lam = torch.tensor([0.1, 0.4, 0.6, 0.9])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = mixed_one_hot(y, 3, lam, index)
+    expected = lam[:, None] * F.one_hot(y, 3) + (1 - lam)[:, None] * F.one_hot(y[index], 3)
+    torch.testing.assert_close(rows, expected, rtol=0, atol=1e-7)
+
+
+def test_mixed_one_hot_on_the_cpu_reports_a_wrong_out_before_reading_the_labels():
+    # On the CPU the labels' range is left to the scatter (no host sync before it): the `out` check comes first.
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Expected `out` as a float tensor of shape (3, 3) on cpu, but got (3, 4) torch.float32 on cpu. "
+            "Pass `out=torch.empty(3, 3)`."
+        ),
+    ):
+        mixed_one_hot(torch.tensor([0, 5, 1]), 3, 0.25, torch.tensor([1, 2, 0]), out=torch.empty(3, 4))
 
 
 def test_mixed_one_hot_writes_into_out_and_rejects_a_wrong_out():

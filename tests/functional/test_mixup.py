@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -299,3 +301,103 @@ def test_a_bool_batch_size_is_refused() -> None:
 def test_moving_params_with_one_float_lambda_keeps_the_float() -> None:
     params = LF.sample_mixup(4, 0.4, generator=torch.Generator().manual_seed(0)).to(torch.device("cpu"))
     assert isinstance(params.lam, float)
+
+
+# --- the draws behind sample_mixup (functional/_draws.py) -----------------------------------------------------------
+def _naive_shift(index):
+    """The ``k`` with ``index[i] == (i + k) % N`` for every ``i``, by trying every ``k``; else ``None``."""
+    n = len(index)
+    found = [k for k in range(n) if all(int(index[i]) == (i + k) % n for i in range(n))]
+    return found[0] if found else None
+
+
+def test_cyclic_shift_finds_exactly_the_rolls_among_all_permutations_of_four():
+    from itertools import permutations
+
+    from lightning_reg.functional._draws import cyclic_shift
+
+    for perm in permutations(range(4)):
+        for dtype in (torch.int64, torch.int32):
+            index = torch.tensor(perm, dtype=dtype)
+            assert cyclic_shift(index) == _naive_shift(perm), perm
+    for index in ([1, 2, 0], [0], [4, 1, 2, 3], [-1, 0, 1, 2], [1, 2, 3, 4], [0, 1, 2, 4]):
+        assert cyclic_shift(torch.tensor(index)) == _naive_shift(index), index
+
+
+def test_cyclic_shift_is_none_for_an_index_that_is_not_one_dim_or_empty():
+    from lightning_reg.functional._draws import cyclic_shift
+
+    for index in (
+        torch.tensor(0),
+        torch.tensor([[1, 0]]),
+        torch.tensor([[0, 1], [1, 0]]),
+        torch.zeros(0, dtype=torch.long),
+    ):
+        assert cyclic_shift(index) is None
+
+
+def test_beta_is_the_first_of_two_gamma_variates_over_their_sum_in_float64():
+    # The same generator stream drawn through the Gamma primitive directly: one (2, *size) draw per call.
+    from lightning_reg._torch_private import standard_gamma
+    from lightning_reg.functional._draws import beta, beta_float
+
+    g, ref = _gen(3), _gen(3)
+    for size in ((5,), (2, 3)):
+        lam = beta(0.4, size, generator=g)
+        gammas = standard_gamma(torch.full((2, *size), 0.4, dtype=torch.float64), ref)
+        assert lam.dtype == torch.float64
+        torch.testing.assert_close(lam, gammas[0] / (gammas[0] + gammas[1]), rtol=0, atol=0)
+    for seed in range(5):
+        expected = float(beta(0.4, (), generator=_gen(seed)))
+        assert beta_float(0.4, _gen(seed)) == expected
+
+
+@pytest.mark.parametrize("n", [0, 1, True, 2.0])
+def test_derangement_refuses_fewer_than_two_samples_or_a_non_int(n):
+    from lightning_reg.functional._draws import derangement
+
+    message = f"Expected `n` to be an int >= 2 (a single sample has no other partner), but got {n!r}."
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        derangement(n)
+
+
+def test_derangement_has_no_fixed_point_on_every_draw():
+    from lightning_reg.functional._draws import derangement
+
+    g = _gen(1)
+    for n in (2, 3, 5):
+        for _ in range(50):
+            index = derangement(n, generator=g)
+            assert sorted(index.tolist()) == list(range(n))
+            assert all(int(index[i]) != i for i in range(n))
+
+
+@pytest.mark.parametrize("index", [[2, 0, 3, 1], [1, 2, 3, 0]], ids=["gather", "shift"])
+def test_blend_writes_the_per_sample_lerp_into_out_or_in_place_through_scratch(index):
+    from lightning_reg.functional._apply import blend
+    from lightning_reg.functional._draws import cyclic_shift
+
+    x = torch.randn(4, 3, 2, generator=_gen(7))
+    index, lam = torch.tensor(index), torch.tensor([0.2, 0.9, 0.5, 0.7])
+    expected = torch.stack([torch.lerp(x[int(index[i])], x[i], lam[i]) for i in range(4)])
+    shift = cyclic_shift(index)
+    out = torch.full_like(x, float("nan"))
+    assert blend(x, lam, index, shift, out=out).data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-7)
+    inplace, scratch = x.clone(), torch.full_like(x, float("nan"))
+    assert blend(inplace, lam, index, shift, out=inplace, scratch=scratch) is inplace
+    torch.testing.assert_close(inplace, expected, rtol=0, atol=1e-6)  # x + (1 - lam)(p - x): other rounding
+    torch.testing.assert_close(scratch, x[index], rtol=0, atol=0)  # the partners were gathered into `scratch`
+
+
+def test_mixup_with_a_float64_per_sample_lam_blends_in_the_inputs_dtype():
+    x, index = torch.randn(4, 3, generator=_gen(8)), torch.tensor([1, 2, 3, 0])
+    lam = torch.tensor([0.1, 0.4, 0.6, 0.9], dtype=torch.float64)
+    mixed, _ = LF.mixup(x, torch.eye(4), lam, index)
+    assert mixed.dtype == torch.float32
+    expected = torch.stack([torch.lerp(x[int(index[i])], x[i], lam[i].float()) for i in range(4)])
+    torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-7)
+    images = torch.tensor([[0, 100], [200, 50], [10, 255], [3, 4]], dtype=torch.uint8)
+    mixed_images, _ = LF.mixup(images, torch.eye(4), lam, index)
+    naive = [(lam[i] * images[i].double() + (1 - lam[i]) * images[int(index[i])].double()).round() for i in range(4)]
+    torch.testing.assert_close(mixed_images, torch.stack(naive).to(torch.uint8), rtol=0, atol=1)
