@@ -407,16 +407,11 @@ def _sampling(
     model: nn.Module, named: Named, include_drop_path: bool, check_statistics: bool
 ) -> Iterator[MCDropoutSites]:
     found = _checked_sites(model, named, include_drop_path)
-    # (module, mode) pairs, not a dict: torchmetrics' `Metric.__hash__` hashes its states
-    modes = [(module, module.training) for _, module in named]
     stats = _statistics(named) if check_statistics else None
-    _eval(model, named)
-    try:
+    with _eval_mode(model, named):
         # these modules only: their children keep their eval mode
         _set_modes((module, True) for module in (*found.sites, *found.gates))
         yield found
-    finally:
-        _set_modes(modes)
     if stats is not None:
         _check_statistics(model, named, stats, "Monte-Carlo dropout sampling")
 
@@ -442,6 +437,8 @@ def _eval(model: nn.Module, named: Named) -> None:
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module, named: Named) -> Iterator[None]:
+    """Every module in eval mode inside the block; each module's own mode restored after it."""
+    # (module, mode) pairs, not a dict: torchmetrics' `Metric.__hash__` hashes its states
     modes = [(module, module.training) for _, module in named]
     _eval(model, named)
     try:
