@@ -88,8 +88,11 @@ def _baal(model: nn.Module) -> Run | str:
     return lambda n, inputs: wrapper.predict_on_batch(inputs, iterations=n).softmax(1)
 
 
-def _bench(model: nn.Module, batches: list[Tensor], n: int) -> tuple[dict[str, float | str], str]:
-    """Median times over ``batches[1:]`` (a new batch each repetition: baal's cache compares inputs by value)."""
+def _bench(model: nn.Module, batches: list[Tensor], n: int) -> tuple[dict[str, float | str], str, list[float]]:
+    """Median times over ``batches[1:]`` (a new batch each repetition: baal's cache compares inputs by value).
+
+    Also returns ours / one eval pass of each repetition (the two measured back to back on the same batch).
+    """
     runs: dict[str, Run | str] = {
         "eval": lambda _, x: model(x),
         "naive": lambda k, x: LF.mc_dropout_predict(model, x, k, method="naive", masks="torch").probs,
@@ -114,7 +117,8 @@ def _bench(model: nn.Module, batches: list[Tensor], n: int) -> tuple[dict[str, f
                 times[name].append(time.perf_counter() - start)
         path = LF.mc_dropout_predict(model, batches[0], 2).method
     result.update({name: statistics.median(values) for name, values in times.items()})
-    return result, path
+    paired = [ours / eval_ for ours, eval_ in zip(times["ours"], times["eval"], strict=True)]
+    return result, path, paired
 
 
 _COLUMNS = ("naive", "ours", "ours_torch_masks", "torch-uncertainty", "baal")
@@ -134,6 +138,9 @@ def main() -> None:
     parser.add_argument("--peers-path", default=None, help="a folder with torch-uncertainty and baal (pip --target)")
     parser.add_argument("--out", default="benchmarks/results/mc_dropout.md")
     parser.add_argument("--note", default="", help="what else ran on the machine, e.g. ', one core busy'")
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="only the rows whose label contains one of these, e.g. cnn_small"
+    )
     args = parser.parse_args()
     if args.peers_path is not None:
         sys.path.append(args.peers_path)  # appended: the peers never shadow our torch or lightning
@@ -145,11 +152,15 @@ def main() -> None:
         "zoo `cnn_small` (head dropout)": (zoo.create("cnn_small", num_classes=10), (1, 8, 8)),
         "zoo `transformer` (dropout in every block)": (zoo.create("transformer", num_classes=10), (8, 8)),
     }
+    if args.models is not None:
+        cases = {label: case for label, case in cases.items() if any(name in label for name in args.models)}
+        if not cases:
+            raise SystemExit(f"No row matches --models {args.models}; the rows are resnet18, cnn_small, transformer.")
     rows, checks = [], []
     for label, (model, shape) in cases.items():
         model = model.eval()
         batches = [torch.randn(args.batch, *shape) for _ in range(args.repeats + 1)]  # warm-up, then one per repeat
-        r, path = _bench(model, batches, args.n_samples)
+        r, path, paired = _bench(model, batches, args.n_samples)
         eval_time = r["eval"]
         assert isinstance(eval_time, float)
         cells = " | ".join(_cell(r[name], eval_time) for name in _COLUMNS)
@@ -159,8 +170,9 @@ def main() -> None:
         peers = [v for k, v in r.items() if k in ("torch-uncertainty", "baal") and isinstance(v, float)]
         if isinstance(ours, float) and isinstance(naive, float):
             best = f"{ours / min(peers):.2f}x the best peer" if peers else "no peer measured"
-            checks.append(f"- {label}: ours {ours / eval_time:.2f}x one eval pass, {ours / naive:.2f}x the naive loop, "
-                          f"{best}.")  # fmt: skip
+            spread = f"{min(paired):.2f}-{max(paired):.2f}x"
+            checks.append(f"- {label}: ours {ours / eval_time:.2f}x one eval pass (each repetition: {spread}), "
+                          f"{ours / naive:.2f}x the naive loop, {best}.")  # fmt: skip
     load_after = os.getloadavg()
     versions = []
     for name in ("torch-uncertainty", "baal"):
