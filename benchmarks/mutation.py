@@ -53,6 +53,20 @@ TESTS: dict[str, list[str]] = {
     "lightning_reg/functional/mixup.py": ["tests/functional/test_mixup.py"],
     "lightning_reg/functional/cutmix.py": ["tests/functional/test_cutmix.py"],
     "lightning_reg/functional/mc_masks.py": ["tests/functional/test_mc_masks.py"],
+    # The mask helper of weight_drop, locked_dropout and mc_masks: their tests (seconds).
+    "lightning_reg/functional/_bernoulli.py": [
+        "tests/functional/test_bernoulli.py",
+        "tests/nn/test_weight_drop.py",
+        "tests/nn/test_locked_dropout.py",
+        "tests/functional/test_mc_masks.py",
+    ],
+    # Not the callback's Trainer tests (tests/callbacks/test_mc_dropout*.py): every mutant of `mc_dropout_predict`
+    # reaches them; the functional tests take about 3 s in all.
+    "lightning_reg/functional/mc_dropout.py": [
+        "tests/functional/test_mc_dropout.py",
+        "tests/functional/test_mc_prefix.py",
+        "tests/functional/test_mc_masks.py",
+    ],
     # The private helpers of the mixing and smoothing functions: the functional tests of their callers (seconds).
     "lightning_reg/functional/_checks.py": _MIXING_TESTS,
     "lightning_reg/functional/_targets.py": _MIXING_TESTS,
@@ -62,6 +76,11 @@ TESTS: dict[str, list[str]] = {
     "lightning_reg/callbacks/temperature_scaling.py": ["tests/callbacks/test_temperature_scaling.py"],
     "lightning_reg/callbacks/bn_stats_monitor.py": ["tests/callbacks/test_bn_stats_monitor.py"],
     "lightning_reg/callbacks/regularization_check.py": ["tests/test_regularization_check.py"],
+    "lightning_reg/callbacks/mc_dropout.py": [
+        "tests/callbacks/test_mc_dropout.py",
+        "tests/callbacks/test_mc_dropout_detection.py",
+        "tests/callbacks/test_mc_dropout_masks.py",
+    ],
 }
 
 # The multi-process tests are left out: under mutmut's tracing one of them takes a minute, and every surviving
