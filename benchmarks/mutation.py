@@ -66,6 +66,7 @@ TESTS: dict[str, list[str]] = {
         "tests/functional/test_mc_dropout.py",
         "tests/functional/test_mc_prefix.py",
         "tests/functional/test_mc_masks.py",
+        "tests/functional/test_mc_messages.py",
     ],
     # The private helpers of the mixing and smoothing functions: the functional tests of their callers (seconds).
     "lightning_reg/functional/_checks.py": _MIXING_TESTS,

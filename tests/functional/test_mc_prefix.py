@@ -118,3 +118,171 @@ def test_a_hook_on_a_module_fx_traces_through_refuses_the_split_and_a_hook_on_a_
     assert ours.method == "cached"
     torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
     leaf.remove()
+
+
+# --- in-place operations on the values the sampled part reads, and the reasons for no prefix --------------------
+
+
+class _Prefixed(nn.Module):
+    """``body`` is the deterministic prefix; ``sampled(h)`` is what each subclass does after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.drop, self.head = nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 3)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.sampled(self.body(x))
+
+    def sampled(self, h: Tensor) -> Tensor:
+        return self.head(self.drop(h))
+
+
+class _ReluInPlaceAfterTheDraw(_Prefixed):
+    def sampled(self, h: Tensor) -> Tensor:
+        d = self.drop(h)
+        return self.head(d + torch.nn.functional.relu(h, inplace=True))  # changes the dropout's input afterwards
+
+
+class _InPlaceModuleAfterTheDraw(_Prefixed):
+    def sampled(self, h: Tensor) -> Tensor:
+        d = self.drop(h)
+        return self.head(d + self.act(h))
+
+
+class _InPlaceOnAViewOfAView(_Prefixed):
+    def sampled(self, h: Tensor) -> Tensor:
+        d = self.drop(h)
+        h.view(-1, 8)[:, :4].mul_(2)  # a view of a view of the dropout's input: its memory
+        return self.head(d + h)
+
+
+class _InPlaceOnACopy(_Prefixed):
+    def sampled(self, h: Tensor) -> Tensor:
+        d = self.drop(h)
+        c = h * 1  # new memory: changing it leaves the dropout's input alone
+        c.mul_(2)
+        return self.head(d + (c + 1))
+
+
+class _SetItemAfterTheDraw(_Prefixed):
+    def sampled(self, h: Tensor) -> Tensor:
+        d = self.drop(h)
+        h[:, 0] = 0.0  # torch.fx cannot trace an assignment to a proxy's items
+        return self.head(d + h)
+
+
+class _InPlaceBeforeTheDraw(_Prefixed):
+    def sampled(self, h: Tensor) -> Tensor:
+        h = torch.nn.functional.relu(h, inplace=True)  # inside the prefix, before anything reads it
+        return self.head(self.drop(h))
+
+
+@pytest.mark.parametrize(
+    ("make", "taken", "reason"),
+    [
+        (
+            _ReluInPlaceAfterTheDraw,
+            "batched",
+            "the in-place operation `relu` changes `body`, which the sampled part reads",
+        ),
+        (
+            _InPlaceModuleAfterTheDraw,
+            "batched",
+            "the in-place operation `act` changes `body`, which the sampled part reads",
+        ),
+        (
+            _InPlaceOnAViewOfAView,
+            "batched",
+            "the in-place operation `mul_` changes `getitem`, which the sampled part reads",
+        ),
+        (
+            _SetItemAfterTheDraw,
+            "batched",
+            "torch.fx could not trace _SetItemAfterTheDraw "
+            "(TypeError: 'Proxy' object does not support item assignment)",
+        ),
+        (_InPlaceOnACopy, "cached", None),
+        (_InPlaceBeforeTheDraw, "cached", None),
+    ],
+    ids=["F.relu(inplace=True)", "nn.ReLU(inplace=True)", "view of a view", "setitem", "a copy", "before the draw"],
+)
+def test_an_in_place_change_of_what_the_sampled_part_reads_refuses_the_prefix_and_the_draws_stay_the_loops(
+    make: Callable[[], nn.Module], taken: str, reason: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    model = make().eval()
+    inputs = torch.randn(6, 8)
+    with caplog.at_level("DEBUG", logger="lightning_reg.functional.mc_dropout"):
+        ours = mc_dropout_predict(model, inputs, 5, generator=_seeded(), chunk_size=6)
+    naive = mc_dropout_predict(model, inputs, 5, method="naive", generator=_seeded())
+    assert ours.method == taken
+    torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
+    assert ours.probs.std(dim=0).max() > 1e-4
+    logged = [r.getMessage() for r in caplog.records if "no deterministic prefix" in r.getMessage()]
+    expected = [] if reason is None else [f"Monte-Carlo dropout: no deterministic prefix for {make.__name__}: {reason}"]
+    assert logged == expected
+
+
+class _UnusedDropout(_Prefixed):
+    def sampled(self, h: Tensor) -> Tensor:
+        return self.head(h)  # `drop` exists and is never called
+
+
+class _DropsTheInput(_Prefixed):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(self.drop(x)))
+
+
+class _DropsAWeight(_Prefixed):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, self.drop(self.body.weight))
+
+
+def _with_instance_forward() -> nn.Module:
+    model = _Prefixed()
+    forward = model.forward
+    model.forward = lambda x: forward(x) / 2.0  # what TemperatureScaling does to a model
+    return model
+
+
+def _with_a_root_hook() -> nn.Module:
+    model = _Prefixed()
+    model.register_forward_hook(lambda module, args, out: out * 2.0)
+    return model
+
+
+def _with_a_root_pre_hook() -> nn.Module:
+    model = _Prefixed()
+    model.register_forward_pre_hook(lambda module, args: (args[0] * 2.0,))
+    return model
+
+
+_ROOT = "_Prefixed has an instance-level `forward` or forward hooks, which torch.fx does not trace"
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (_UnusedDropout, "_UnusedDropout: no sampled dropout in the traced graph"),
+        (_DropsTheInput, "_DropsTheInput: the first sampled dropout reads the inputs directly: nothing to run once"),
+        (_DropsAWeight, "_DropsAWeight: the first sampled dropout reads the inputs directly: nothing to run once"),
+        (_with_instance_forward, f"_Prefixed: {_ROOT}"),
+        (_with_a_root_hook, f"_Prefixed: {_ROOT}"),
+        (_with_a_root_pre_hook, f"_Prefixed: {_ROOT}"),
+    ],
+    ids=["unused dropout", "dropout of the input", "dropout of a weight", "instance forward", "hook", "pre-hook"],
+)
+def test_each_reason_for_no_prefix_is_logged_and_the_model_is_still_sampled_as_the_loop(
+    make: Callable[[], nn.Module], reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    model = make().eval()
+    inputs = torch.randn(6, 8)
+    with caplog.at_level("DEBUG", logger="lightning_reg.functional.mc_dropout"):
+        ours = mc_dropout_predict(model, inputs, 5, generator=_seeded(), chunk_size=6)
+    naive = mc_dropout_predict(model, inputs, 5, method="naive", generator=_seeded())
+    assert ours.method == "batched"
+    torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
+    logged = [r.getMessage() for r in caplog.records if "no deterministic prefix" in r.getMessage()]
+    assert logged == [f"Monte-Carlo dropout: no deterministic prefix for {reason}"]
