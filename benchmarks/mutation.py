@@ -35,6 +35,18 @@ _MIXING_TESTS = [
     "tests/test_targets.py",
     "tests/test_argument_checks.py",
 ]
+# The mixing and smoothing callbacks and their private helpers: the callbacks' Trainer tests (about 12 s in all).
+_MIXING_CALLBACK_TESTS = [
+    "tests/callbacks/test_mixup.py",
+    "tests/callbacks/test_cutmix.py",
+    "tests/callbacks/test_label_smoothing.py",
+    "tests/callbacks/test_regmixup.py",
+    "tests/callbacks/test_target_mode.py",
+    "tests/callbacks/test_contract.py",
+    "tests/test_argument_checks.py",
+]
+_MIXING_CALLBACKS = ["mixup", "cutmix", "mixup_cutmix", "regmixup", "label_smoothing", "_mixing", "_buffer"]
+_MIXING_CALLBACKS += ["_num_classes", "_smoothing"]
 TESTS: dict[str, list[str]] = {
     "lightning_reg/functional/uncertainty.py": [
         "tests/test_uncertainty_metrics.py",
@@ -67,6 +79,7 @@ TESTS: dict[str, list[str]] = {
         "tests/functional/test_mc_prefix.py",
         "tests/functional/test_mc_masks.py",
         "tests/functional/test_mc_messages.py",
+        "tests/functional/test_mc_sites.py",
     ],
     # The private helpers of the mixing and smoothing functions: the functional tests of their callers (seconds).
     "lightning_reg/functional/_checks.py": _MIXING_TESTS,
@@ -77,6 +90,8 @@ TESTS: dict[str, list[str]] = {
     "lightning_reg/callbacks/temperature_scaling.py": ["tests/callbacks/test_temperature_scaling.py"],
     "lightning_reg/callbacks/bn_stats_monitor.py": ["tests/callbacks/test_bn_stats_monitor.py"],
     "lightning_reg/callbacks/regularization_check.py": ["tests/test_regularization_check.py"],
+    **{f"lightning_reg/callbacks/{name}.py": _MIXING_CALLBACK_TESTS for name in _MIXING_CALLBACKS},
+    "lightning_reg/callbacks/_strategy.py": [*_MIXING_CALLBACK_TESTS, "tests/callbacks/test_bn_recalibration.py"],
     "lightning_reg/callbacks/mc_dropout.py": [
         "tests/callbacks/test_mc_dropout.py",
         "tests/callbacks/test_mc_dropout_detection.py",

@@ -173,3 +173,34 @@ def test_errors(tmp_path: Path) -> None:
     ids = torch.randint(0, 50, (32, 8))
     with pytest.raises(TypeError, match="RegMixup cannot blend"):
         fast_trainer(tmp_path, callbacks=[RegMixup()]).fit(_Recorder(), make_loader(ids, y))
+
+
+class _Layouts(UserClassifier):
+    """Keeps the dtype, shape and memory address of every training batch's inputs, and their first rows."""
+
+    def __init__(self) -> None:
+        super().__init__(TinyMLP(num_classes=3).double(), num_classes=3)
+        self.seen: list[tuple[torch.dtype, tuple[int, ...], int, Tensor]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        inputs, targets = batch
+        self.seen.append((inputs.dtype, tuple(inputs.shape), inputs.data_ptr(), inputs.detach().clone()))
+        return F.cross_entropy(self(inputs), targets.to(inputs.dtype))
+
+
+def test_float64_batches_of_changing_sizes_keep_their_dtype_and_shape_and_reuse_memory_nobody_holds(
+    tmp_path: Path,
+) -> None:
+    x, y = _data(40)
+    x = x.double()
+    model = _Layouts()
+    fast_trainer(tmp_path, callbacks=[RegMixup(1.0)]).fit(model, make_loader(x, y, batch_size=16))
+    assert [(dtype, shape) for dtype, shape, _, _ in model.seen] == [
+        (torch.float64, (32, 8)),
+        (torch.float64, (32, 8)),
+        (torch.float64, (16, 8)),  # the last batch of 8 rows
+    ]
+    for i, (_, _, _, inputs) in enumerate(model.seen):
+        assert torch.equal(inputs[: len(inputs) // 2], x[16 * i : 16 * i + len(inputs) // 2])  # clean rows first
+    pointers = [pointer for _, _, pointer, _ in model.seen]
+    assert pointers[1] == pointers[0]  # the first batch's rows were let go: its memory is reused
