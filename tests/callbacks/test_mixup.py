@@ -12,6 +12,7 @@ from lightning_reg import functional as LF
 from lightning_reg.mixins import MixedTargets, SparseMixingMixin
 from tests.helpers import (
     TinyCNN,
+    TinyMLP,
     UserClassifier,
     ddp_fork_trainer,
     fast_trainer,
@@ -128,6 +129,40 @@ def test_num_classes_comes_from_the_module_or_is_a_clear_error(tmp_path):
     model = NoClasses()
     fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp(num_classes=3)]).fit(model, _loaders()[0])
     assert model.seen_targets["train"][0].shape == (16, 3)
+
+
+class _HparamsOnly(UserClassifier):
+    """A module that keeps the number of classes in its saved hyperparameters only (``save_hyperparameters``)."""
+
+    def __init__(self, num_classes: object = 4) -> None:
+        super().__init__(TinyMLP(num_classes=4), num_classes=4)
+        del self.num_classes
+        self.save_hyperparameters({"num_classes": num_classes})
+
+
+def test_num_classes_comes_from_the_hyperparameters_after_the_attribute(tmp_path):
+    model = _HparamsOnly()
+    fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp()]).fit(model, _loaders()[0])
+    assert model.seen_targets["train"][0].shape == (16, 4)
+
+
+@pytest.mark.parametrize("bad", [None, 1, 2.0, True])
+def test_a_missing_or_bad_number_of_classes_is_named_whole_with_the_module(tmp_path, bad):
+    with pytest.raises(ValueError, match="MixUp needs") as raised:
+        fast_trainer(tmp_path, max_steps=1, callbacks=[MixUp()]).fit(_HparamsOnly(bad), _loaders()[0])
+    assert str(raised.value) == (
+        f"MixUp needs the number of classes to one-hot encode the targets, but got {bad!r} (from the argument, then "
+        "`_HparamsOnly.num_classes`, then its hparams). Pass `MixUp(num_classes=K)` or set `self.num_classes = K` in "
+        "your LightningModule."
+    )
+
+
+@pytest.mark.parametrize("bad", [1, 0, 2.0, 3.5, True, "3"])
+def test_num_classes_argument_must_be_an_int_of_two_or_more(bad):
+    with pytest.raises(ValueError, match="num_classes") as raised:
+        MixUp(num_classes=bad)
+    assert str(raised.value) == f"Expected `num_classes` to be an int >= 2 or None, but got {bad!r}."
+    assert MixUp(num_classes=2).num_classes == 2
 
 
 @pytest.mark.parametrize(
