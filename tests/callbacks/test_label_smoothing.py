@@ -53,3 +53,49 @@ def test_bad_smoothing_is_an_error(smoothing, match):
 
 def test_state_dict_is_empty():
     assert LabelSmoothing(0.1).state_dict() == {}
+
+
+def _set_up(tmp_path, smoothing, model):
+    callback = LabelSmoothing(smoothing)
+    callback.setup(fast_trainer(tmp_path, callbacks=[callback]), model, "fit")
+
+
+class _SmoothsThreeWays(UserClassifier):
+    def __init__(self, attribute: float = 0.05, loss: float = 0.2, timm_loss: float = 0.1) -> None:
+        from timm.loss import LabelSmoothingCrossEntropy
+
+        super().__init__()
+        self.label_smoothing = attribute
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=loss)
+        self.timm_criterion = LabelSmoothingCrossEntropy(smoothing=timm_loss)
+
+
+def test_every_source_of_smoothing_is_named_in_one_message(tmp_path):
+    with pytest.raises(ValueError, match="smoothed more than once") as raised:
+        _set_up(tmp_path, 0.1, _SmoothsThreeWays())
+    assert str(raised.value) == (
+        "Labels would be smoothed more than once, by LabelSmoothing(0.1), _SmoothsThreeWays.label_smoothing=0.05, "
+        "_SmoothsThreeWays.criterion = CrossEntropyLoss(label_smoothing=0.2), _SmoothsThreeWays.timm_criterion = "
+        "LabelSmoothingCrossEntropy(smoothing=0.1). Keep exactly one: a `LabelSmoothing` callback (it composes with "
+        "mixing in either order), or `label_smoothing=` of the mixing callback, or the module's own smoothing (its "
+        "`label_smoothing`, or its loss's)."
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"loss": 0.0, "timm_loss": 0.0}, "_SmoothsThreeWays.label_smoothing=0.05"),
+        ({"attribute": 0.0, "timm_loss": 0.0}, "_SmoothsThreeWays.criterion = CrossEntropyLoss(label_smoothing=0.2)"),
+        ({"attribute": 0, "loss": 0.0}, "_SmoothsThreeWays.timm_criterion = LabelSmoothingCrossEntropy(smoothing=0.1)"),
+    ],
+    ids=["attribute", "loss", "timm loss"],
+)
+def test_each_source_of_the_module_alone_is_a_second_source_and_a_zero_is_none(tmp_path, kwargs, named):
+    model = _SmoothsThreeWays(**kwargs)
+    with pytest.raises(ValueError, match="smoothed more than once") as raised:
+        _set_up(tmp_path, 0.1, model)
+    assert str(raised.value).startswith(f"Labels would be smoothed more than once, by LabelSmoothing(0.1), {named}. ")
+    _set_up(tmp_path, 0.0, model)  # no smoothing callback: the module's is one
+    nothing = _SmoothsThreeWays(attribute=0.0, loss=0.0, timm_loss=0.0)
+    _set_up(tmp_path, 0.1, nothing)
