@@ -204,3 +204,50 @@ def test_float64_batches_of_changing_sizes_keep_their_dtype_and_shape_and_reuse_
         assert torch.equal(inputs[: len(inputs) // 2], x[16 * i : 16 * i + len(inputs) // 2])  # clean rows first
     pointers = [pointer for _, _, pointer, _ in model.seen]
     assert pointers[1] == pointers[0]  # the first batch's rows were let go: its memory is reused
+
+
+def _hooked(tmp_path: Path, callback: RegMixup) -> tuple[L.Trainer, UserClassifier]:
+    trainer = fast_trainer(tmp_path, callbacks=[callback])
+    module = UserClassifier(TinyMLP(num_classes=3), num_classes=3)
+    callback.setup(trainer, module, "fit")
+    return trainer, module
+
+
+def test_only_tensors_of_n_rows_are_repeated_and_everything_else_is_left_as_it_is(tmp_path: Path) -> None:
+    x, y = _data(6)
+    lengths, mask, shared, scale = torch.arange(6), torch.ones(6, 4), torch.ones(4, 4), torch.tensor(2.0)
+    names = [f"item {i}" for i in range(6)]
+    callback = RegMixup(1.0)
+    trainer, module = _hooked(tmp_path, callback)
+    # the inputs and targets given by negative positions; every other entry a companion, or not one
+    batch = [lengths, mask, x, y, names, shared, scale]
+    callback.input_key, callback.target_key = -5, -4
+    callback.on_train_batch_start(trainer, module, batch, 0)
+    assert torch.equal(batch[0], lengths.repeat(2))
+    assert torch.equal(batch[1], mask.repeat(2, 1))
+    assert batch[2].shape == (12, 8)
+    assert torch.equal(batch[2][:6], x)
+    assert batch[3].shape == (12, 3)
+    assert batch[4] is names
+    assert batch[5] is shared  # (T, T) rows, not N rows: shared by the batch
+    assert batch[6] is scale
+
+
+def test_inputs_that_require_grad_are_doubled_into_a_new_tensor_that_carries_the_gradient(tmp_path: Path) -> None:
+    x, y = _data(6)
+    x.requires_grad_(True)
+    callback = RegMixup(1.0)
+    trainer, module = _hooked(tmp_path, callback)
+    state = callback.generator.get_state()
+    batch = [x, y]
+    callback.on_train_batch_start(trainer, module, batch, 0)
+    g = torch.Generator()
+    g.set_state(state)
+    params = sample_mixup(6, 1.0, generator=g)  # the draw the callback made
+    expected, _ = LF.regmixup(x.detach(), F.one_hot(y, 3).float(), params.lam, params.index)
+    torch.testing.assert_close(batch[0].detach(), expected)
+    batch[0].sum().backward()
+    # d/dx of sum(cat[x, lam x + (1 - lam) x[index]]): 1 + lam, plus (1 - lam) once per time a row is a partner
+    counts = torch.bincount(params.index, minlength=6).float()[:, None]
+    lam = float(params.lam)
+    torch.testing.assert_close(x.grad, (1 + lam + (1 - lam) * counts).expand(6, 8))
