@@ -164,9 +164,12 @@ class MixUp(MixingCallback):
         def mix_output(module: nn.Module, args: Any, output: Any) -> Tensor:
             self._remove_hook()  # once per training step
             if not isinstance(output, Tensor) or output.ndim < 1 or output.shape[0] != len(index):
+                got = (
+                    f"a tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor) else type(output).__name__
+                )
                 raise TypeError(
                     f"MixUp(layer={self.layer!r}) expects that submodule to return one tensor (N, ...) with N="
-                    f"{len(index)}, but it returned {type(output).__name__}. Pick a layer that outputs a tensor."
+                    f"{len(index)}, but it returned {got}. Pick a layer that outputs a tensor."
                 )
             idx = index.to(output.device)  # already there when the layer runs on the module's device
             return torch.lerp(output[idx], output, broadcast_lam(lam, output))

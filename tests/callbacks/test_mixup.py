@@ -792,3 +792,140 @@ def test_resume_with_another_prob_keeps_the_generator_state(tmp_path):
     trainer.fit(UserClassifier(), loader, ckpt_path=tmp_path / "one.ckpt")
     assert resumed.state_key == first.state_key
     assert torch.equal(record.states[0], saved)
+
+
+# --- layer= suggestions, layer outputs, in-place mixing, the state key -------------------------------------------
+
+
+def _tree(names):
+    """A module whose submodules are exactly ``names`` (dotted) and their parents."""
+    root = nn.Module()
+    for name in names:
+        node = root
+        for part in name.split("."):
+            if part not in node._modules:
+                node.add_module(part, nn.Module())
+            node = node._modules[part]
+    return root
+
+
+class _Named(UserClassifier):
+    def __init__(self, names):
+        super().__init__()
+        self.net = _tree(names)
+
+
+def _suggestions(typo, names):
+    with pytest.raises(ValueError, match="has no submodule of that name") as raised:
+        MixUp(layer=typo, num_classes=3).setup(fast_trainer(), _Named(names), "fit")
+    message = str(raised.value)
+    return message.split("Did you mean ")[1].split("? `layer`")[0].split(" or ") if "Did you mean" in message else []
+
+
+def test_a_typo_is_answered_with_the_five_closest_names_best_first():
+    names = [f"blocks.{i}" for i in range(8)]
+    assert _suggestions("block.1", names) == [
+        "'net.blocks.1'",
+        "'net.blocks.7'",
+        "'net.blocks.6'",
+        "'net.blocks.5'",
+        "'net.blocks.4'",
+    ]
+
+
+def test_a_typo_in_the_last_part_of_a_long_name_is_matched_on_the_last_parts():
+    names = ["stages.3.transformer_blocks.embedding", "stages.3.transformer_blocks.norm", "head"]
+    assert _suggestions("model.encoder.embeding", names) == ["'net.stages.3.transformer_blocks.embedding'"]
+    many = [f"stages.3.transformer_blocks.embed{i}" for i in range(6)]
+    expected = [f"'net.stages.3.transformer_blocks.embed{i}'" for i in (5, 4, 3, 2, 1)]
+    assert _suggestions("model.encoder.embedd", many) == expected
+    assert _suggestions("model.encoder.zzz", many) == []
+
+
+class _Scores(nn.Module):
+    """A layer whose output has one value per row: ``(N,)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.score = nn.Linear(8, 1)
+        self.head = nn.Linear(1, 3)
+
+    def forward(self, x):
+        s = self.score(x).squeeze(1)  # (N,)
+        return self.head(s[:, None])
+
+
+class _ScoreLayer(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).squeeze(1)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_a_layer_with_one_value_per_row_is_mixed_with_each_rows_lambda(tmp_path, per_sample):
+    net = _Scores()
+    net.score = _ScoreLayer(nn.Linear(8, 1))
+    net.forward = lambda x: net.head(net.score(x)[:, None])
+    module = UserClassifier(net=net, num_classes=3)
+    cb = MixUp(1.0, layer="net.score", num_classes=3, per_sample=per_sample)
+    mix = _set_up(tmp_path, cb, module)
+    x = torch.randn(6, 8)
+    state = cb.generator.get_state()
+    mix([x, torch.arange(6) % 3])
+    seen = []
+    handle = net.score.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    clean = net.score.inner(x).squeeze(1).detach()
+    module(x)
+    handle.remove()
+    g = torch.Generator()
+    g.set_state(state)
+    params = LF.sample_mixup(6, 1.0, per_sample=per_sample, generator=g)
+    torch.testing.assert_close(seen[0], params.lam * clean + (1 - params.lam) * clean[params.index])
+
+
+def test_a_layer_that_returns_something_else_is_named_whole(tmp_path):
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    class Flat(nn.Module):
+        def forward(self, x):
+            return x.reshape(-1)  # (N * 8,): rows lost
+
+    for layer, got in ((Pair(), "tuple"), (Flat(), "a tensor of shape (48,)")):
+        net = nn.Sequential(layer, nn.Identity())
+        module = UserClassifier(net=net, num_classes=3)
+        mix = _set_up(tmp_path, MixUp(1.0, layer="net.0", num_classes=3), module)
+        mix([torch.randn(6, 8), torch.arange(6) % 3])
+        with pytest.raises(TypeError, match="expects that submodule") as raised:
+            module(torch.randn(6, 8))
+        assert str(raised.value) == (
+            "MixUp(layer='net.0') expects that submodule to return one tensor (N, ...) with N=6, but it returned "
+            f"{got}. Pick a layer that outputs a tensor."
+        )
+
+
+def test_inplace_mixing_overwrites_the_batch_tensor_with_the_values_of_a_new_one_as_batches_change(tmp_path):
+    ours, reference = MixUp(1.0, num_classes=3, inplace=True), MixUp(1.0, num_classes=3)
+    mix, mix_reference = _set_up(tmp_path, ours), _set_up(tmp_path, reference)
+    reference.generator.set_state(ours.generator.get_state())
+    for shape, dtype in (
+        ((6, 8), torch.float32),
+        ((4, 8), torch.float32),
+        ((4, 8), torch.float64),
+        ((6, 2, 4), torch.float64),
+    ):
+        x = torch.randn(*shape, dtype=dtype)
+        y = torch.arange(shape[0]) % 3
+        expected = mix_reference([x.clone(), y])
+        batch = mix([x, y])
+        assert batch[0] is x  # the loader's tensor itself, changed
+        torch.testing.assert_close(x, expected[0], rtol=0, atol=1e-6)
+
+
+def test_the_state_key_names_the_mixed_layer():
+    assert MixUp(layer="net.embed").state_key == "MixUp{'input_key': 0, 'target_key': 1, 'layer': 'net.embed'}"
+    assert MixUp().state_key == "MixUp{'input_key': 0, 'target_key': 1, 'layer': None}"
