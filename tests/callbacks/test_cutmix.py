@@ -378,3 +378,53 @@ def test_switch_prob_is_the_probability_of_cutmix(tmp_path, switch_prob, low, hi
     # CutMix keeps original pixels exactly (more than a fifth of them); MixUp changes almost all.
     cut = sum(bool((m == o).float().mean() > 0.2) for (m, _), o in zip(switches.batches, x.split(8), strict=True))
     assert low <= cut <= high  # 16 batches: about 14 of them CutMix at 0.9, about 2 at 0.1
+
+
+def _coded(n, layout="NCHW"):
+    """Image ``i`` is the constant ``i + 1``: every pixel tells which sample it came from."""
+    x = torch.arange(1, n + 1, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 8, 8).contiguous()
+    return x if layout == "NCHW" else x.permute(0, 2, 3, 1).contiguous()
+
+
+@pytest.mark.parametrize("correct_lam", [True, False])
+def test_elem_mode_carries_each_samples_box_into_the_mask_and_weighs_targets_by_it(correct_lam):
+    n = 32
+    x, y = _coded(n, "NHWC"), torch.arange(n)
+    mask = x[..., 0].clone()  # (N, H, W): the same codes as the image
+    cb = MixUpCutMix(
+        1.0, 1.0, switch_prob=0.5, num_classes=n, mode="elem", dims=(1, 2), carry=["mask"],
+        cutmix_minmax=(0.3, 0.6), correct_lam=correct_lam, pairing="permutation", input_key="x", target_key="y",
+    )  # fmt: skip
+    L.seed_everything(0, verbose=False)
+    trainer, module = fast_trainer(), UserClassifier(net=TinyCNN(), num_classes=n)
+    cb.setup(trainer, module, "fit")
+    batch = {"x": x.clone(), "y": y, "mask": mask.clone()}
+    cb.on_train_batch_start(trainer, module, batch, 0)
+    own = batch["y"][torch.arange(n), y]
+    kept = (batch["mask"] == mask).float().flatten(1).mean(1)  # the part of each mask left in place
+    cut = kept < 1
+    assert int(cut.sum()) > 5  # about half the samples are cut
+    assert torch.equal(batch["x"][cut][..., 0], batch["mask"][cut])  # the mask got the image's very box
+    assert torch.equal(batch["mask"][~cut], mask[~cut])  # MixUp or unmixed samples keep their mask
+    assert bool(((batch["x"][~cut] == x[~cut]).all((1, 2, 3)) | (own[~cut] < 1)).all())
+    sides = (1 - kept[cut]) * 64  # the box area in pixels, inside the minmax range of sides
+    assert bool((sides >= int(0.3 * 8) ** 2).all())
+    assert bool((sides <= int(0.6 * 8) ** 2).all())
+    if correct_lam:  # the target weight is the area kept
+        torch.testing.assert_close(own[cut], kept[cut])
+
+
+def test_elem_mode_logs_the_share_of_samples_cut_and_their_mean_weight(tmp_path):
+    L.seed_everything(0, verbose=False)
+    x, y = make_images(64)
+    cut_all = MixUpCutMix(1.0, 1.0, switch_prob=1.0, num_classes=3, mode="elem")
+    trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[cut_all])
+    trainer.fit(UserClassifier(net=TinyCNN()), make_loader(x, y, 16))
+    metrics = trainer.callback_metrics
+    assert float(metrics["mixup_cutmix/cutmix_fraction"]) == pytest.approx(1.0, abs=0.1)  # a box can come out empty
+    assert float(metrics["mixup_cutmix/mixed_fraction"]) == 1.0
+    assert 0.2 < float(metrics["mixup_cutmix/lambda"]) < 0.8
+    never = MixUpCutMix(1.0, 1.0, switch_prob=0.0, num_classes=3, mode="elem")
+    trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[never])
+    trainer.fit(UserClassifier(net=TinyCNN()), make_loader(x, y, 16))
+    assert float(trainer.callback_metrics["mixup_cutmix/cutmix_fraction"]) == 0.0
