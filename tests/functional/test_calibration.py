@@ -415,3 +415,20 @@ def test_max_iter_bounds_the_lbfgs_iterations() -> None:
     torch.testing.assert_close(full, scales, rtol=0.05, atol=0.0)
     assert (short.log() - full.log()).abs().max() > 0.2
     assert (fit_temperature(logits, targets, per_class=True, max_iter=200) - full).abs().max() < 1e-6
+
+
+def test_a_fit_that_ends_at_a_non_finite_temperature_raises_instead_of_returning_it(monkeypatch) -> None:
+    # No real input makes this LBFGS diverge (the NLL is convex in log T); a step that leaves NaN stands in for it.
+    def diverging_step(self, closure):
+        closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.data.fill_(float("nan"))
+
+    monkeypatch.setattr(torch.optim.LBFGS, "step", diverging_step)
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(256, 4, generator=g)
+    targets = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)  # a finite optimum, near T = 1
+    with pytest.raises(RuntimeError, match="diverged") as raised:
+        fit_temperature(logits, targets)
+    assert str(raised.value) == "The temperature fit diverged (non-finite log T); please report this with the logits."
