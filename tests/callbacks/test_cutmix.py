@@ -386,20 +386,30 @@ def _coded(n, layout="NCHW"):
     return x if layout == "NCHW" else x.permute(0, 2, 3, 1).contiguous()
 
 
+_ELEM = {"mode": "elem", "dims": (1, 2), "carry": {"lengths": "keep", "mask": "cut"}, "cutmix_minmax": (0.3, 0.6)}
+
+
 @pytest.mark.parametrize("correct_lam", [True, False])
-def test_elem_mode_carries_each_samples_box_into_the_mask_and_weighs_targets_by_it(correct_lam):
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n, **kw: MixUpCutMix(1.0, 1.0, switch_prob=0.5, num_classes=n, **kw),
+        lambda n, **kw: CutMix(1.0, num_classes=n, prob=0.7, **kw),
+    ],
+    ids=["MixUpCutMix", "CutMix"],
+)
+def test_elem_mode_carries_each_samples_box_into_the_mask_and_weighs_targets_by_it(make, correct_lam):
     n = 32
     x, y = _coded(n, "NHWC"), torch.arange(n)
     mask = x[..., 0].clone()  # (N, H, W): the same codes as the image
-    cb = MixUpCutMix(
-        1.0, 1.0, switch_prob=0.5, num_classes=n, mode="elem", dims=(1, 2), carry=["mask"],
-        cutmix_minmax=(0.3, 0.6), correct_lam=correct_lam, pairing="permutation", input_key="x", target_key="y",
-    )  # fmt: skip
+    cb = make(n, **_ELEM, correct_lam=correct_lam, pairing="permutation", input_key="x", target_key="y")
     L.seed_everything(0, verbose=False)
     trainer, module = fast_trainer(), UserClassifier(net=TinyCNN(), num_classes=n)
     cb.setup(trainer, module, "fit")
-    batch = {"x": x.clone(), "y": y, "mask": mask.clone()}
+    lengths = torch.full((n,), 8)
+    batch = {"x": x.clone(), "y": y, "mask": mask.clone(), "lengths": lengths}
     cb.on_train_batch_start(trainer, module, batch, 0)
+    assert batch["lengths"] is lengths  # carried as "keep": left alone
     own = batch["y"][torch.arange(n), y]
     kept = (batch["mask"] == mask).float().flatten(1).mean(1)  # the part of each mask left in place
     cut = kept < 1
@@ -428,3 +438,89 @@ def test_elem_mode_logs_the_share_of_samples_cut_and_their_mean_weight(tmp_path)
     trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[never])
     trainer.fit(UserClassifier(net=TinyCNN()), make_loader(x, y, 16))
     assert float(trainer.callback_metrics["mixup_cutmix/cutmix_fraction"]) == 0.0
+
+
+def test_cutmix_elem_mode_logs_the_share_of_samples_mixed_and_their_weight(tmp_path):
+    L.seed_everything(0, verbose=False)
+    x, y = make_images(64)
+    trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[CutMix(1.0, num_classes=3, mode="elem", prob=0.5)])
+    trainer.fit(UserClassifier(net=TinyCNN()), make_loader(x, y, 16))
+    metrics = trainer.callback_metrics
+    assert "cutmix/cutmix_fraction" not in metrics  # only MixUpCutMix chooses
+    assert float(metrics["cutmix/mixed_fraction"]) == 1.0  # every batch is drawn for, sample by sample
+    assert 0.6 < float(metrics["cutmix/lambda"]) < 0.9  # half the samples keep all (1), the others about half
+
+
+def test_two_per_sample_boxes_each_weigh_their_own_row():
+    n = 2
+    x, y = _coded(n), torch.arange(n)
+    for seed in range(5):
+        L.seed_everything(seed, verbose=False)
+        batch = _one_batch(CutMix(1.0, num_classes=n, per_sample=True), x.clone(), y)
+        own = batch[1][torch.arange(n), y]
+        torch.testing.assert_close(own, (batch[0] == x).float().flatten(1).mean(1))
+
+
+def test_inplace_cutmix_overwrites_the_loaders_tensor():
+    x, y = _coded(8), torch.arange(8) % 3
+    original = x.clone()
+    reference = _one_batch(CutMix(1.0, num_classes=3), original.clone(), y)
+    batch = _one_batch(CutMix(1.0, num_classes=3, inplace=True), x, y)
+    assert batch[0] is x
+    assert not torch.equal(x, original)
+    assert torch.equal(x, reference[0])
+
+
+@pytest.mark.parametrize(
+    ("carry", "error", "message"),
+    [
+        ("mask", TypeError, "Expected `carry` as batch keys or a mapping key -> 'cut' | 'keep', but got 'mask'."),
+        (3.5, TypeError, "Expected `carry` as batch keys or a mapping key -> 'cut' | 'keep', but got 3.5."),
+        ({"mask": "paste"}, ValueError, "Expected `carry['mask']` to be 'cut' or 'keep', but got 'paste'."),
+    ],
+)
+def test_bad_carry_arguments_are_named_whole(carry, error, message):
+    with pytest.raises(error, match="carry") as raised:
+        CutMix(carry=carry)
+    assert str(raised.value) == message
+
+
+_EXPECTED_CARRY = (
+    "CutMix(carry=['mask']): expected a tensor with the inputs' batch size 8 and the cut axes (2, 3) (such as a "
+    "padding mask),"
+)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            torch.ones(8, 3),
+            f"{_EXPECTED_CARRY} but got (8, 3).",
+        ),
+        (
+            torch.ones(8),
+            f"{_EXPECTED_CARRY} but got (8,). Sequence lengths cannot follow a cut: a pasted span can leave padding "
+            "inside a sequence. Give the model a padding mask (N, T) and carry that, or mix an embedding with "
+            "`MixUp(layer=...)`.",
+        ),
+        (
+            ["a"] * 8,
+            f"{_EXPECTED_CARRY} but got list.",
+        ),
+        (
+            torch.ones(8, 1, 8, 4),
+            "CutMix(carry=['mask']): its shape (8, 1, 8, 4) differs from the inputs' (8, 1, 8, 8) along the cut axes "
+            "(2, 3).",
+        ),
+    ],
+    ids=["too few axes", "lengths", "not a tensor", "other size"],
+)
+def test_a_carried_entry_that_cannot_follow_the_cut_is_named_whole(entry, message):
+    x, y = _coded(8), torch.arange(8) % 3
+    cb = CutMix(1.0, num_classes=3, carry=["mask"], input_key="x", target_key="y")
+    trainer, module = fast_trainer(), UserClassifier(net=TinyCNN(), num_classes=3)
+    cb.setup(trainer, module, "fit")
+    with pytest.raises(ValueError, match="carry") as raised:
+        cb.on_train_batch_start(trainer, module, {"x": x, "y": y, "mask": entry}, 0)
+    assert str(raised.value) == message
