@@ -193,6 +193,18 @@ def run_module(
         "survivors": sorted(n for n, s in status.items() if s not in ("killed",)),
         "wall_s": round(wall),
     }
+    if survivors_only and not distributed:
+        # the mutants not rerun were killed before: the earlier kills, plus the survivors that the tests now kill
+        previous = json.loads((work / "result.json").read_text())
+        rerun_killed = sorted(n for n in again if status.get(n) == "killed")
+        total_killed = previous["counts"].get("killed", 0) + len(rerun_killed)
+        result.update(
+            mutants=previous["mutants"],
+            counts={"killed": total_killed, "survived": previous["mutants"] - total_killed},
+            score=round(100 * total_killed / previous["mutants"], 1),
+            survivors=sorted(set(previous["survivors"]) - set(rerun_killed)),
+            killed_by_the_rerun=rerun_killed,
+        )
     if distributed and survivors_only:
         # the base run's score, plus its survivors that the multi-process tests killed
         previous = json.loads((base / "result.json").read_text())

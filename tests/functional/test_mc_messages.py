@@ -100,6 +100,18 @@ def test_change_report_lists_vanished_and_appeared_buffers_first_then_changed_on
     assert str(raised.value) == f"Running statistics changed during a test: {changed}. {_CHANGED_ADVICE}"
 
 
+def test_a_buffer_that_changed_its_shape_is_listed_and_the_buffers_after_it_are_still_compared() -> None:
+    model = _norms(2)
+    before = running_statistics(model)
+    model[0].running_mean = torch.zeros(3)
+    model[1].running_var.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"^Running statistics changed") as raised:
+        check_running_statistics(model, before, during="a test")
+    assert str(raised.value).startswith(
+        "Running statistics changed during a test: ['0.running_mean', '1.running_var']."
+    )
+
+
 def test_a_buffer_moved_to_another_device_is_a_change() -> None:
     model = _norms(2)
     before = running_statistics(model)
@@ -182,6 +194,7 @@ def test_drop_path_with_the_flag_and_rate_zero_is_the_rate_zero_error() -> None:
     ("count", "listed"),
     [
         (1, "1 layer: `0`"),
+        (2, "2 layers: `0`, `1`"),
         (3, "3 layers: `0`, `1`, `2`"),
         (4, "4 layers: `0`, `1`, `2`, ..."),
     ],
@@ -337,3 +350,19 @@ def test_inputs_without_a_batch_error_is_whole(inputs: object, got: str) -> None
     with pytest.raises(ValueError, match=r"^Expected") as raised:
         mc_dropout_predict(_Returns(lambda x: x), inputs, 2)  # type: ignore[arg-type]
     assert str(raised.value) == f"Expected `inputs` to hold a non-empty tensor with the batch first, but got {got}."
+
+
+class _OwnDropPath(nn.Module):
+    mc_dropout_kind = "drop_path"
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def test_a_drop_path_layer_of_your_own_is_named_in_the_hint() -> None:
+    message = _no_dropout_message(nn.Sequential(nn.Linear(2, 2), _OwnDropPath(0.0), _OwnDropPath(0.3)))
+    assert " It has 1 drop-path layer with a rate above 0 (e.g. `2`, _OwnDropPath): pass " in message

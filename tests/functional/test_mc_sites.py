@@ -122,3 +122,40 @@ def test_sampling_switches_the_sites_and_gates_and_nothing_below_a_gate() -> Non
         assert isinstance(found, MCDropoutSites)
         switched = [name for name, m in layer.named_modules() if m.training]
     assert switched == ["", "self_attn", "dropout", "dropout1", "dropout2"]
+
+
+class _AttentionWithoutFusedFlag(nn.Module):
+    """An attention module with an ``attn_drop`` child but no ``fused_attn`` flag: it calls its dropout itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn_drop = nn.Dropout(0.3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attn_drop(x)
+
+
+def test_an_attention_dropout_child_without_the_fused_flag_is_a_site_not_a_gate() -> None:
+    model = nn.ModuleDict({"attn": _AttentionWithoutFusedFlag()})
+    assert _found(model) == (["attn.attn_drop"], [], ["attn.attn_drop"])
+
+
+class _TimmParallelBlock(nn.Module):
+    """Like timm's parallel blocks: SDPA with ``dropout_p=self.attn_drop_p if self.training else 0``."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.attn_drop_p = rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+_TimmParallelBlock.__module__ = "timm.models.vision_transformer"
+
+
+def test_a_timm_module_with_a_functional_attention_dropout_rate_is_a_site() -> None:
+    model = nn.ModuleDict({"block": _TimmParallelBlock(0.2)})
+    assert _found(model) == (["block"], [], ["block"])
+    with pytest.raises(ValueError, match="has no dropout layer"):
+        find_mc_dropout_sites(nn.ModuleDict({"block": _TimmParallelBlock(0.0)}))
