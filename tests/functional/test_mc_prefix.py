@@ -286,3 +286,152 @@ def test_each_reason_for_no_prefix_is_logged_and_the_model_is_still_sampled_as_t
     torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
     logged = [r.getMessage() for r in caplog.records if "no deterministic prefix" in r.getMessage()]
     assert logged == [f"Monte-Carlo dropout: no deterministic prefix for {reason}"]
+
+
+class _MethodCopy(_Prefixed):
+    def sampled(self, h: Tensor) -> Tensor:
+        d = self.drop(h)
+        c = h.mul(1)  # a method that returns new memory, not a view
+        c.mul_(2)
+        return self.head(d + (c + 1))
+
+
+class _NoiseAfterTheDraw(_Prefixed):
+    def sampled(self, h: Tensor) -> Tensor:
+        return self.head(self.drop(h)) + 0.1 * torch.randn_like(h[:, :3])  # drawn per pass: no prefix value
+
+
+class _DropoutInABlock(_Prefixed):
+    """The dropout sits inside a block with the layers before it: fx traces into the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.5))
+        del self.drop, self.body
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.block(x))
+
+
+class _EncoderLayerInTheHead(_Prefixed):
+    """A transformer layer (a gate) after the prefix: one leaf of the graph, sampled whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.5, batch_first=True)
+        del self.drop
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(self.body(x)[:, None])[:, 0])
+
+
+@pytest.mark.parametrize(
+    "make", [_MethodCopy, _NoiseAfterTheDraw, _DropoutInABlock, _EncoderLayerInTheHead],
+    ids=["method copy", "noise after the draw", "dropout in a block", "encoder layer"],
+)  # fmt: skip
+def test_the_prefix_is_taken_through_blocks_gates_and_copies_and_random_functions_stay_per_sample(
+    make: Callable[[], nn.Module],
+) -> None:
+    torch.manual_seed(0)
+    model = make().eval()
+    inputs = torch.randn(6, 8)
+    calls: list[int] = []
+    first = model.block[0] if isinstance(model, _DropoutInABlock) else model.body  # the layer that runs first
+    handle = first.register_forward_hook(lambda *_: calls.append(1))
+    ours = mc_dropout_predict(model, inputs, 5, generator=_seeded(), chunk_size=6)
+    handle.remove()
+    naive = mc_dropout_predict(model, inputs, 5, method="naive", generator=_seeded())
+    assert ours.method == "cached"
+    assert len(calls) == 1
+    torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
+    assert ours.probs.std(dim=0).max() > 1e-4
+
+
+def test_a_submodule_replaced_between_calls_is_traced_again() -> None:
+    torch.manual_seed(0)
+    model = _Prefixed().eval()
+    inputs = torch.randn(6, 8)
+    mc_dropout_predict(model, inputs, 2)  # traced with the first head
+    model.head = nn.Linear(8, 3)  # the same class and attributes, other weights
+    ours = mc_dropout_predict(model, inputs, 4, generator=_seeded(), chunk_size=6)
+    naive = mc_dropout_predict(model, inputs, 4, method="naive", generator=_seeded())
+    assert ours.method == "cached"
+    torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
+
+
+class _FeaturesOnly(_Prefixed):
+    def forward_features(self, x: Tensor) -> Tensor:  # no forward_head: not the timm convention
+        return self.body(x)
+
+
+class _OwnTrain(_Prefixed):
+    """Overrides ``train``: the eval pass of ``deterministic=True`` goes through it."""
+
+    def train(self, mode: bool = True) -> _OwnTrain:
+        return super().train(mode)
+
+
+@pytest.mark.parametrize("method", ["auto", "batched", "naive"])
+@pytest.mark.parametrize("make", [_FeaturesOnly, _OwnTrain], ids=["forward_features only", "own train"])
+def test_user_modules_with_features_only_or_their_own_train_give_the_eval_output(
+    make: Callable[[], nn.Module], method: str
+) -> None:
+    torch.manual_seed(0)
+    model = make().eval()
+    inputs = torch.randn(6, 8)
+    ours = mc_dropout_predict(model, inputs, 3, method=method, deterministic=True)  # type: ignore[arg-type]
+    assert ours.method == ("cached" if method == "auto" else method)
+    assert ours.deterministic_probs is not None
+    torch.testing.assert_close(ours.deterministic_probs, model(inputs).softmax(-1))
+
+
+class _ScalarPerRow(nn.Module):
+    """Token ids ``(N,)`` in; ``forward_features`` gives one value per row ``(N,)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.drop, self.head = nn.Embedding(10, 1), nn.Dropout(0.5), nn.Linear(1, 3)
+
+    def forward_features(self, ids: Tensor) -> Tensor:
+        return self.embed(ids)[:, 0]  # (N,)
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        return self.head(self.drop(features[:, None]))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(ids))
+
+
+def test_one_dimensional_inputs_and_features_are_batches_of_rows() -> None:
+    torch.manual_seed(0)
+    model = _ScalarPerRow().eval()
+    ids = torch.arange(6)
+    ours = mc_dropout_predict(model, ids, 4, generator=_seeded(), chunk_size=6)
+    naive = mc_dropout_predict(model, ids, 4, method="naive", generator=_seeded())
+    assert ours.method == "cached"
+    assert ours.probs.shape == (4, 6, 3)
+    torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
+
+
+class _TwoRowsOut(_Prefixed):
+    def sampled(self, h: Tensor) -> Tensor:
+        return self.head(self.drop(h))[:2]
+
+
+@pytest.mark.parametrize(("method", "chunk_size"), [("auto", None), ("batched", 6)])
+def test_a_model_that_drops_rows_is_refused_on_the_prefix_and_one_sample_per_pass_paths(
+    method: str, chunk_size: int | None
+) -> None:
+    with pytest.raises(ValueError, match=r"Expected the model to return logits of shape \(6, num_classes\), but got"):
+        mc_dropout_predict(_TwoRowsOut().eval(), torch.randn(6, 8), 3, method=method, chunk_size=chunk_size)  # type: ignore[arg-type]
+
+
+def test_large_batches_sample_one_batch_per_head_call_with_the_loops_draws() -> None:
+    # 4096 rows of 8 features: more rows than the automatic chunk of 2**17 elements, so a chunk is the whole batch
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3)).eval()
+    inputs = torch.randn(4096, 8)
+    ours = mc_dropout_predict(model, inputs, 2, generator=_seeded(), masks="torch")
+    naive = mc_dropout_predict(model, inputs, 2, method="naive", generator=_seeded(), masks="torch")
+    assert ours.method == "cached"
+    torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
