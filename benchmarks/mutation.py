@@ -92,7 +92,11 @@ TESTS: dict[str, list[str]] = {
     "lightning_reg/callbacks/bn_stats_monitor.py": ["tests/callbacks/test_bn_stats_monitor.py"],
     "lightning_reg/callbacks/regularization_check.py": ["tests/test_regularization_check.py"],
     **{f"lightning_reg/callbacks/{name}.py": _MIXING_CALLBACK_TESTS for name in _MIXING_CALLBACKS},
-    "lightning_reg/callbacks/_strategy.py": [*_MIXING_CALLBACK_TESTS, "tests/callbacks/test_bn_recalibration.py"],
+    "lightning_reg/callbacks/_strategy.py": [
+        *_MIXING_CALLBACK_TESTS,
+        "tests/callbacks/test_bn_recalibration.py",
+        "tests/distributed/test_strategies.py",
+    ],
     "lightning_reg/callbacks/mc_dropout.py": [
         "tests/callbacks/test_mc_dropout.py",
         "tests/callbacks/test_mc_dropout_detection.py",
@@ -102,7 +106,8 @@ TESTS: dict[str, list[str]] = {
 
 # The multi-process tests are left out: under mutmut's tracing one of them takes a minute, and every surviving
 # mutant would run it again. Their code paths (collectives) are therefore not scored here.
-DESELECT = "not ddp and not two_ranks and not two_process and not 2_process and not distributed"
+# (Every multi-process test has one of these in its name: the single-process tests of tests/distributed/ stay in.)
+DESELECT = "not ddp and not two_ranks and not two_process and not 2_process"
 
 _SECTION = re.compile(r"^\[tool\.mutmut\]\n(?:(?!^\[).*\n?)*", re.MULTILINE)
 
