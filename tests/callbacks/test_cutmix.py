@@ -524,3 +524,16 @@ def test_a_carried_entry_that_cannot_follow_the_cut_is_named_whole(entry, messag
     with pytest.raises(ValueError, match="carry") as raised:
         cb.on_train_batch_start(trainer, module, {"x": x, "y": y, "mask": entry}, 0)
     assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("mode", ["elem", "pair"])
+def test_bfloat16_inputs_get_target_weights_rounded_to_bfloat16_like_their_blend(mode):
+    # MixUp samples are blended with a bfloat16 weight: their targets must carry that very weight, not the float32 draw.
+    n = 64
+    x, y = _coded(n).to(torch.bfloat16), torch.arange(n)
+    cb = MixUpCutMix(1.0, 1.0, switch_prob=0.5, num_classes=n, mode=mode)
+    _, targets = _one_batch(cb, x, y)
+    own = targets[torch.arange(n), y]
+    blended = (own < 1) & (own > 0)
+    assert int(blended.sum()) > 10
+    assert torch.equal(own[blended].to(torch.bfloat16).float(), own[blended])
