@@ -195,6 +195,9 @@ def _ddp_fit(rank: int, world_size: int) -> dict[str, Any]:
     logits, targets = _rank_share(rank)
     out: dict[str, Any] = {"t": fit_temperature(logits, targets), "nll": temperature_nll(logits, targets, 1.5)}
     out["per_class"] = fit_temperature(logits, targets, per_class=True).tolist()
+    # `distributed=False` inside the group: each rank fits its own share, with no collective (rank 1 skips one fit)
+    out["t_local"] = fit_temperature(logits, targets, distributed=False)
+    out["nll_local"] = temperature_nll(logits, targets, 1.5, distributed=False)
     empty = (logits[:0], targets[:0]) if rank == 1 else (logits, targets)  # one rank with no samples
     out["t_empty_rank"] = fit_temperature(*empty)
     try:  # non-finite logits on one rank only: both ranks raise, none hangs
@@ -220,6 +223,10 @@ def test_two_ranks_fit_the_temperature_of_the_union(process_group_pool: Any) -> 
     assert rank0["t"] == pytest.approx(expected, rel=1e-9)  # the union's (summation order aside)
     assert rank0["nll"] == rank1["nll"] == pytest.approx(temperature_nll(logits, targets, 1.5), rel=1e-12)
     assert rank0["per_class"] == rank1["per_class"]
+    for rank, out in enumerate((rank0, rank1)):
+        assert out["t_local"] == pytest.approx(fit_temperature(*_rank_share(rank)), rel=1e-9)
+        assert out["nll_local"] == pytest.approx(temperature_nll(*_rank_share(rank), 1.5), rel=1e-12)
+    assert rank0["t_local"] != pytest.approx(rank1["t_local"], rel=1e-3)
     torch.testing.assert_close(
         torch.tensor(rank0["per_class"], dtype=torch.float64),
         fit_temperature(logits, targets, per_class=True),
