@@ -410,7 +410,7 @@ def _sizes_per_rank() -> list[list[int]]:
     return [[5, 9], [3, 7, 4]]
 
 
-def _ddp_recalibrate(rank: int, world_size: int) -> dict[str, list[float]]:
+def _ddp_recalibrate(rank: int, world_size: int) -> dict[str, Any]:
     model = _cnn()
     all_batches = _batches((2, 5, 5), [n for sizes in _sizes_per_rank() for n in sizes])
     mine = all_batches[:2] if rank == 0 else all_batches[2:]
@@ -421,6 +421,12 @@ def _ddp_recalibrate(rank: int, world_size: int) -> dict[str, list[float]]:
         name: [*layer.running_mean.tolist(), *layer.running_var.tolist()] for name, layer in tracking_norm_layers(model)
     }
     out["counts"] = [report.num_batches, report.num_samples, int(model[1].num_batches_tracked)]
+    before = [*model[1].running_mean.tolist(), *model[1].running_var.tolist()]
+    try:  # every rank's batches empty: every rank raises (none waits for the others), nothing changed
+        LF.recalibrate_bn(model, [])
+    except ValueError as error:
+        out["empty_error"] = str(error)
+    out["unchanged"] = [before == [*model[1].running_mean.tolist(), *model[1].running_var.tolist()]]
     return out
 
 
@@ -434,6 +440,12 @@ def test_two_ranks_get_the_statistics_of_the_union_of_their_batches(process_grou
         torch.testing.assert_close(torch.tensor(rank0[name]), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(torch.tensor(rank1[name]), expected, rtol=1e-5, atol=1e-5)
     assert rank0["counts"] == rank1["counts"] == [report.num_batches, report.num_samples, 5]
+    for rank in (rank0, rank1):
+        assert rank["empty_error"] == (
+            "Expected `batches` to yield at least one batch on some rank, but every rank's was empty; no statistics "
+            "were changed."
+        )
+        assert rank["unchanged"] == [True]
 
 
 def test_many_unequal_batches_far_from_zero_stay_exact() -> None:
