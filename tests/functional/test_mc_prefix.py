@@ -427,11 +427,34 @@ def test_a_model_that_drops_rows_is_refused_on_the_prefix_and_one_sample_per_pas
 
 
 def test_large_batches_sample_one_batch_per_head_call_with_the_loops_draws() -> None:
-    # 4096 rows of 8 features: more rows than the automatic chunk of 2**17 elements, so a chunk is the whole batch
+    # 4096 rows of 64 features: more rows than the automatic chunk of 2**17 elements, so a chunk is the whole batch
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3)).eval()
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 3)).eval()
     inputs = torch.randn(4096, 8)
     ours = mc_dropout_predict(model, inputs, 2, generator=_seeded(), masks="torch")
     naive = mc_dropout_predict(model, inputs, 2, method="naive", generator=_seeded(), masks="torch")
+    assert ours.method == "cached"
+    torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
+
+
+class _LockedAfterTheProjection(nn.Module):
+    """Our LockedDropout (not a torch.nn layer): a leaf of the graph, so its own draws stay inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lightning_reg.nn import LockedDropout
+
+        self.proj, self.drop, self.head = nn.Linear(8, 8), LockedDropout(0.5), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.drop(self.proj(x)).mean(1))
+
+
+def test_a_sampled_layer_of_our_own_stays_one_node_of_the_prefix_split() -> None:
+    torch.manual_seed(0)
+    model = _LockedAfterTheProjection().eval()
+    inputs = torch.randn(6, 5, 8)
+    ours = mc_dropout_predict(model, inputs, 4, generator=_seeded(), chunk_size=6)
+    naive = mc_dropout_predict(model, inputs, 4, method="naive", generator=_seeded())
     assert ours.method == "cached"
     torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
