@@ -44,6 +44,7 @@ _MIXING_CALLBACK_TESTS = [
     "tests/callbacks/test_target_mode.py",
     "tests/callbacks/test_contract.py",
     "tests/callbacks/test_callback_arguments.py",
+    "tests/callbacks/test_mixing_draws.py",
     "tests/test_argument_checks.py",
 ]
 _MIXING_CALLBACKS = ["mixup", "cutmix", "mixup_cutmix", "regmixup", "label_smoothing", "_mixing", "_buffer"]

@@ -1,0 +1,259 @@
+"""What the mixing callbacks share: per-sample draws from their own generator, pairings, precisions and messages."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import Tensor
+
+from lightning_reg import CutMix, MixUp, MixUpCutMix
+from lightning_reg.mixins import SparseMixingMixin
+from tests.helpers import TinyCNN, UserClassifier, fast_trainer
+
+
+def _coded(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Image ``i`` is the constant ``i + 1``: every pixel tells which sample it came from."""
+    return torch.arange(1, n + 1, dtype=dtype).view(n, 1, 1, 1).expand(n, 1, 8, 8).contiguous()
+
+
+def _hooked(callback: L.Callback, n: int, trainer: L.Trainer | None = None) -> tuple[L.Trainer, UserClassifier]:
+    L.seed_everything(0, verbose=False)  # the callback's stream derives from Lightning's seed
+    trainer = trainer or fast_trainer()
+    module = UserClassifier(net=TinyCNN(), num_classes=n)
+    callback.setup(trainer, module, "fit")
+    callback.on_train_epoch_start(trainer, module)
+    return trainer, module
+
+
+def _batches(callback: L.Callback, n: int, count: int = 3, dtype: torch.dtype = torch.float32) -> list[list[Tensor]]:
+    """``count`` batches of ``n`` coded images with unique labels through the callback; the global RNG is advanced
+    differently before each one."""
+    trainer, module = _hooked(callback, n)
+    out = []
+    for i in range(count):
+        torch.rand(i + 1)  # anything else that draws from the global RNG
+        batch = [_coded(n, dtype), torch.arange(n)]
+        callback.on_train_batch_start(trainer, module, batch, i)
+        out.append(batch)
+    return out
+
+
+MAKERS = {
+    "MixUp elem": lambda n: MixUp(1.0, num_classes=n, mode="elem", prob=0.7),
+    "MixUp pair": lambda n: MixUp(1.0, num_classes=n, mode="pair", pairing="permutation"),
+    "CutMix elem": lambda n: CutMix(1.0, num_classes=n, mode="elem", prob=0.7, pairing="permutation"),
+    "MixUpCutMix elem": lambda n: MixUpCutMix(1.0, 1.0, num_classes=n, mode="elem", prob=0.7),
+    "MixUpCutMix pair": lambda n: MixUpCutMix(1.0, 1.0, num_classes=n, mode="pair"),
+    "MixUp batch prob": lambda n: MixUp(1.0, num_classes=n, prob=0.5, per_sample=True),
+}
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_every_draw_comes_from_the_callbacks_own_generator(name: str) -> None:
+    first = _batches(MAKERS[name](9), 9)
+    torch.manual_seed(123)  # another global stream: the batches must not change
+    second = _batches(MAKERS[name](9), 9)
+    for (x1, y1), (x2, y2) in zip(first, second, strict=True):
+        assert torch.equal(x1, x2)
+        assert torch.equal(y1, y2)
+    assert any(not torch.equal(x, _coded(9)) for x, _ in first)  # something was mixed
+
+
+def _partners(targets: Tensor) -> tuple[Tensor, Tensor]:
+    """With unique labels: each row's own weight and its partner (the other label with weight, or itself)."""
+    n = targets.shape[0]
+    own = targets[torch.arange(n), torch.arange(n)]
+    others = targets.clone()
+    others[torch.arange(n), torch.arange(n)] = 0
+    partner = torch.where(others.max(1).values > 0, others.argmax(1), torch.arange(n))
+    return own, partner
+
+
+@pytest.mark.parametrize("mode", ["elem", "pair"])
+@pytest.mark.parametrize("n", [8, 7])
+def test_mixup_per_sample_modes_blend_each_row_with_its_partner_by_its_own_weight(mode: str, n: int) -> None:
+    for x, targets in _batches(MixUp(1.0, num_classes=n, mode=mode, prob=0.8), n):
+        own, partner = _partners(targets)
+        expected = own[:, None, None, None] * _coded(n) + (1 - own[:, None, None, None]) * _coded(n)[partner]
+        torch.testing.assert_close(x, expected)
+        if mode == "pair":  # mutual pairs with one weight; with n odd one sample stays alone
+            mixed = own < 1
+            assert torch.equal(partner[partner][mixed], torch.arange(n)[mixed])
+            torch.testing.assert_close(own[partner], own)
+            assert int((partner == torch.arange(n)).sum()) >= n % 2
+
+
+def test_shift_pairing_pairs_every_sample_with_the_same_offset_and_permutation_with_none_of_itself() -> None:
+    n = 10
+    for _, targets in _batches(MixUp(1.0, num_classes=n, mode="elem", pairing="shift"), n, count=4):
+        _, partner = _partners(targets)
+        offsets = (partner - torch.arange(n)) % n
+        assert len(set(offsets.tolist())) == 1
+        assert int(offsets[0]) != 0
+    offsets_seen = set()
+    for _, targets in _batches(MixUp(1.0, num_classes=n, mode="elem", pairing="permutation"), n, count=4):
+        _, partner = _partners(targets)
+        assert bool((partner != torch.arange(n)).all())
+        offsets_seen.add(len(set(((partner - torch.arange(n)) % n).tolist())))
+    assert max(offsets_seen) > 1  # not a shift
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.bfloat16), ("16-true", torch.float16)])
+@pytest.mark.parametrize("mode", ["batch", "elem"])
+def test_uint8_images_under_a_half_precision_take_weights_rounded_to_it(precision: str, dtype: torch.dtype, mode):
+    n = 32
+    callback = MixUp(1.0, num_classes=n, mode=mode, per_sample=True)
+    trainer, module = _hooked(callback, n, fast_trainer(precision=precision))
+    batch = [_coded(n, torch.uint8), torch.arange(n)]
+    callback.on_train_batch_start(trainer, module, batch, 0)
+    own, _ = _partners(batch[1])
+    blended = (own > 0) & (own < 1)
+    assert int(blended.sum()) > 10
+    assert torch.equal(own[blended].to(dtype).float(), own[blended])  # the weight the images were blended with
+    if dtype == torch.float16:  # (every bfloat16 weight in (0, 1) above 2**-14 is a float16 too, not conversely)
+        assert not torch.equal(own[blended].to(torch.bfloat16).float(), own[blended])
+
+
+def test_correct_lam_false_without_minmax_weighs_cut_targets_by_the_drawn_lambda_in_elem_mode() -> None:
+    n = 32
+    for x, targets in _batches(CutMix(1.0, num_classes=n, mode="elem", correct_lam=False), n):
+        own, _ = _partners(targets)
+        kept = (x == _coded(n)).float().flatten(1).mean(1)
+        cut = kept < 1
+        assert not torch.allclose(own[cut], kept[cut])  # some boxes were clipped at the border
+
+
+def test_two_and_three_mixing_callbacks_warn_once_with_the_number_of_mixes() -> None:
+    for count, blends in ((2, 4), (3, 8)):
+        callbacks = [MixUp(1.0, num_classes=3), CutMix(1.0, num_classes=3), MixUpCutMix(num_classes=3)][:count]
+        trainer = fast_trainer(callbacks=callbacks)
+        names = " and ".join(type(callback).__name__ for callback in callbacks)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for callback in callbacks:
+                callback.setup(trainer, UserClassifier(), "fit")
+        messages = [str(w.message) for w in caught if "are all on this Trainer" in str(w.message)]
+        assert messages == [
+            f"{names} are all on this Trainer: each mixes every training batch, so every batch is mixed {count} times "
+            f"(a target blends up to {blends} samples). To switch between MixUp and CutMix per batch, as timm and "
+            "DeiT do, use one `MixUpCutMix(mixup_alpha=..., cutmix_alpha=..., switch_prob=...)`."
+        ]
+
+
+class _Sparse(SparseMixingMixin, UserClassifier):
+    pass
+
+
+def test_two_mixing_callbacks_with_sparse_targets_are_refused_whole() -> None:
+    callbacks = [MixUp(1.0, num_classes=3), CutMix(1.0, num_classes=3)]
+    with pytest.raises(ValueError, match="would each mix") as raised:
+        callbacks[0].setup(fast_trainer(callbacks=callbacks), _Sparse(), "fit")
+    assert str(raised.value) == (
+        "MixUp and CutMix would each mix every training batch, and _Sparse uses SparseMixingMixin: the sparse targets "
+        "hold one pair of labels and one lambda, so a second mix cannot be kept. Use one mixing callback "
+        "(`MixUpCutMix(...)` switches between MixUp and CutMix per batch), or drop the mixin for dense (N, K) targets."
+    )
+    callbacks[1].setup(fast_trainer(callbacks=callbacks), _Sparse(), "fit")  # only the first one speaks
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mode": "row"}, "Expected `mode` to be one of ['batch', 'elem', 'pair'], but got 'row'."),
+        ({"target_mode": "soft"}, "Expected `target_mode` to be one of ['mixed', 'dominant'], but got 'soft'."),
+        ({"last_epoch": -1}, "Expected `last_epoch` to be an int >= 0 or None, but got -1."),
+        ({"last_epoch": 1.5}, "Expected `last_epoch` to be an int >= 0 or None, but got 1.5."),
+        ({"last_epoch": True}, "Expected `last_epoch` to be an int >= 0 or None, but got True."),
+    ],
+)
+def test_bad_modes_and_last_epochs_are_named_whole(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match="Expected") as raised:
+        MixUp(**kwargs)
+    assert str(raised.value) == message
+
+
+def test_last_epoch_zero_never_mixes() -> None:
+    batches = _batches(MixUp(1.0, num_classes=4, last_epoch=0), 4, count=1)
+    assert torch.equal(batches[0][0], _coded(4))
+    assert torch.equal(batches[0][1], torch.arange(4))  # left as they come
+
+
+def test_the_first_batchs_targets_are_checked_against_the_number_of_classes() -> None:
+    callback = MixUp(1.0, num_classes=3)
+    trainer, module = _hooked(callback, 3)
+    with pytest.raises(ValueError, match="3"):
+        callback.on_train_batch_start(trainer, module, [_coded(4), torch.tensor([0, 1, 2, 3])], 0)
+
+
+def test_multi_label_with_index_targets_is_refused() -> None:
+    callback = MixUp(1.0, num_classes=4, multi_label=True)
+    trainer, module = _hooked(callback, 4)
+    with pytest.raises(ValueError, match="multi"):
+        callback.on_train_batch_start(trainer, module, [_coded(4), torch.arange(4)], 0)
+
+
+def test_inputs_of_one_value_per_sample_are_mixed() -> None:
+    callback = MixUp(1.0, num_classes=6, per_sample=True)
+    trainer, module = _hooked(callback, 6)
+    x = torch.arange(1.0, 7.0)
+    batch = [x.clone(), torch.arange(6)]
+    callback.on_train_batch_start(trainer, module, batch, 0)
+    own, partner = _partners(batch[1])
+    torch.testing.assert_close(batch[0], own * x + (1 - own) * x[partner])
+
+
+@pytest.mark.parametrize(
+    ("batch", "error", "message"),
+    [
+        (
+            ["text", torch.arange(4)],
+            TypeError,
+            "Expected batch[0] (inputs) to be a tensor of shape (N, ...), but got str. Point `input_key` at the input "
+            "tensor of the batch.",
+        ),
+        (
+            [torch.tensor(1.0), torch.arange(4)],
+            TypeError,
+            "Expected batch[0] (inputs) to be a tensor of shape (N, ...), but got Tensor. Point `input_key` at the "
+            "input tensor of the batch.",
+        ),
+        (
+            [_coded(3), torch.arange(4)],
+            ValueError,
+            "Expected inputs and targets with the same batch size, but got 3 inputs (batch[0]) and 4 targets "
+            "(batch[1]). Check `input_key` and `target_key`.",
+        ),
+        (
+            [_coded(4).long(), torch.arange(4)],
+            TypeError,
+            "MixUp cannot blend batch[0] of dtype torch.int64 (integer inputs, such as token ids): a blend of two ids "
+            "is a third, unrelated id. Mix a floating representation instead: `MixUp(layer='<name of the embedding>')` "
+            "mixes that submodule's output (manifold mixing), e.g. `layer='embedding'`. uint8 images are blended as "
+            "images.",
+        ),
+    ],
+    ids=["not a tensor", "a scalar", "other batch size", "token ids"],
+)
+def test_bad_inputs_are_named_whole(batch: list[Any], error: type[Exception], message: str) -> None:
+    callback = MixUp(1.0, num_classes=4)
+    trainer, module = _hooked(callback, 4)
+    with pytest.raises(error, match="") as raised:
+        callback.on_train_batch_start(trainer, module, batch, 0)
+    assert str(raised.value) == message
+
+
+def test_a_batch_of_one_is_skipped_with_a_warning_naming_the_callback() -> None:
+    callback = CutMix(1.0, num_classes=4)
+    trainer, module = _hooked(callback, 4)
+    with pytest.warns(UserWarning, match="skips batches") as caught:
+        callback.on_train_batch_start(trainer, module, [_coded(1), torch.tensor([2])], 0)
+    assert [str(w.message) for w in caught] == ["CutMix skips batches of size 1: there is no partner to mix with."]
+
+
+def test_state_dict_before_setup_is_empty() -> None:
+    assert MixUp().state_dict() == {}
+    assert CutMix().state_dict() == {}
