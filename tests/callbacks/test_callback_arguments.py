@@ -92,3 +92,9 @@ def test_label_smoothing_keeps_its_arguments_and_defaults() -> None:
     callback = LabelSmoothing(0.2, num_classes=5, target_key="labels", multi_label=True)
     assert tuple(getattr(callback, key) for key in fields) == (0.2, 5, "labels", True)
     assert tuple(getattr(LabelSmoothing(), key) for key in fields) == (0.1, None, 1, False)
+
+
+def test_state_keys_name_the_batch_entries_each_callback_changes() -> None:
+    assert LabelSmoothing(target_key="y").state_key == "LabelSmoothing{'target_key': 'y'}"
+    assert CutMix(input_key="x", target_key="y").state_key == "CutMix{'input_key': 'x', 'target_key': 'y'}"
+    assert RegMixup().state_key == "RegMixup{'input_key': 0, 'target_key': 1}"
