@@ -29,10 +29,13 @@ def _hooked(callback: L.Callback, n: int, trainer: L.Trainer | None = None) -> t
     return trainer, module
 
 
-def _batches(callback: L.Callback, n: int, count: int = 3, dtype: torch.dtype = torch.float32) -> list[list[Tensor]]:
-    """``count`` batches of ``n`` coded images with unique labels through the callback; the global RNG is advanced
-    differently before each one."""
+def _batches(
+    callback: L.Callback, n: int, count: int = 3, dtype: torch.dtype = torch.float32, global_seed: int = 0
+) -> list[list[Tensor]]:
+    """``count`` batches of ``n`` coded images with unique labels through the callback; the global RNG is seeded
+    with ``global_seed`` after setup and advanced differently before each batch."""
     trainer, module = _hooked(callback, n)
+    torch.manual_seed(global_seed)
     out = []
     for i in range(count):
         torch.rand(i + 1)  # anything else that draws from the global RNG
@@ -55,12 +58,14 @@ MAKERS = {
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_every_draw_comes_from_the_callbacks_own_generator(name: str) -> None:
     first = _batches(MAKERS[name](9), 9)
-    torch.manual_seed(123)  # another global stream: the batches must not change
-    second = _batches(MAKERS[name](9), 9)
+    second = _batches(MAKERS[name](9), 9, global_seed=123)  # another global stream: the batches must not change
     for (x1, y1), (x2, y2) in zip(first, second, strict=True):
         assert torch.equal(x1, x2)
         assert torch.equal(y1, y2)
     assert any(not torch.equal(x, _coded(9)) for x, _ in first)  # something was mixed
+    if "batch" not in name:  # one weight per sample (per pair), not one for the batch
+        own, _ = _partners(first[0][1])
+        assert len(set(own[own < 1].tolist())) > 1
 
 
 def _partners(targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -185,7 +190,7 @@ def test_last_epoch_zero_never_mixes() -> None:
 def test_the_first_batchs_targets_are_checked_against_the_number_of_classes() -> None:
     callback = MixUp(1.0, num_classes=3)
     trainer, module = _hooked(callback, 3)
-    with pytest.raises(ValueError, match="3"):
+    with pytest.raises(ValueError, match=r"Expected class indices in \[0, 3\), but got values in \[0, 3\]\."):
         callback.on_train_batch_start(trainer, module, [_coded(4), torch.tensor([0, 1, 2, 3])], 0)
 
 
