@@ -200,20 +200,8 @@ def run_module(
         "survivors": sorted(n for n, s in status.items() if s not in ("killed",)),
         "wall_s": round(wall),
     }
-    if survivors_only and not distributed:
-        # the mutants not rerun were killed before: the earlier kills, plus the survivors that the tests now kill
-        previous = json.loads((work / "result.json").read_text())
-        rerun_killed = sorted(n for n in again if status.get(n) == "killed")
-        total_killed = previous["counts"].get("killed", 0) + len(rerun_killed)
-        result.update(
-            mutants=previous["mutants"],
-            counts={"killed": total_killed, "survived": previous["mutants"] - total_killed},
-            score=round(100 * total_killed / previous["mutants"], 1),
-            survivors=sorted(set(previous["survivors"]) - set(rerun_killed)),
-            killed_by_the_rerun=rerun_killed,
-        )
-    if distributed and survivors_only:
-        # the base run's score, plus its survivors that the multi-process tests killed
+    if survivors_only:
+        # the mutants not rerun were killed by the base run: its kills, plus the survivors the rerun's tests now kill
         previous = json.loads((base / "result.json").read_text())
         rerun_killed = sorted(n for n in again if status.get(n) == "killed")
         total_killed = previous["counts"].get("killed", 0) + len(rerun_killed)
@@ -222,8 +210,8 @@ def run_module(
             counts={"killed": total_killed, "survived": previous["mutants"] - total_killed},
             score=round(100 * total_killed / previous["mutants"], 1),
             survivors=sorted(set(previous["survivors"]) - set(rerun_killed)),
-            killed_by_multi_process_tests=rerun_killed,
         )
+        result["killed_by_multi_process_tests" if distributed else "killed_by_the_rerun"] = rerun_killed
     (work / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
