@@ -10,7 +10,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from lightning_reg.functional.mc_dropout import mc_dropout_predict
+from lightning_reg.functional.mc_dropout import MCDropoutPrediction, mc_dropout_predict
 from tests.helpers.mc import assert_prefix_once_with_the_loops_draws
 
 
@@ -138,6 +138,21 @@ class _Prefixed(nn.Module):
         return self.head(self.drop(h))
 
 
+def _sampled_as_the_loop(
+    make: Callable[[], nn.Module], caplog: pytest.LogCaptureFixture
+) -> tuple[MCDropoutPrediction, list[str]]:
+    """5 samples of 6 rows, one sample per pass, checked to be the naive loop's draws; and the logged reasons for no
+    deterministic prefix."""
+    torch.manual_seed(0)
+    model = make().eval()
+    inputs = torch.randn(6, 8)
+    with caplog.at_level("DEBUG", logger="lightning_reg.functional.mc_dropout"):
+        ours = mc_dropout_predict(model, inputs, 5, generator=_seeded(), chunk_size=6)
+    naive = mc_dropout_predict(model, inputs, 5, method="naive", generator=_seeded())
+    torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
+    return ours, [r.getMessage() for r in caplog.records if "no deterministic prefix" in r.getMessage()]
+
+
 class _ReluInPlaceAfterTheDraw(_Prefixed):
     def sampled(self, h: Tensor) -> Tensor:
         d = self.drop(h)
@@ -210,16 +225,9 @@ class _InPlaceBeforeTheDraw(_Prefixed):
 def test_an_in_place_change_of_what_the_sampled_part_reads_refuses_the_prefix_and_the_draws_stay_the_loops(
     make: Callable[[], nn.Module], taken: str, reason: str | None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    torch.manual_seed(0)
-    model = make().eval()
-    inputs = torch.randn(6, 8)
-    with caplog.at_level("DEBUG", logger="lightning_reg.functional.mc_dropout"):
-        ours = mc_dropout_predict(model, inputs, 5, generator=_seeded(), chunk_size=6)
-    naive = mc_dropout_predict(model, inputs, 5, method="naive", generator=_seeded())
+    ours, logged = _sampled_as_the_loop(make, caplog)
     assert ours.method == taken
-    torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
     assert ours.probs.std(dim=0).max() > 1e-4
-    logged = [r.getMessage() for r in caplog.records if "no deterministic prefix" in r.getMessage()]
     expected = [] if reason is None else [f"Monte-Carlo dropout: no deterministic prefix for {make.__name__}: {reason}"]
     assert logged == expected
 
@@ -276,15 +284,8 @@ _ROOT = "_Prefixed has an instance-level `forward` or forward hooks, which torch
 def test_each_reason_for_no_prefix_is_logged_and_the_model_is_still_sampled_as_the_loop(
     make: Callable[[], nn.Module], reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    torch.manual_seed(0)
-    model = make().eval()
-    inputs = torch.randn(6, 8)
-    with caplog.at_level("DEBUG", logger="lightning_reg.functional.mc_dropout"):
-        ours = mc_dropout_predict(model, inputs, 5, generator=_seeded(), chunk_size=6)
-    naive = mc_dropout_predict(model, inputs, 5, method="naive", generator=_seeded())
+    ours, logged = _sampled_as_the_loop(make, caplog)
     assert ours.method == "batched"
-    torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
-    logged = [r.getMessage() for r in caplog.records if "no deterministic prefix" in r.getMessage()]
     assert logged == [f"Monte-Carlo dropout: no deterministic prefix for {reason}"]
 
 
