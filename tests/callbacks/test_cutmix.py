@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from lightning_reg import CutMix, LabelSmoothing, MixUp, MixUpCutMix
 from lightning_reg import functional as LF
 from lightning_reg.mixins import MixedTargets, SparseMixingMixin
-from tests.helpers import TinyCNN, UserClassifier, fast_trainer, make_images, make_loader
+from tests.helpers import TinyCNN, UserClassifier, coded_images, fast_trainer, make_images, make_loader
 
 
 def _images(batch_size=8):
@@ -298,7 +298,7 @@ def test_five_dim_inputs_need_dims_in_the_callbacks_too(make_callback):
 
 def test_elem_mode_draws_apply_and_switch_per_sample(tmp_path):
     n = 64
-    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 8, 8).contiguous() + 1
+    x = coded_images(n)
     y = torch.arange(n)
     cb = MixUpCutMix(1.0, 1.0, switch_prob=0.5, num_classes=n, prob=0.6, mode="elem", pairing="permutation")
     mixed, targets = _one_batch(cb, x, y)
@@ -380,12 +380,6 @@ def test_switch_prob_is_the_probability_of_cutmix(tmp_path, switch_prob, low, hi
     assert low <= cut <= high  # 16 batches: about 14 of them CutMix at 0.9, about 2 at 0.1
 
 
-def _coded(n, layout="NCHW"):
-    """Image ``i`` is the constant ``i + 1``: every pixel tells which sample it came from."""
-    x = torch.arange(1, n + 1, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 8, 8).contiguous()
-    return x if layout == "NCHW" else x.permute(0, 2, 3, 1).contiguous()
-
-
 _ELEM = {"mode": "elem", "dims": (1, 2), "carry": {"lengths": "keep", "mask": "cut"}, "cutmix_minmax": (0.3, 0.6)}
 
 
@@ -400,7 +394,7 @@ _ELEM = {"mode": "elem", "dims": (1, 2), "carry": {"lengths": "keep", "mask": "c
 )
 def test_elem_mode_carries_each_samples_box_into_the_mask_and_weighs_targets_by_it(make, correct_lam):
     n = 32
-    x, y = _coded(n, "NHWC"), torch.arange(n)
+    x, y = coded_images(n, layout="NHWC"), torch.arange(n)
     mask = x[..., 0].clone()  # (N, H, W): the same codes as the image
     cb = make(n, **_ELEM, correct_lam=correct_lam, pairing="permutation", input_key="x", target_key="y")
     L.seed_everything(0, verbose=False)
@@ -453,7 +447,7 @@ def test_cutmix_elem_mode_logs_the_share_of_samples_mixed_and_their_weight(tmp_p
 
 def test_two_per_sample_boxes_each_weigh_their_own_row():
     n = 2
-    x, y = _coded(n), torch.arange(n)
+    x, y = coded_images(n), torch.arange(n)
     for seed in range(5):
         L.seed_everything(seed, verbose=False)
         batch = _one_batch(CutMix(1.0, num_classes=n, per_sample=True), x.clone(), y)
@@ -462,7 +456,7 @@ def test_two_per_sample_boxes_each_weigh_their_own_row():
 
 
 def test_inplace_cutmix_overwrites_the_loaders_tensor():
-    x, y = _coded(8), torch.arange(8) % 3
+    x, y = coded_images(8), torch.arange(8) % 3
     original = x.clone()
     reference = _one_batch(CutMix(1.0, num_classes=3), original.clone(), y)
     batch = _one_batch(CutMix(1.0, num_classes=3, inplace=True), x, y)
@@ -517,7 +511,7 @@ _EXPECTED_CARRY = (
     ids=["too few axes", "lengths", "not a tensor", "other size"],
 )
 def test_a_carried_entry_that_cannot_follow_the_cut_is_named_whole(entry, message):
-    x, y = _coded(8), torch.arange(8) % 3
+    x, y = coded_images(8), torch.arange(8) % 3
     cb = CutMix(1.0, num_classes=3, carry=["mask"], input_key="x", target_key="y")
     trainer, module = fast_trainer(), UserClassifier(net=TinyCNN(), num_classes=3)
     cb.setup(trainer, module, "fit")
@@ -530,7 +524,7 @@ def test_a_carried_entry_that_cannot_follow_the_cut_is_named_whole(entry, messag
 def test_bfloat16_inputs_get_target_weights_rounded_to_bfloat16_like_their_blend(mode):
     # MixUp samples are blended with a bfloat16 weight: their targets must carry that very weight, not the float32 draw.
     n = 64
-    x, y = _coded(n).to(torch.bfloat16), torch.arange(n)
+    x, y = coded_images(n).to(torch.bfloat16), torch.arange(n)
     cb = MixUpCutMix(1.0, 1.0, switch_prob=0.5, num_classes=n, mode=mode)
     _, targets = _one_batch(cb, x, y)
     own = targets[torch.arange(n), y]

@@ -12,12 +12,7 @@ from torch import Tensor
 
 from lightning_reg import CutMix, MixUp, MixUpCutMix
 from lightning_reg.mixins import SparseMixingMixin
-from tests.helpers import TinyCNN, UserClassifier, fast_trainer
-
-
-def _coded(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Image ``i`` is the constant ``i + 1``: every pixel tells which sample it came from."""
-    return torch.arange(1, n + 1, dtype=dtype).view(n, 1, 1, 1).expand(n, 1, 8, 8).contiguous()
+from tests.helpers import TinyCNN, UserClassifier, coded_images, fast_trainer
 
 
 def _hooked(callback: L.Callback, n: int, trainer: L.Trainer | None = None) -> tuple[L.Trainer, UserClassifier]:
@@ -39,7 +34,7 @@ def _batches(
     out = []
     for i in range(count):
         torch.rand(i + 1)  # anything else that draws from the global RNG
-        batch = [_coded(n, dtype), torch.arange(n)]
+        batch = [coded_images(n, dtype), torch.arange(n)]
         callback.on_train_batch_start(trainer, module, batch, i)
         out.append(batch)
     return out
@@ -62,7 +57,7 @@ def test_every_draw_comes_from_the_callbacks_own_generator(name: str) -> None:
     for (x1, y1), (x2, y2) in zip(first, second, strict=True):
         assert torch.equal(x1, x2)
         assert torch.equal(y1, y2)
-    assert any(not torch.equal(x, _coded(9)) for x, _ in first)  # something was mixed
+    assert any(not torch.equal(x, coded_images(9)) for x, _ in first)  # something was mixed
     if "batch" not in name:  # one weight per sample (per pair), not one for the batch
         own, _ = _partners(first[0][1])
         assert len(set(own[own < 1].tolist())) > 1
@@ -83,7 +78,9 @@ def _partners(targets: Tensor) -> tuple[Tensor, Tensor]:
 def test_mixup_per_sample_modes_blend_each_row_with_its_partner_by_its_own_weight(mode: str, n: int) -> None:
     for x, targets in _batches(MixUp(1.0, num_classes=n, mode=mode, prob=0.8), n):
         own, partner = _partners(targets)
-        expected = own[:, None, None, None] * _coded(n) + (1 - own[:, None, None, None]) * _coded(n)[partner]
+        expected = (
+            own[:, None, None, None] * coded_images(n) + (1 - own[:, None, None, None]) * coded_images(n)[partner]
+        )
         torch.testing.assert_close(x, expected)
         if mode == "pair":  # mutual pairs with one weight; with n odd one sample stays alone
             mixed = own < 1
@@ -113,7 +110,7 @@ def test_uint8_images_under_a_half_precision_take_weights_rounded_to_it(precisio
     n = 32
     callback = MixUp(1.0, num_classes=n, mode=mode, per_sample=True)
     trainer, module = _hooked(callback, n, fast_trainer(precision=precision))
-    batch = [_coded(n, torch.uint8), torch.arange(n)]
+    batch = [coded_images(n, torch.uint8), torch.arange(n)]
     callback.on_train_batch_start(trainer, module, batch, 0)
     own, _ = _partners(batch[1])
     blended = (own > 0) & (own < 1)
@@ -127,7 +124,7 @@ def test_correct_lam_false_without_minmax_weighs_cut_targets_by_the_drawn_lambda
     n = 32
     for x, targets in _batches(CutMix(1.0, num_classes=n, mode="elem", correct_lam=False), n):
         own, _ = _partners(targets)
-        kept = (x == _coded(n)).float().flatten(1).mean(1)
+        kept = (x == coded_images(n)).float().flatten(1).mean(1)
         cut = kept < 1
         assert not torch.allclose(own[cut], kept[cut])  # some boxes were clipped at the border
 
@@ -183,7 +180,7 @@ def test_bad_modes_and_last_epochs_are_named_whole(kwargs: dict[str, Any], messa
 
 def test_last_epoch_zero_never_mixes() -> None:
     batches = _batches(MixUp(1.0, num_classes=4, last_epoch=0), 4, count=1)
-    assert torch.equal(batches[0][0], _coded(4))
+    assert torch.equal(batches[0][0], coded_images(4))
     assert torch.equal(batches[0][1], torch.arange(4))  # left as they come
 
 
@@ -191,14 +188,14 @@ def test_the_first_batchs_targets_are_checked_against_the_number_of_classes() ->
     callback = MixUp(1.0, num_classes=3)
     trainer, module = _hooked(callback, 3)
     with pytest.raises(ValueError, match=r"Expected class indices in \[0, 3\), but got values in \[0, 3\]\."):
-        callback.on_train_batch_start(trainer, module, [_coded(4), torch.tensor([0, 1, 2, 3])], 0)
+        callback.on_train_batch_start(trainer, module, [coded_images(4), torch.tensor([0, 1, 2, 3])], 0)
 
 
 def test_multi_label_with_index_targets_is_refused() -> None:
     callback = MixUp(1.0, num_classes=4, multi_label=True)
     trainer, module = _hooked(callback, 4)
     with pytest.raises(ValueError, match="multi"):
-        callback.on_train_batch_start(trainer, module, [_coded(4), torch.arange(4)], 0)
+        callback.on_train_batch_start(trainer, module, [coded_images(4), torch.arange(4)], 0)
 
 
 def test_inputs_of_one_value_per_sample_are_mixed() -> None:
@@ -227,13 +224,13 @@ def test_inputs_of_one_value_per_sample_are_mixed() -> None:
             "input tensor of the batch.",
         ),
         (
-            [_coded(3), torch.arange(4)],
+            [coded_images(3), torch.arange(4)],
             ValueError,
             "Expected inputs and targets with the same batch size, but got 3 inputs (batch[0]) and 4 targets "
             "(batch[1]). Check `input_key` and `target_key`.",
         ),
         (
-            [_coded(4).long(), torch.arange(4)],
+            [coded_images(4).long(), torch.arange(4)],
             TypeError,
             "MixUp cannot blend batch[0] of dtype torch.int64 (integer inputs, such as token ids): a blend of two ids "
             "is a third, unrelated id. Mix a floating representation instead: `MixUp(layer='<name of the embedding>')` "
@@ -255,7 +252,7 @@ def test_a_batch_of_one_is_skipped_with_a_warning_naming_the_callback() -> None:
     callback = CutMix(1.0, num_classes=4)
     trainer, module = _hooked(callback, 4)
     with pytest.warns(UserWarning, match="skips batches") as caught:
-        callback.on_train_batch_start(trainer, module, [_coded(1), torch.tensor([2])], 0)
+        callback.on_train_batch_start(trainer, module, [coded_images(1), torch.tensor([2])], 0)
     assert [str(w.message) for w in caught] == ["CutMix skips batches of size 1: there is no partner to mix with."]
 
 

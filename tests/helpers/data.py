@@ -23,6 +23,13 @@ def make_classification(n: int = 64, features: int = 8, num_classes: int = 3, se
     return inputs, targets
 
 
+def coded_images(n: int, dtype: torch.dtype = torch.float32, layout: str = "NCHW") -> Tensor:
+    """``n`` images of one channel, 8 x 8, image ``i`` the constant ``i + 1``: every pixel tells which sample it
+    came from (``layout="NHWC"`` puts the channel last)."""
+    x = torch.arange(1, n + 1, dtype=dtype).view(n, 1, 1, 1).expand(n, 1, 8, 8).contiguous()
+    return x if layout == "NCHW" else x.permute(0, 2, 3, 1).contiguous()
+
+
 def make_images(
     n: int = 32, channels: int = 1, size: int = 8, num_classes: int = 3, seed: int = 0
 ) -> tuple[Tensor, Tensor]:
