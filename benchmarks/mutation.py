@@ -103,6 +103,7 @@ TESTS: dict[str, list[str]] = {
         "tests/callbacks/test_mc_dropout_detection.py",
         "tests/callbacks/test_mc_dropout_masks.py",
         "tests/callbacks/test_mc_dropout_arguments.py",
+        "tests/callbacks/test_mc_dropout_plots.py",
     ],
 }
 

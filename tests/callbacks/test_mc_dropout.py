@@ -467,8 +467,36 @@ def test_a_forward_that_needs_more_of_the_batch_names_forward_inputs_and_forward
     trainer = fast_trainer(
         tmp_path, callbacks=[MCDropoutEvaluation(4, plot=False, input_key="input_ids", target_key="labels")]
     )
-    with pytest.raises(TypeError, match=r"attention_mask.*define `forward_inputs\(batch\)`.*or pass `forward_fn="):
-        trainer.validate(_NoForwardInputs(), loader)
+    model = _NoForwardInputs()
+    with pytest.raises(TypeError) as plain:  # what calling forward with `batch[input_key]` alone raises
+        model(next(iter(loader))["input_ids"])
+    with pytest.raises(TypeError) as raised:
+        trainer.validate(model, loader)
+    assert str(raised.value) == (
+        f"{plain.value}. MCDropoutEvaluation called `_NoForwardInputs(batch['input_ids'])`: when `forward` needs more "
+        "of the batch (lengths, an attention mask), define `forward_inputs(batch)` on the module (returning the "
+        "arguments of `forward`) or pass `forward_fn=lambda module, batch: ...`."
+    )
+
+
+class _TypeErrorInForward(_MaskedTextModel):
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        raise TypeError("a bug of the model's own")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        return None  # only the callback calls forward
+
+
+@pytest.mark.parametrize("how", ["forward_inputs", "forward_fn"])
+def test_a_type_error_of_a_model_called_its_own_way_passes_unchanged(tmp_path: Path, how: str) -> None:
+    loader = torch.utils.data.DataLoader(_TextData(), batch_size=16)
+    forward_fn = (
+        (lambda module, batch: module(batch["input_ids"], batch["attention_mask"])) if how == "forward_fn" else None
+    )
+    callback = MCDropoutEvaluation(4, plot=False, target_key="labels", forward_fn=forward_fn)
+    with pytest.raises(TypeError) as raised:
+        fast_trainer(tmp_path, callbacks=[callback]).validate(_TypeErrorInForward(), loader)
+    assert str(raised.value) == "a bug of the model's own"
 
 
 def test_forward_fn_computes_the_logits_and_is_sampled_by_the_loop(tmp_path: Path) -> None:
