@@ -78,6 +78,7 @@ class BNStatsMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._measured_step = None  # a new fit (a new Trainer may start at step 0 again): nothing measured yet
         if self._warned_no_bn or any(_monitored(m) for m in pl_module.modules()):
             return
         self._warned_no_bn = True

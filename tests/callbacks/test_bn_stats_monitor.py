@@ -190,3 +190,55 @@ def test_no_host_copy_inside_the_forward_and_one_per_logged_step(tmp_path: Path)
     assert len(logger.values("bn_stats/net.6/mean_shift")) == 3
     # the values are those of the hooks' measurement: step 0 against the initial statistics is positive
     assert all(v > 0 for _, v in logger.values("bn_stats/net.1/var_log_ratio"))
+
+
+class _CalledTwice(nn.Module):
+    """One BatchNorm1d called on the inputs, then on ``3 x + 5``: two calls with different statistics per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(x) + self.bn(3.0 * x + 5.0))
+
+
+def test_a_layer_called_twice_in_a_step_is_measured_by_its_first_call(tmp_path: Path) -> None:
+    inputs, targets = make_classification(n=8)  # one step of one batch
+    model = UserClassifier(net=_CalledTwice())
+    monitor, logger = BNStatsMonitor(log_every_n_steps=1), MemoryLogger()
+    fast_trainer(tmp_path, callbacks=[monitor], logger=logger).fit(model, make_loader(inputs, targets, batch_size=8))
+    # the first call meets the initial running statistics (mean 0, variance 1) with the raw inputs, in closed form
+    var, mean = torch.var_mean(inputs, dim=0)
+    eps = model.net.bn.eps
+    expected = {
+        "bn_stats/net.bn/mean_shift": float((mean.abs() / (1 + eps) ** 0.5).mean()),
+        "bn_stats/net.bn/var_log_ratio": float(((var + eps) / (1 + eps)).log().abs().mean()),
+    }
+    assert logger.logged == [(0, pytest.approx(expected, rel=1e-5))]
+    assert monitor.last_stats == pytest.approx(expected, rel=1e-5)
+
+
+def test_by_default_it_logs_every_50_steps_from_step_0(tmp_path: Path) -> None:
+    monitor, logger = BNStatsMonitor(), MemoryLogger()
+    loader = make_loader(*make_classification(n=104), batch_size=2)  # 52 steps: 0 to 51
+    model = UserClassifier(net=TinyMLP(batch_norm=True))
+    fast_trainer(tmp_path, callbacks=[monitor], logger=logger).fit(model, loader)
+    assert [step for step, _ in logger.values("bn_stats/net.body.1/mean_shift")] == [0, 50]
+
+
+def test_last_stats_is_an_empty_dict_before_the_first_measurement() -> None:
+    assert BNStatsMonitor().last_stats == {}
+
+
+def test_a_second_fit_with_the_same_monitor_measures_its_own_step_0(tmp_path: Path) -> None:
+    monitor = BNStatsMonitor(log_every_n_steps=2)
+    for _ in range(2):  # each fit a new Trainer of 2 steps, starting at step 0
+        logger = MemoryLogger()
+        model = UserClassifier(net=TinyMLP(batch_norm=True))
+        fast_trainer(tmp_path, callbacks=[monitor], logger=logger).fit(
+            model, make_loader(*make_classification(n=8), batch_size=4)
+        )
+        assert [step for step, _ in logger.values("bn_stats/net.body.1/mean_shift")] == [0]
