@@ -460,6 +460,20 @@ def test_many_unequal_batches_far_from_zero_stay_exact() -> None:
     assert int(model[0].num_batches_tracked) == 75
 
 
+def test_a_first_batch_far_from_the_rest_leaves_the_variance_exact_to_float32_rounding() -> None:
+    """The first batch's mean is the shift of the sums. Two samples near 0, then 400 near 1000 (data sorted by
+    class): the shifted second moment and ``s1**2 / N`` both grow as 400 * 1000**2 and cancel down to about
+    2 * 1000**2, a factor of 200 that float64 sums absorb (4e-8 off) and float32 sums do not (1e-5 to 6e-5 off)."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 4, generator=g)] + [1000.0 + torch.randn(10, 4, generator=g) for _ in range(40)]
+    model = nn.Sequential(nn.BatchNorm1d(4))
+    LF.recalibrate_bn(model, batches)
+    var, mean = torch.var_mean(torch.cat(batches).double(), dim=0)
+    torch.testing.assert_close(model[0].running_mean, mean.float())
+    # float32 rounding of the result is 6e-8 relative; 1e-6 leaves room for torch's float32 batch statistics
+    torch.testing.assert_close(model[0].running_var.double(), var, rtol=1e-6, atol=0.0)
+
+
 # --- how a batch is forwarded: the protocol of lightning_reg.forward -------------------------------
 
 
@@ -665,6 +679,16 @@ def test_the_report_measures_the_change_from_nonzero_statistics_in_float64() -> 
     assert report.mean_abs_change_var == pytest.approx(
         float((layer.running_var.double() - old_var).abs().mean()), rel=1e-12
     )
+
+
+def test_the_report_averages_a_change_below_float32_resolution_next_to_a_large_one() -> None:
+    """Changes of 9995.5 and 2**-12: their mean, 4997.75 + 2**-13, needs more bits than a float32 has."""
+    x = torch.stack([torch.arange(1.0, 9.0), torch.full((8,), 0.5)], dim=1)  # batch means exactly 4.5 and 0.5
+    layer = nn.BatchNorm1d(2)
+    layer.running_mean.copy_(torch.tensor([1e4, 0.5 + 2**-12]))
+    report = LF.recalibrate_bn(nn.Sequential(layer), [x])
+    assert layer.running_mean.tolist() == [4.5, 0.5]
+    assert report.mean_abs_change_mean == (9995.5 + 2**-12) / 2
 
 
 def test_a_layer_before_an_unreached_one_and_after_it_are_both_recalibrated() -> None:
