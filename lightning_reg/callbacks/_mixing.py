@@ -23,7 +23,7 @@ from lightning_reg.callbacks._buffer import ReusableOutput
 from lightning_reg.callbacks._num_classes import check_num_classes_arg, resolve_num_classes
 from lightning_reg.callbacks._smoothing import check_single_smoothing
 from lightning_reg.callbacks._strategy import data_parallel_rank
-from lightning_reg.functional._apply import blend, kept_fraction, mix_elementwise
+from lightning_reg.functional._apply import kept_fraction, mix_elementwise
 from lightning_reg.functional._checks import (
     Pairing,
     check_pairing,
@@ -461,13 +461,10 @@ class MixingCallback(L.Callback):
         return full_weight, full_box, full_kept, index, None
 
     def _mix_elem_inputs(
-        self, inputs: Tensor, weight: Tensor, box: Box | None, index: Tensor, shift: int | None, axes: Sequence[int]
+        self, inputs: Tensor, weight: Tensor, box: Box, index: Tensor, shift: int | None, axes: Sequence[int]
     ) -> Tensor:
-        """Apply per-sample draws (on the inputs' device) to the inputs: MixUp, CutMix, or both chosen per sample."""
-        out = self._mix_out(inputs)
-        if box is None:
-            return blend(inputs, weight, index, shift, out=out)
-        return mix_elementwise(inputs, index, weight, box.lo, box.hi, axes, out=out, shift=shift)
+        """Apply per-sample draws (on the inputs' device) to the inputs: MixUp or CutMix chosen per sample."""
+        return mix_elementwise(inputs, index, weight, box.lo, box.hi, axes, out=self._mix_out(inputs), shift=shift)
 
     def _write(self, batch: Any, key: BatchKey, value: Any, name: str) -> None:
         set_entry(batch, key, value, name)

@@ -15,21 +15,28 @@ from lightning_reg.mixins import SparseMixingMixin
 from tests.helpers import TinyCNN, UserClassifier, coded_images, fast_trainer
 
 
-def _hooked(callback: L.Callback, n: int, trainer: L.Trainer | None = None) -> tuple[L.Trainer, UserClassifier]:
+def _hooked(
+    callback: L.Callback, n: int, trainer: L.Trainer | None = None, module_type: type[UserClassifier] = UserClassifier
+) -> tuple[L.Trainer, UserClassifier]:
     L.seed_everything(0, verbose=False)  # the callback's stream derives from Lightning's seed
     trainer = trainer or fast_trainer()
-    module = UserClassifier(net=TinyCNN(), num_classes=n)
+    module = module_type(net=TinyCNN(), num_classes=n)
     callback.setup(trainer, module, "fit")
     callback.on_train_epoch_start(trainer, module)
     return trainer, module
 
 
 def _batches(
-    callback: L.Callback, n: int, count: int = 3, dtype: torch.dtype = torch.float32, global_seed: int = 0
-) -> list[list[Tensor]]:
+    callback: L.Callback,
+    n: int,
+    count: int = 3,
+    dtype: torch.dtype = torch.float32,
+    global_seed: int = 0,
+    module_type: type[UserClassifier] = UserClassifier,
+) -> list[list[Any]]:
     """``count`` batches of ``n`` coded images with unique labels through the callback; the global RNG is seeded
     with ``global_seed`` after setup and advanced differently before each batch."""
-    trainer, module = _hooked(callback, n)
+    trainer, module = _hooked(callback, n, module_type=module_type)
     torch.manual_seed(global_seed)
     out = []
     for i in range(count):
@@ -52,8 +59,10 @@ MAKERS = {
 
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_every_draw_comes_from_the_callbacks_own_generator(name: str) -> None:
-    first = _batches(MAKERS[name](9), 9)
-    second = _batches(MAKERS[name](9), 9, global_seed=123)  # another global stream: the batches must not change
+    first = _batches(MAKERS[name](9), 9, count=6)
+    second = _batches(
+        MAKERS[name](9), 9, count=6, global_seed=123
+    )  # another global stream: the batches must not change
     for (x1, y1), (x2, y2) in zip(first, second, strict=True):
         assert torch.equal(x1, x2)
         assert torch.equal(y1, y2)
@@ -148,6 +157,65 @@ def test_two_and_three_mixing_callbacks_warn_once_with_the_number_of_mixes() -> 
 
 class _Sparse(SparseMixingMixin, UserClassifier):
     pass
+
+
+@pytest.mark.parametrize("switch_prob", [0.0, 1.0])
+def test_mixup_cutmix_per_sample_modes_draw_a_lambda_per_sample_of_either_kind(switch_prob: float) -> None:
+    # all MixUp (0.0) or all CutMix (1.0); `correct_lam=False`: a cut sample's own weight is its drawn lambda
+    n = 9
+    callback = MixUpCutMix(1.0, 1.0, num_classes=n, mode="elem", switch_prob=switch_prob, correct_lam=False)
+    for _, targets in _batches(callback, n):
+        own, _ = _partners(targets)
+        assert len(set(own.tolist())) == n
+
+
+def test_pair_mode_pairs_by_flip_with_shift_pairing_and_at_random_with_permutation() -> None:
+    n = 10
+    flip = torch.arange(n - 1, -1, -1)
+    for _, targets in _batches(MixUp(1.0, num_classes=n, mode="pair", pairing="shift"), n):
+        assert torch.equal(_partners(targets)[1], flip)
+    partners = [_partners(t)[1] for _, t in _batches(MixUp(1.0, num_classes=n, mode="pair", pairing="permutation"), n)]
+    assert not any(torch.equal(p, flip) for p in partners)
+    assert all(torch.equal(p[p], torch.arange(n)) for p in partners)  # mutual pairs
+
+
+@pytest.mark.parametrize("pairing", ["shift", "permutation"])
+def test_sparse_targets_pair_each_label_with_the_partner_whose_image_was_blended_in(pairing: str) -> None:
+    n = 8
+    batches = _batches(MixUp(1.0, num_classes=n, pairing=pairing, label_smoothing=0.1), n, module_type=_Sparse)
+    for x, targets in batches:
+        lam = float(targets.lam[0])
+        partner_image = (x[:, 0, 0, 0] - lam * torch.arange(1, n + 1)) / (1 - lam)  # x = lam x_i + (1 - lam) x_j
+        assert torch.equal(targets.targets_a, torch.arange(n))
+        torch.testing.assert_close(
+            targets.targets_b.float() + 1, partner_image, atol=1e-2, rtol=0
+        )  # labels differ by 1
+        assert (targets.num_classes, targets.smoothing) == (n, 0.1)
+
+
+def test_unmixed_sparse_targets_keep_the_number_of_classes_and_the_smoothing() -> None:
+    n = 6
+    for _, targets in _batches(MixUp(1.0, num_classes=n, last_epoch=0, label_smoothing=0.2), n, module_type=_Sparse):
+        assert torch.equal(targets, torch.arange(n))  # outside last_epoch: the batch as it came
+    (_, targets), *_ = _batches(MixUp(1.0, num_classes=n, prob=0.0, label_smoothing=0.2), n, module_type=_Sparse)
+    expected = torch.full((n, n), 0.2 / n) + 0.8 * torch.eye(n)
+    torch.testing.assert_close(targets.to_dense(), expected)
+    assert torch.equal(targets.lam, torch.ones(n))
+
+
+def test_sparse_targets_mixed_already_are_refused_whole() -> None:
+    from lightning_reg.mixins import MixedTargets
+
+    callback = MixUp(1.0, num_classes=3)
+    trainer, module = _hooked(callback, 3, module_type=_Sparse)
+    mixed = MixedTargets(torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([0.6, 0.6]), 0.0, 3)
+    with pytest.raises(ValueError, match="mixed already") as raised:
+        callback.on_train_batch_start(trainer, module, [coded_images(2), mixed], 0)
+    assert str(raised.value) == (
+        "MixUp received sparse targets that are mixed already (MixedTargets from another mixing callback): one pair "
+        "of labels cannot hold a second mix. Use one mixing callback with SparseMixingMixin (`MixUpCutMix` switches "
+        "between MixUp and CutMix)."
+    )
 
 
 def test_two_mixing_callbacks_with_sparse_targets_are_refused_whole() -> None:
