@@ -139,3 +139,20 @@ def test_two_ranks_give_the_detection_metrics_of_one_process_on_the_union(tmp_pa
     for name in names:
         key = next(k for k in expected if name in k)
         assert ranks[0][key] == pytest.approx(expected[key], abs=1e-6), key
+
+
+def test_an_ood_or_empty_dataloader_before_the_others_leaves_their_metrics_logged(tmp_path: Path) -> None:
+    empty = make_loader(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long), batch_size=16)
+    alone = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(n_samples=4, plot=False)])
+    alone.validate(_Model(), _in_loader(), verbose=False)
+    per_loader = {k: float(v) for k, v in alone.callback_metrics.items() if k.startswith("mc/")}
+    callback = MCDropoutEvaluation(n_samples=4, plot=False, ood_dataloader_idx=0)
+    trainer = fast_trainer(tmp_path, callbacks=[callback])
+    with pytest.warns(UserWarning, match="Total length of `DataLoader` across ranks is zero"):
+        trainer.validate(_Model(), [_ood_loader(), empty, _in_loader()], verbose=False)
+    m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("mc/")}
+    ood = {f"mc/val/{tag}ood_{name}" for tag in ("", "det_") for name in ("auroc", "fpr95")}
+    assert set(m) == {f"{k}/dataloader_idx_2" for k in per_loader} | ood
+    for name, value in per_loader.items():  # the deterministic pass does not depend on the draws
+        if name.startswith("mc/val/det_"):
+            assert m[f"{name}/dataloader_idx_2"] == pytest.approx(value, abs=1e-6), name
