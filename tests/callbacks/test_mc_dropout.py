@@ -14,12 +14,11 @@ from torch.distributions import Categorical
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
 
 from lightning_reg import MCDropoutEvaluation
-from lightning_reg._random import base_seed, rank_generator
-from lightning_reg.callbacks.mc_dropout import _STREAM as MC_STREAM
 from lightning_reg.forward import batch_inputs
 from lightning_reg.functional.mc_dropout import mc_dropout_predict
 from tests.helpers import TinyMLP, UserClassifier, fast_trainer, make_classification, make_images, make_loader
 from tests.helpers.ddp import ddp_fork_trainer, scrubbed_ddp_env, skip_on_windows
+from tests.helpers.mc import callback_generator, naive_mc
 
 METRICS = ("acc", "nll", "brier", "ece", "entropy")
 
@@ -43,38 +42,6 @@ class _ModeRecorder(UserClassifier):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.step_modes += [m.training for m in self.modules()]
         super().validation_step(batch, batch_idx)
-
-
-def _callback_generator(stage: str = "validate", step: int = 0, rank: int = 0) -> torch.Generator:
-    """The documented stream of the callback: a fixed function of (seed, rank, stage, global step)."""
-    stream = (MC_STREAM * 4 + ("validate", "test", "predict").index(stage)) * (1 << 32) + step
-    return rank_generator(base_seed(), rank, stream)
-
-
-def _naive_mc(model: torch.nn.Module, batches: Any, n_samples: int, generator: torch.Generator) -> tuple[Tensor, ...]:
-    """The reference loop, by hand: per batch one seed drawn from ``generator`` seeds torch's (forked) RNG, then
-    ``n_samples`` plain forward passes with only the ``nn.Dropout`` modules in train mode. Returns the mean
-    probabilities, the mutual information and the targets of all batches."""
-    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    assert dropouts
-    model.eval()
-    means, infos, targets = [], [], []
-    for batch in batches:
-        x, y = (batch["input_ids"], batch["labels"]) if isinstance(batch, dict) else (batch[0], batch[1])
-        args = (x, batch["attention_mask"]) if isinstance(batch, dict) else (x,)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
-            for m in dropouts:
-                m.train()
-            probs = torch.stack([model(*args).softmax(-1) for _ in range(n_samples)])  # (S, N, K)
-            for m in dropouts:
-                m.eval()
-        mean = probs.mean(0)
-        predictive = Categorical(probs=mean).entropy()
-        expected = Categorical(probs=probs).entropy().mean(0)
-        means.append(mean), infos.append(predictive - expected), targets.append(y)
-    return torch.cat(means), torch.cat(infos), torch.cat(targets)
 
 
 def _reference_metrics(mean: Tensor, info: Tensor, targets: Tensor) -> dict[str, float]:
@@ -102,7 +69,7 @@ def test_validate_logs_mc_and_deterministic_metrics(tmp_path: Path) -> None:
     assert results["mc/val/det_acc"] == pytest.approx(float((logits.argmax(1) == targets).float().mean()))
     assert results["mc/val/det_nll"] == pytest.approx(float(F.cross_entropy(logits, targets)), rel=1e-5)
     # The MC metrics are those of the naive loop with the callback's generator, computed independently.
-    reference = _reference_metrics(*_naive_mc(model, _loader(), 8, _callback_generator()))
+    reference = _reference_metrics(*naive_mc(model, _loader(), 8, callback_generator()))
     for name, value in reference.items():
         assert results[f"mc/val/{name}"] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     assert results["mc/val/mutual_info"] > 0
@@ -455,7 +422,7 @@ def test_module_with_forward_inputs_and_an_attention_mask(tmp_path: Path) -> Non
     assert results["mc/val/det_nll"] == pytest.approx(results["val_loss"], rel=1e-5)
     assert results["mc/val/det_acc"] == pytest.approx(results["val_acc"], abs=1e-6)
     # Both arguments reached every pass: the naive loop calling forward(input_ids, attention_mask) agrees.
-    reference = _reference_metrics(*_naive_mc(model, loader, 8, _callback_generator()))
+    reference = _reference_metrics(*naive_mc(model, loader, 8, callback_generator()))
     for name, value in reference.items():
         assert results[f"mc/val/{name}"] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     with torch.no_grad():  # its traced deterministic prefix, fed both arguments, runs once
@@ -513,7 +480,7 @@ def test_forward_fn_computes_the_logits_and_is_sampled_by_the_loop(tmp_path: Pat
     (results,) = fast_trainer(tmp_path, callbacks=[callback]).validate(model, loader)
     assert results["mc/val/det_nll"] == pytest.approx(results["val_loss"], rel=1e-5)
     assert len(calls) == 3 * (5 + 1)  # per batch: 5 samples and the deterministic pass, the naive loop
-    reference = _reference_metrics(*_naive_mc(model, loader, 5, _callback_generator()))
+    reference = _reference_metrics(*naive_mc(model, loader, 5, callback_generator()))
     for name, value in reference.items():
         assert results[f"mc/val/{name}"] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     with pytest.raises(TypeError, match="Expected `forward_fn` to be None or a callable"):
@@ -588,7 +555,7 @@ def test_ddp_metrics_equal_single_process_metrics_on_the_union(tmp_path: Path) -
     # them without shuffling, in batches of 16; its own stream), metrics computed once on the union.
     inputs, targets = make_classification(64)
     parts = [
-        _naive_mc(model, make_loader(inputs[r::2], targets[r::2], batch_size=16), 4, _callback_generator(rank=r))
+        naive_mc(model, make_loader(inputs[r::2], targets[r::2], batch_size=16), 4, callback_generator(rank=r))
         for r in range(2)
     ]
     union = (torch.cat(tensors) for tensors in zip(*parts, strict=True))

@@ -17,6 +17,7 @@ from lightning_reg import MCDropoutEvaluation
 from lightning_reg.functional.uncertainty import entropy
 from tests.helpers import TinyMLP, UserClassifier, ddp_fork_trainer, fast_trainer, make_classification, make_loader
 from tests.helpers.ddp import scrubbed_ddp_env, skip_on_windows
+from tests.helpers.mc import callback_generator, naive_mc
 
 
 class _Model(UserClassifier):
@@ -66,6 +67,38 @@ def test_misclassification_metrics_match_scikit_learn(tmp_path: Path) -> None:
     assert m["mc/val/det_aurc"] == pytest.approx(_naive_aurc(u, errors), abs=1e-6)
     for name in ("misclassification_auroc", "misclassification_aupr", "aurc"):
         assert 0.0 <= m[f"mc/val/{name}"] <= 1.0
+
+
+def _score(probs: torch.Tensor, score: str, info: torch.Tensor | None = None) -> np.ndarray:
+    """Per-sample uncertainty by its definition: entropy, 1 - max probability, or the mutual information."""
+    if score == "entropy":
+        return entropy(probs).numpy()
+    if score == "max_prob":
+        return (1 - probs.max(-1).values).numpy()
+    assert info is not None
+    return info.numpy()
+
+
+@pytest.mark.parametrize("score", ["entropy", "max_prob", "mutual_information"])
+def test_mc_and_deterministic_misclassification_metrics_match_scikit_learn_for_each_score(
+    tmp_path: Path, score: str
+) -> None:
+    model, loader = _Model(), _in_loader()
+    callback = MCDropoutEvaluation(n_samples=8, plot=False, uncertainty_score=score)  # type: ignore[arg-type]
+    trainer = fast_trainer(tmp_path, callbacks=[callback])
+    trainer.validate(model, loader, verbose=False)
+    m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    mean, info, targets = naive_mc(model, loader, 8, callback_generator())  # the MC mean, by the naive loop
+    model.eval()
+    with torch.no_grad():
+        det = torch.cat([model.net(x).softmax(-1) for x, _ in loader])
+    passes = {"": (mean, info)} if score == "mutual_information" else {"": (mean, info), "det_": (det, None)}
+    for tag, (probs, mutual) in passes.items():
+        u, errors = _score(probs, score, mutual), (probs.argmax(-1) != targets).numpy()
+        assert 0 < errors.sum() < len(errors)
+        assert m[f"mc/val/{tag}misclassification_auroc"] == pytest.approx(roc_auc_score(errors, u), abs=1e-5)
+        assert m[f"mc/val/{tag}misclassification_aupr"] == pytest.approx(average_precision_score(errors, u), abs=1e-5)
+        assert m[f"mc/val/{tag}aurc"] == pytest.approx(_naive_aurc(u, errors), abs=1e-5)
 
 
 def test_ood_auroc_and_fpr95_match_scikit_learn_and_the_ood_loader_is_kept_apart(tmp_path: Path) -> None:
