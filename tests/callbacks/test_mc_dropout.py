@@ -632,3 +632,32 @@ def test_ddp_rank_without_batches_takes_part_and_both_ranks_log_the_union(tmp_pa
         logits = model.eval()(inputs)
     assert ranks[1]["mc/val/det_acc"] == pytest.approx(float((logits.argmax(1) == targets).float().mean()))
     assert ranks[1]["mc/val/det_nll"] == pytest.approx(float(F.cross_entropy(logits, targets)), rel=1e-5)
+
+
+class _FewerClassesOnRank1(_QuietValidation):
+    """Three classes on rank 0, two on rank 1: a model whose ranks disagree on the logits' width."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = super().forward(x)
+        return logits[:, :2] if self.global_rank == 1 else logits
+
+
+@skip_on_windows
+def test_ddp_ranks_that_disagree_on_the_number_of_classes_are_named_with_each_ranks_count(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    torch.manual_seed(0)
+    inputs, targets = make_classification(32)
+    model = _FewerClassesOnRank1(TinyMLP(dropout=0.3))
+    strategy = DDPStrategy(start_method="fork", timeout=timedelta(seconds=60))
+    loader = make_loader(inputs, targets % 2, batch_size=16)
+    with scrubbed_ddp_env():
+        trainer = ddp_fork_trainer(tmp_path, strategy=strategy, callbacks=[MCDropoutEvaluation(4, plot=False)])
+        with pytest.raises(Exception, match="same number of classes") as raised:
+            trainer.validate(model, loader)
+    assert (
+        "Expected every rank to see the same number of classes in the validate logits, but got [[3], [2]] "
+        "(rank x dataloader)." in str(raised.value)
+    )
