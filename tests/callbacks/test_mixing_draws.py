@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_reg import CutMix, MixUp, MixUpCutMix
+from lightning_reg import CutMix, LabelSmoothing, MixUp, MixUpCutMix
 from lightning_reg.mixins import SparseMixingMixin
 from tests.helpers import TinyCNN, UserClassifier, coded_images, fast_trainer
 
@@ -316,6 +316,69 @@ def test_bad_inputs_are_named_whole(batch: list[Any], error: type[Exception], me
     assert str(raised.value) == message
 
 
+_TARGETS = "Expected `batch['label'] (targets)`"
+
+
+_BAD_DICT_BATCHES = {
+    "no input entry": (
+        {"pixels": coded_images(4), "label": torch.arange(4)},
+        KeyError,
+        "The batch is a dict with keys ['label', 'pixels'], but `input_key='image'` is not one of them. Pass "
+        "`input_key` naming the right entry.",
+    ),
+    "no target entry": (
+        {"image": coded_images(4), "target": torch.arange(4)},
+        KeyError,
+        "The batch is a dict with keys ['image', 'target'], but `target_key='label'` is not one of them. Pass "
+        "`target_key` naming the right entry.",
+    ),
+    "float indices": (
+        {"image": coded_images(4), "label": torch.arange(4.0)},
+        ValueError,
+        f"{_TARGETS} as class indices of shape (N,) with an integer dtype or probabilities of shape (N, K) with a "
+        "float dtype, but got shape (4,) and dtype torch.float32. Squeeze (N, 1) targets to (N,), cast float "
+        "indices with `.long()`, or pass one-hot rows as float.",
+    ),
+    "a list": (
+        {"image": coded_images(4), "label": [0, 1, 2, 3]},
+        TypeError,
+        f"{_TARGETS} to be a tensor of class indices (N,) or probabilities (N, K), but got list. Make the dataset "
+        "return tensor targets.",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "case"),
+    [
+        (name, case)
+        for name in ("MixUp", "LabelSmoothing")
+        for case in _BAD_DICT_BATCHES
+        if not (name == "LabelSmoothing" and case == "no input entry")  # it reads no inputs
+    ],
+)
+def test_bad_dict_batches_are_named_by_their_keys_whole(name: str, case: str) -> None:
+    batch, error, message = _BAD_DICT_BATCHES[case]
+    callback: L.Callback = (
+        LabelSmoothing(0.1, num_classes=4, target_key="label")
+        if name == "LabelSmoothing"
+        else MixUp(1.0, num_classes=4, input_key="image", target_key="label")
+    )
+    trainer, module = _hooked(callback, 4)
+    with pytest.raises(error, match="") as raised:
+        callback.on_train_batch_start(trainer, module, batch, 0)
+    assert raised.value.args[0] == message
+
+
+def test_a_bad_target_key_is_named_whole() -> None:
+    with pytest.raises(TypeError, match="target_key") as raised:
+        MixUp(target_key=1.5)  # type: ignore[arg-type]
+    assert str(raised.value) == (
+        "Expected `target_key` to be an int (position in a list batch) or a str (key of a dict batch), but got 1.5 of "
+        "type float."
+    )
+
+
 def test_a_batch_of_one_is_skipped_with_a_warning_naming_the_callback() -> None:
     callback = CutMix(1.0, num_classes=4)
     trainer, module = _hooked(callback, 4)
@@ -327,3 +390,28 @@ def test_a_batch_of_one_is_skipped_with_a_warning_naming_the_callback() -> None:
 def test_state_dict_before_setup_is_empty() -> None:
     assert MixUp().state_dict() == {}
     assert CutMix().state_dict() == {}
+
+
+def test_a_state_loaded_before_setup_is_applied_once_and_later_fits_continue_its_stream() -> None:
+    source = MixUp(1.0, num_classes=4, per_sample=True)
+    _batches(source, 4, count=2)
+    resumed = MixUp(1.0, num_classes=4, per_sample=True)
+    resumed.load_state_dict(source.state_dict())  # before setup: applied at setup
+    for _ in range(2):  # the resumed fit, then a second fit on the same callbacks: each continues the stream
+        (expected, _), *_ = _batches(source, 4, count=1)
+        (got, _), *_ = _batches(resumed, 4, count=1)
+        assert torch.equal(got, expected)
+
+
+def test_a_fit_on_another_rank_derives_that_ranks_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_reg.callbacks._mixing as mixing
+
+    callback = MixUp(1.0, num_classes=4, per_sample=True)
+    _batches(callback, 4, count=1)  # a first fit on rank 0
+    monkeypatch.setattr(mixing, "data_parallel_rank", lambda trainer: 1)  # the same callback, now on rank 1
+    (got, _), *_ = _batches(callback, 4, count=1)
+    (fresh, _), *_ = _batches(MixUp(1.0, num_classes=4, per_sample=True), 4, count=1)  # a new one on rank 1
+    assert torch.equal(got, fresh)
+    monkeypatch.undo()
+    (rank0, _), *_ = _batches(MixUp(1.0, num_classes=4, per_sample=True), 4, count=1)
+    assert not torch.equal(fresh, rank0)  # ranks draw their own streams
