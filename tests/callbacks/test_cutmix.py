@@ -531,3 +531,97 @@ def test_bfloat16_inputs_get_target_weights_rounded_to_bfloat16_like_their_blend
     blended = (own < 1) & (own > 0)
     assert int(blended.sum()) > 10
     assert torch.equal(own[blended].to(torch.bfloat16).float(), own[blended])
+
+
+# --- what the mutation run found untested (issue 21) ------------------------------------------------------------------
+def _own_pixels(mixed, x):
+    """With coded images: the fraction of each image still its own."""
+    return (mixed == x).float().flatten(1).mean(1)
+
+
+def test_elem_mode_without_minmax_weighs_each_cut_target_by_the_area_it_keeps():
+    n = 16
+    x, y = coded_images(n), torch.arange(n)
+    batch = _one_batch(CutMix(1.0, num_classes=n, mode="elem"), x.clone(), y)
+    kept = _own_pixels(batch[0], x)
+    assert bool((kept < 1).sum() > n // 2)
+    torch.testing.assert_close(batch[1][torch.arange(n), y], kept)
+
+
+@pytest.mark.parametrize("pairing", ["shift", "permutation"])
+def test_batch_mode_pairs_by_a_shift_or_a_permutation(pairing):
+    n, x = 10, coded_images(10)
+    batch = _one_batch(CutMix(1.0, num_classes=n, pairing=pairing), x.clone(), torch.arange(n))
+    pasted = batch[0] != x
+    assert bool(pasted.any())
+    partners = torch.stack([batch[0][i][pasted[i]][0] for i in range(n)]).long() - 1  # the code in the box
+    offsets = set(((partners - torch.arange(n)) % n).tolist())
+    assert (len(offsets) == 1) == (pairing == "shift")
+    assert 0 not in offsets
+
+
+def test_last_epoch_cuts_the_epochs_before_it():
+    x = coded_images(4)
+    batch = _one_batch(CutMix(1.0, num_classes=4, last_epoch=1), x.clone(), torch.arange(4))  # epoch 0
+    assert not torch.equal(batch[0], x)
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "elem"}, {"prob": 0.0}], ids=["elem", "unmixed"])
+def test_sparse_targets_stay_sparse_in_elem_mode_and_on_unmixed_batches(kwargs):
+    n = 8
+    x, y = coded_images(n), torch.arange(n)
+    cb = CutMix(1.0, num_classes=n, **kwargs)
+    L.seed_everything(0, verbose=False)
+    trainer, module = fast_trainer(), _SparseUser(net=TinyCNN(), num_classes=n)
+    cb.setup(trainer, module, "fit")
+    cb.on_train_epoch_start(trainer, module)
+    batch = [x.clone(), y]
+    cb.on_train_batch_start(trainer, module, batch, 0)
+    assert isinstance(batch[1], MixedTargets)
+    torch.testing.assert_close(batch[1].to_dense()[torch.arange(n), y], _own_pixels(batch[0], x))
+
+
+def test_a_bad_or_missing_carry_key_is_named_whole():
+    with pytest.raises(TypeError, match="carry") as raised:
+        CutMix(carry=[1.5])
+    assert str(raised.value) == (
+        "Expected `carry` to be an int (position in a list batch) or a str (key of a dict batch), but got 1.5 of "
+        "type float."
+    )
+    cb = CutMix(1.0, num_classes=3, carry=["mask"], input_key="x", target_key="y")
+    trainer, module = fast_trainer(), UserClassifier(net=TinyCNN(), num_classes=3)
+    cb.setup(trainer, module, "fit")
+    with pytest.raises(KeyError, match="carry") as missing:
+        cb.on_train_batch_start(trainer, module, {"x": coded_images(4), "y": torch.arange(4) % 3}, 0)
+    assert missing.value.args[0] == (
+        "The batch is a dict with keys ['x', 'y'], but `carry='mask'` is not one of them. Pass `carry` naming the "
+        "right entry."
+    )
+
+
+def test_lengths_beside_a_time_cut_are_refused_whole_and_per_sample_floats_are_not():
+    x, y = torch.rand(4, 6, 2), torch.tensor([0, 1, 2, 0])
+    cb = CutMix(num_classes=3)
+    trainer, module = fast_trainer(), UserClassifier()
+    cb.setup(trainer, module, "fit")
+    with pytest.raises(ValueError, match="sequence lengths") as raised:
+        cb.on_train_batch_start(trainer, module, [x, y, torch.tensor([6, 3, 5, 2])], 0)
+    assert str(raised.value) == (
+        "CutMix cuts spans of the time axis of batch[0] (4, 6, 2), and batch[2] (4,) looks like sequence lengths: a "
+        "pasted span from a sequence of another length leaves padding inside the sequence (or tokens past its "
+        "length), which lengths cannot describe. Use a padding mask (N, T) with `carry=[...]`, or mix an embedding "
+        "with `MixUp(layer=...)`; map `carry={2: 'keep'}` if it is not lengths."
+    )
+    weights, flags = torch.rand(4), torch.ones(4, dtype=torch.bool)  # per-sample floats and flags: not positions
+    cb.on_train_batch_start(trainer, module, [x, y, weights, flags, torch.rand(4, 3)], 0)
+
+
+def test_a_two_axis_cut_of_three_dim_inputs_leaves_other_entries_alone():
+    x, y = torch.rand(4, 6, 6), torch.tensor([0, 1, 2, 0])  # (N, H, W) cut along both image axes, not time
+    cb = CutMix(num_classes=3, dims=(1, 2))
+    trainer, module = fast_trainer(), UserClassifier()
+    cb.setup(trainer, module, "fit")
+    rows = torch.rand(4, 6)  # (N, H): a mask of steps only for a cut along time
+    batch = [x.clone(), y, rows]
+    cb.on_train_batch_start(trainer, module, batch, 0)
+    assert batch[2] is rows
