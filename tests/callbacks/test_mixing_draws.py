@@ -115,9 +115,16 @@ def test_shift_pairing_pairs_every_sample_with_the_same_offset_and_permutation_w
 
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.bfloat16), ("16-true", torch.float16)])
 @pytest.mark.parametrize("mode", ["batch", "elem"])
-def test_uint8_images_under_a_half_precision_take_weights_rounded_to_it(precision: str, dtype: torch.dtype, mode):
+@pytest.mark.parametrize("name", ["MixUp", "MixUpCutMix"])
+def test_uint8_images_under_a_half_precision_take_weights_rounded_to_it(
+    precision: str, dtype: torch.dtype, mode: str, name: str
+) -> None:
     n = 32
-    callback = MixUp(1.0, num_classes=n, mode=mode, per_sample=True)
+    callback: L.Callback = (
+        MixUp(1.0, num_classes=n, mode=mode, per_sample=True)  # type: ignore[arg-type]
+        if name == "MixUp"
+        else MixUpCutMix(1.0, 1.0, num_classes=n, mode=mode, per_sample=True, switch_prob=0.0)  # type: ignore[arg-type]
+    )
     trainer, module = _hooked(callback, n, fast_trainer(precision=precision))
     batch = [coded_images(n, torch.uint8), torch.arange(n)]
     callback.on_train_batch_start(trainer, module, batch, 0)
@@ -177,6 +184,17 @@ def test_pair_mode_pairs_by_flip_with_shift_pairing_and_at_random_with_permutati
     partners = [_partners(t)[1] for _, t in _batches(MixUp(1.0, num_classes=n, mode="pair", pairing="permutation"), n)]
     assert not any(torch.equal(p, flip) for p in partners)
     assert all(torch.equal(p[p], torch.arange(n)) for p in partners)  # mutual pairs
+
+
+@pytest.mark.parametrize("mode", ["elem", "pair"])
+def test_mixup_cutmix_keeps_sparse_targets_sparse_in_per_sample_modes(mode: str) -> None:
+    n = 8
+    callback = MixUpCutMix(1.0, 1.0, num_classes=n, mode=mode, switch_prob=0.0)  # all blends: weights from pixels
+    for x, targets in _batches(callback, n, module_type=_Sparse):
+        dense = targets.to_dense()
+        own, partner = dense[torch.arange(n), torch.arange(n)], targets.targets_b
+        expected = own.view(n, 1, 1, 1) * coded_images(n) + (1 - own.view(n, 1, 1, 1)) * coded_images(n)[partner]
+        torch.testing.assert_close(x, expected)
 
 
 @pytest.mark.parametrize("pairing", ["shift", "permutation"])
