@@ -625,3 +625,18 @@ def test_a_two_axis_cut_of_three_dim_inputs_leaves_other_entries_alone():
     batch = [x.clone(), y, rows]
     cb.on_train_batch_start(trainer, module, batch, 0)
     assert batch[2] is rows
+
+
+def test_correct_lam_false_with_one_lambda_for_the_batch_weighs_every_target_by_it():
+    n, x, y = 8, coded_images(8), torch.arange(8)
+    cb = CutMix(1.0, num_classes=n, correct_lam=False)
+    L.seed_everything(0, verbose=False)
+    trainer, module = fast_trainer(), UserClassifier(net=TinyCNN(), num_classes=n)
+    cb.setup(trainer, module, "fit")
+    replay = torch.Generator()
+    replay.set_state(cb.generator.get_state())
+    batch = [x.clone(), y]
+    cb.on_train_batch_start(trainer, module, batch, 0)
+    drawn = LF.sample_mixup(n, 1.0, generator=replay).lam  # one float for the batch
+    assert isinstance(drawn, float)
+    torch.testing.assert_close(batch[1][torch.arange(n), y], torch.full((n,), drawn))
