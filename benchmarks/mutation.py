@@ -111,15 +111,12 @@ TESTS: dict[str, list[str]] = {
 # mutant would run it again. Their code paths (collectives) are therefore not scored here.
 # (Every multi-process test has one of these in its name: the single-process tests of tests/distributed/ stay in.)
 DESELECT = "not ddp and not two_ranks and not two_process and not 2_process"
-MULTI_PROCESS = "ddp or two_ranks or two_process or 2_process"  # a --survivors --distributed rerun runs only these
 
 _SECTION = re.compile(r"^\[tool\.mutmut\]\n(?:(?!^\[).*\n?)*", re.MULTILINE)
 
 
-def _mutmut_section(module: str, tests: list[str], distributed: bool = False, multi_only: bool = False) -> str:
-    # The survivors of a single-process run passed its tests already: their --distributed rerun needs only the rest.
-    keyword = MULTI_PROCESS if multi_only else None if distributed else DESELECT
-    deselect = "" if keyword is None else f'"-k", "{keyword}", '
+def _mutmut_section(module: str, tests: list[str], distributed: bool = False) -> str:
+    deselect = "" if distributed else f'"-k", "{DESELECT}", '
     return (
         "[tool.mutmut]\n"
         'source_paths = ["lightning_reg"]\n'
@@ -178,8 +175,7 @@ def run_module(
             shutil.copy2(src, dst)
     pyproject = work / "pyproject.toml"
     text = pyproject.read_text()
-    section = _mutmut_section(module, tests, distributed, multi_only=distributed and survivors_only)
-    pyproject.write_text(_SECTION.sub(section, text, count=1))
+    pyproject.write_text(_SECTION.sub(_mutmut_section(module, tests, distributed), text, count=1))
 
     mutmut = [sys.executable, "-m", "mutmut"]
     start = time.monotonic()
