@@ -14,7 +14,9 @@ benchmarks/results/mutation.md by hand, with the survivors read and either kille
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -217,6 +219,75 @@ def run_module(
     return result
 
 
+# What every multi-process test has in its name (the complement of DESELECT).
+MULTI_PROCESS = "ddp or two_ranks or two_process or 2_process"
+
+
+def _changed_lines(diff: list[str]) -> list[str]:
+    return sorted(line[1:].strip() for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---"))
+
+
+def _applied_as_shown(name: str, work: Path, before: str, after: str) -> bool:
+    """Whether the source changed by exactly the lines of the mutant's own diff (``mutmut show``)."""
+    shown = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=work, capture_output=True, text=True)
+    applied = difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
+    return _changed_lines(list(applied)) == _changed_lines(shown.stdout.splitlines()[1:])
+
+
+def check_applied(module: str, tests: list[str], only: list[str]) -> dict[str, object]:
+    """Rerun survivors against the multi-process tests without mutmut's trampolines: each mutant applied to the source.
+
+    mutmut picks the tests of a mutant from a trace of the pytest process, which does not see code that runs only
+    in the DDP worker processes (the all-gathers of a callback's epoch end, say), so it never runs those tests for
+    it. Here each survivor of the base run whose name contains one of ``only`` is written into a scratch copy's
+    source (``mutmut apply``), the selected multi-process tests run plainly there, and a failure counts as a kill.
+    """
+    work = WORK / Path(module).with_suffix("").as_posix().replace("/", ".")
+    previous = work / "result.json"
+    if not previous.exists():
+        raise SystemExit(f"Expected an earlier run of {module} in {work}, but found none.")
+    base = json.loads(previous.read_text())
+    names = [name for name in base["survivors"] if any(part in name for part in only)]
+    shutil.copytree(ROOT / "tests", work / "tests", dirs_exist_ok=True)  # the current tests
+    source = work / module
+    pristine = (ROOT / module).read_text()
+    killed: list[str] = []
+    unapplied: list[str] = []
+    start = time.monotonic()
+    try:
+        for name in names:
+            source.write_text(pristine)
+            subprocess.run([sys.executable, "-m", "mutmut", "apply", name], cwd=work, check=True, capture_output=True)
+            if not _applied_as_shown(name, work, pristine, source.read_text()):
+                unapplied.append(name)  # `mutmut apply` replaced another function (one of the same name)
+                print(f"{name}: not applied as `mutmut show` has it", flush=True)
+                continue
+            run = subprocess.run(
+                [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", "-k", MULTI_PROCESS, *tests],
+                cwd=work,
+                env={**os.environ, "PYTHONPATH": str(work)},
+                capture_output=True,
+                text=True,
+            )
+            if run.returncode == 1:  # tests failed (not 5, none collected; not 2, interrupted)
+                killed.append(name)
+            print(f"{name}: {'killed' if name in killed else f'survived (pytest exit {run.returncode})'}", flush=True)
+    finally:
+        source.write_text(pristine)
+    total = base["counts"].get("killed", 0) + len(killed)
+    result = {
+        **base,
+        "counts": {"killed": total, "survived": base["mutants"] - total},
+        "score": round(100 * total / base["mutants"], 1),
+        "survivors": sorted(set(base["survivors"]) - set(killed)),
+        "killed_by_multi_process_tests_applied": killed,
+        "not_applied": unapplied,
+        "applied_wall_s": round(time.monotonic() - start),
+    }
+    previous.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="+", help="module files, e.g. lightning_reg/functional/calibration.py")
@@ -227,10 +298,20 @@ def main() -> None:
         "--distributed", action="store_true", help="keep the multi-process tests (best with --survivors: slow)"
     )
     parser.add_argument("--only", nargs="+", help="with --survivors: rerun the survivors whose names contain these")
+    parser.add_argument(
+        "--applied",
+        action="store_true",
+        help="with --only: apply each such survivor to the source and run the multi-process tests plainly",
+    )
     args = parser.parse_args()
     for module in args.modules:
         if args.tests is None and module not in TESTS:
             raise SystemExit(f"No test files known for {module!r}: pass --tests, or one of {sorted(TESTS)}.")
+        if args.applied:
+            if not args.only:
+                raise SystemExit("Expected --only with --applied: the survivors to apply, by part of their names.")
+            print(json.dumps(check_applied(module, args.tests or TESTS[module], args.only), indent=2), flush=True)
+            continue
         result = run_module(
             module, args.tests or TESTS[module], args.fresh, args.survivors, args.distributed, args.only
         )

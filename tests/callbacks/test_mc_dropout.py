@@ -661,3 +661,112 @@ def test_ddp_ranks_that_disagree_on_the_number_of_classes_are_named_with_each_ra
         "Expected every rank to see the same number of classes in the validate logits, but got [[3], [2]] "
         "(rank x dataloader)." in str(raised.value)
     )
+
+
+# --- what the mutation run found untested (issue 21) ------------------------------------------------------------------
+class _FailsOnce(UserClassifier):
+    """Its second validation batch raises once: an evaluation stopped half-way."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(TinyMLP(batch_norm=True, dropout=0.3))
+        self.fail = True
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 1 and self.fail:
+            self.fail = False
+            raise RuntimeError("stopped half-way")
+        super().validation_step(batch, batch_idx)
+
+
+def test_an_evaluation_after_an_interrupted_one_starts_from_empty_metrics(tmp_path: Path) -> None:
+    callback = MCDropoutEvaluation(4, plot=False)
+    model = _FailsOnce()
+    trainer = fast_trainer(tmp_path, callbacks=[callback])
+    with pytest.raises(RuntimeError, match="stopped half-way"):
+        trainer.validate(model, _loader())  # one batch sampled, its metrics never computed
+    (after,) = fast_trainer(tmp_path, callbacks=[callback]).validate(model, _loader())
+    (fresh,) = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, plot=False)]).validate(model, _loader())
+    assert after == fresh
+
+
+def test_the_stream_is_that_of_the_stage_and_the_global_step(tmp_path: Path) -> None:
+    model = _model()
+    callback = MCDropoutEvaluation(4, stages=("validate", "test"), plot=False)
+    trainer = fast_trainer(tmp_path, max_steps=2, callbacks=[callback])
+    trainer.fit(model, _loader())  # 2 optimizer steps, no validation loader: global_step 2
+    for stage, run in (("validate", trainer.validate), ("test", trainer.test)):
+        (results,) = run(model, _loader(), verbose=False)
+        reference = _reference_metrics(*naive_mc(model, _loader(), 4, callback_generator(stage, step=2)))
+        name = _LOG[stage]
+        for metric, value in reference.items():
+            assert results[f"mc/{name}/{metric}"] == pytest.approx(value, rel=1e-4, abs=1e-6), (stage, metric)
+
+
+def test_n_bins_is_the_ece_binning(tmp_path: Path) -> None:
+    model = _model()
+    (results,) = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(6, n_bins=4, plot=False)]).validate(
+        model, _loader()
+    )
+    mean, _, targets = naive_mc(model, _loader(), 6, callback_generator())
+    expected = multiclass_calibration_error(mean, targets, num_classes=mean.shape[1], n_bins=4, norm="l1")
+    assert results["mc/val/ece"] == pytest.approx(float(expected), abs=1e-6)
+    assert float(expected) != pytest.approx(_reference_metrics(mean, torch.zeros(len(targets)), targets)["ece"])
+
+
+def test_chunk_size_is_the_most_rows_per_pass(tmp_path: Path) -> None:
+    # Dropout on the inputs: nothing to run once, the samples are stacked rows (the batched path)
+    for chunk_size, rows in ((None, [64]), (16, [16] * 4)):  # 4 samples of 16 rows: one pass of 64, or 4 of 16
+        torch.manual_seed(0)
+        model = UserClassifier(torch.nn.Sequential(torch.nn.Dropout(0.3), torch.nn.Linear(8, 3)))
+        seen: list[int] = []
+        model.net[1].register_forward_hook(lambda module, args, output, seen=seen: seen.append(args[0].shape[0]))
+        trainer = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, chunk_size=chunk_size, plot=False)])
+        trainer.validate(model, _loader(16))
+        assert seen == [16, *rows, 16]  # the step's forward, the samples, the deterministic pass
+
+
+class _DropPathOnly(UserClassifier):
+    """Stochastic depth as its only randomness (a residual block with timm's DropPath)."""
+
+    def __init__(self) -> None:
+        from timm.layers import DropPath
+
+        torch.manual_seed(0)
+        super().__init__(TinyMLP())
+        self.drop_path = DropPath(0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x + self.drop_path(x))
+
+
+def test_include_drop_path_samples_a_model_whose_only_randomness_is_stochastic_depth(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no dropout"):
+        fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, plot=False)]).validate(_DropPathOnly(), _loader())
+    trainer = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, plot=False, include_drop_path=True)])
+    (results,) = trainer.validate(_DropPathOnly(), _loader())
+    assert results["mc/val/mutual_info"] > 0
+
+
+def test_a_missing_target_entry_is_named_whole(tmp_path: Path) -> None:
+    loader = torch.utils.data.DataLoader(_TextData(), batch_size=16)  # dict batches: input_ids, attention_mask, labels
+    callback = MCDropoutEvaluation(4, plot=False, target_key="label")
+    with pytest.raises(KeyError, match="target_key") as raised:
+        fast_trainer(tmp_path, callbacks=[callback]).validate(_MaskedTextModel(), loader)
+    assert raised.value.args[0] == (
+        "The batch is a dict with keys ['attention_mask', 'input_ids', 'labels'], but `target_key='label'` is not one "
+        "of them. Pass `target_key` naming the right entry."
+    )
+
+
+class _BadBNTwoLoaders(_BadBN):
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        super().validation_step(batch, batch_idx)
+
+
+def test_changed_statistics_on_an_ood_loader_first_name_the_stage(tmp_path: Path) -> None:
+    callback = MCDropoutEvaluation(4, plot=False, ood_dataloader_idx=0)
+    with pytest.raises(RuntimeError, match="Running statistics changed during validate with Monte-Carlo dropout"):
+        fast_trainer(tmp_path, callbacks=[callback]).validate(
+            _BadBNTwoLoaders(TinyMLP(batch_norm=True, dropout=0.3)), [_loader(), _loader()]
+        )

@@ -70,6 +70,8 @@ def test_the_smallest_values_are_allowed() -> None:
         ({"n_bins": 0}, "Expected `n_bins` to be a positive int, but got 0."),
         ({"n_bins": 4.0}, "Expected `n_bins` to be a positive int, but got 4.0."),
         ({"n_bins": True}, "Expected `n_bins` to be a positive int, but got True."),
+        ({"ood_dataloader_idx": True}, "Expected `ood_dataloader_idx` to be None or an int >= 0, but got True."),
+        ({"ood_dataloader_idx": 1.5}, "Expected `ood_dataloader_idx` to be None or an int >= 0, but got 1.5."),
         (
             {"stages": ("validate", "predict")},
             "Expected `stages` to contain only ('validate', 'test'), but got ['predict']. Predict is always sampled; "
@@ -81,3 +83,12 @@ def test_bad_arguments_are_named_whole(kwargs: dict[str, Any], message: str) -> 
     with pytest.raises(ValueError, match="Expected") as raised:
         MCDropoutEvaluation(**kwargs)
     assert str(raised.value) == message
+
+
+def test_a_bad_target_key_is_named_whole() -> None:
+    with pytest.raises(TypeError, match="target_key") as raised:
+        MCDropoutEvaluation(target_key=1.5)  # type: ignore[arg-type]
+    assert str(raised.value) == (
+        "Expected `target_key` to be an int (position in a list batch) or a str (key of a dict batch), but got 1.5 of "
+        "type float."
+    )

@@ -51,6 +51,7 @@ class _SavedFigures:
 def test_each_dataloader_and_epoch_gets_its_own_named_and_titled_plots(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import matplotlib.image as plt_image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     figures = _SavedFigures(monkeypatch)
@@ -89,8 +90,11 @@ def test_each_dataloader_and_epoch_gets_its_own_named_and_titled_plots(
     events.Reload()
     images = set(events.Tags()["images"])
     assert images == {"mc/val/reliability/dataloader_idx_0", "mc/val/reliability/dataloader_idx_1"}
-    # one image per epoch, at the global step of that epoch's end (2 training batches an epoch)
-    assert [e.step for e in events.Images("mc/val/reliability/dataloader_idx_1")] == [2, 4]
+    # one image per epoch, at the global step of that epoch's end (2 training batches an epoch), of the saved figure
+    sent = events.Images("mc/val/reliability/dataloader_idx_1")
+    assert [e.step for e in sent] == [2, 4]
+    height, width = plt_image.imread(folder / "reliability_validate_epoch1_dataloader_idx_1.png").shape[:2]
+    assert (sent[1].height, sent[1].width) == (height, width)
 
 
 def test_one_dataloader_plots_carry_no_dataloader_suffix_and_mutual_information_has_no_deterministic_curve(
