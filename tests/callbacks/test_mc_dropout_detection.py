@@ -189,3 +189,14 @@ def test_an_ood_or_empty_dataloader_before_the_others_leaves_their_metrics_logge
     for name, value in per_loader.items():  # the deterministic pass does not depend on the draws
         if name.startswith("mc/val/det_"):
             assert m[f"{name}/dataloader_idx_2"] == pytest.approx(value, abs=1e-6), name
+
+
+def test_mutual_information_with_an_ood_loader_has_no_deterministic_ood_metrics(tmp_path: Path) -> None:
+    callback = MCDropoutEvaluation(
+        n_samples=8, plot=False, ood_dataloader_idx=1, uncertainty_score="mutual_information"
+    )
+    trainer = fast_trainer(tmp_path, callbacks=[callback])
+    trainer.validate(_Model(), [_in_loader(), _ood_loader()], verbose=False)
+    ood = {k for k in trainer.callback_metrics if "ood_" in k}
+    assert ood == {"mc/val/ood_auroc", "mc/val/ood_fpr95"}
+    assert 0.0 <= float(trainer.callback_metrics["mc/val/ood_auroc"]) <= 1.0

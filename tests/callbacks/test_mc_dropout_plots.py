@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from lightning_reg import MCDropoutEvaluation, plotting
 from tests.helpers import TinyMLP, UserClassifier, fast_trainer, make_classification, make_loader
@@ -127,3 +127,31 @@ def test_plot_without_a_log_directory_warns_once_with_the_whole_remedy(
         "set `default_root_dir`, or pass `plot=False`."
     ]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fast_dev_run_writes_no_plot_even_with_a_root_directory(tmp_path: Path) -> None:
+    trainer = fast_trainer(tmp_path, fast_dev_run=True, callbacks=[MCDropoutEvaluation(4, stages=("test",))])
+    trainer.test(_Model(), _loader(1), verbose=False)
+    assert not list(tmp_path.rglob("*.png"))
+
+
+class _NoDirectoryLogger(Logger):
+    """A logger that writes nowhere on disk (a remote tracker, say): no `save_dir`, no `log_dir`."""
+
+    name, version, save_dir = "remote", 0, None
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+
+def test_a_logger_without_a_directory_gets_no_plot_and_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    trainer = fast_trainer(None, logger=_NoDirectoryLogger(), callbacks=[MCDropoutEvaluation(4, stages=("test",))])
+    assert trainer.log_dir is None
+    trainer.test(_Model(), _loader(1), verbose=False)
+    assert not list(tmp_path.rglob("*.png"))
