@@ -770,3 +770,30 @@ def test_changed_statistics_on_an_ood_loader_first_name_the_stage(tmp_path: Path
         fast_trainer(tmp_path, callbacks=[callback]).validate(
             _BadBNTwoLoaders(TinyMLP(batch_norm=True, dropout=0.3)), [_loader(), _loader()]
         )
+
+
+class _QuietTwoLoaders(_QuietValidation):
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        return None
+
+
+@skip_on_windows
+def test_ddp_rank_without_batches_of_an_ood_loader_takes_part_in_the_ood_metrics(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    torch.manual_seed(0)
+    model = _QuietTwoLoaders(TinyMLP(batch_norm=True, dropout=0.3))
+    inputs, targets = make_classification(32)
+    loaders = [
+        torch.utils.data.DataLoader(_RankZeroOnly(inputs, targets), batch_size=16),
+        torch.utils.data.DataLoader(_RankZeroOnly(3.0 * inputs, targets), batch_size=16),  # out of distribution
+    ]
+    strategy = DDPStrategy(start_method="fork", timeout=timedelta(seconds=60))
+    callbacks = [MCDropoutEvaluation(4, plot=False, ood_dataloader_idx=1), _LoggedMC(tmp_path)]
+    with scrubbed_ddp_env():
+        ddp_fork_trainer(tmp_path, strategy=strategy, callbacks=callbacks).validate(model, loaders)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert 0.0 <= ranks[1]["mc/val/det_ood_auroc"] <= 1.0
