@@ -533,6 +533,60 @@ def test_two_ranks_split_a_val_loader_lightning_did_not_load_and_recalibrate_the
     torch.testing.assert_close(torch.tensor(ranks[0]["var"]), var, rtol=1e-6, atol=1e-7)
 
 
+class _Batches:
+    """A plain iterable of batches with a length (not a DataLoader): nothing shards it."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _OwnShards(UserClassifier):
+    """Builds its val loader on each rank: already sharded by a DistributedSampler (or a batch sampler over one)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(net=TinyCNN())
+        self.how = how
+
+    def val_dataloader(self) -> Any:
+        from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
+
+        inputs, targets = make_images(n=40)
+        if self.how == "plain":
+            return _Batches([list(b) for b in zip(inputs.split(8), targets.split(8), strict=True)])
+        data = TensorDataset(inputs, targets)
+        sampler = DistributedSampler(data, shuffle=False)
+        if self.how == "sampler":
+            return DataLoader(data, sampler=sampler, batch_size=8)
+        return DataLoader(data, batch_sampler=BatchSampler(sampler, batch_size=8, drop_last=False))
+
+
+@skip_on_windows
+@pytest.mark.parametrize("how", ["sampler", "batch_sampler", "plain"])
+def test_two_ranks_keep_a_val_loaders_own_shards_and_split_a_plain_iterable(tmp_path: Path, how: str) -> None:
+    """`limit_val_batches=0`: Lightning shards no val loader. One already sharded by the user is kept as it is (split
+    again, the ranks would see a quarter each); a plain iterable is split by batches (kept whole, every sample would
+    count twice)."""
+    torch.manual_seed(0)
+    model = _OwnShards(how)
+    callbacks = [BNRecalibration(None, dataloader="val"), _WriteFinal(tmp_path)]
+    with scrubbed_ddp_env():
+        trainer = ddp_fork_trainer(tmp_path, callbacks=callbacks, limit_val_batches=0, use_distributed_sampler=False)
+        trainer.fit(model, _loader(n=32, batch_size=8))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    conv = TinyCNN().body[0]
+    conv.load_state_dict({"weight": torch.tensor(ranks[0]["weight"]), "bias": torch.tensor(ranks[0]["bias"])})
+    mean, var = _conv_stats(conv, make_images(n=40)[0])  # each val sample counted once
+    torch.testing.assert_close(torch.tensor(ranks[0]["mean"]), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(ranks[0]["var"]), var, rtol=1e-6, atol=1e-7)
+
+
 # --- the example ---------------------------------------------------------------------------------
 
 
