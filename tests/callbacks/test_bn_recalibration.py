@@ -560,6 +560,8 @@ class _OwnShards(UserClassifier):
         if self.how == "plain":
             return _Batches([list(b) for b in zip(inputs.split(8), targets.split(8), strict=True)])
         data = TensorDataset(inputs, targets)
+        if self.how == "index_lists":  # a batch sampler that is a list of index lists: no `sampler` to look at
+            return DataLoader(data, batch_sampler=[list(range(i, i + 8)) for i in range(0, 40, 8)])
         sampler = DistributedSampler(data, shuffle=False)
         if self.how == "sampler":
             return DataLoader(data, sampler=sampler, batch_size=8)
@@ -567,11 +569,11 @@ class _OwnShards(UserClassifier):
 
 
 @skip_on_windows
-@pytest.mark.parametrize("how", ["sampler", "batch_sampler", "plain"])
+@pytest.mark.parametrize("how", ["sampler", "batch_sampler", "plain", "index_lists"])
 def test_two_ranks_keep_a_val_loaders_own_shards_and_split_a_plain_iterable(tmp_path: Path, how: str) -> None:
     """`limit_val_batches=0`: Lightning shards no val loader. One already sharded by the user is kept as it is (split
-    again, the ranks would see a quarter each); a plain iterable is split by batches (kept whole, every sample would
-    count twice)."""
+    again, the ranks would see a quarter each); a plain iterable or a loader over index lists is split by batches (kept
+    whole, every sample would count twice)."""
     torch.manual_seed(0)
     model = _OwnShards(how)
     callbacks = [BNRecalibration(None, dataloader="val"), _WriteFinal(tmp_path)]
