@@ -705,13 +705,19 @@ def test_the_stream_is_that_of_the_stage_and_the_global_step(tmp_path: Path) -> 
 
 def test_n_bins_is_the_ece_binning(tmp_path: Path) -> None:
     model = _model()
-    (results,) = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(6, n_bins=4, plot=False)]).validate(
+    (results,) = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(6, n_bins=8, plot=False)]).validate(
         model, _loader()
     )
     mean, _, targets = naive_mc(model, _loader(), 6, callback_generator())
-    expected = multiclass_calibration_error(mean, targets, num_classes=mean.shape[1], n_bins=4, norm="l1")
+    expected = multiclass_calibration_error(mean, targets, num_classes=mean.shape[1], n_bins=8, norm="l1")
     assert results["mc/val/ece"] == pytest.approx(float(expected), abs=1e-6)
     assert float(expected) != pytest.approx(_reference_metrics(mean, torch.zeros(len(targets)), targets)["ece"])
+    with torch.no_grad():  # the deterministic pass's ECE takes the same bins
+        det = torch.cat([model.eval()(x).softmax(-1) for x, _ in _loader()])
+    expected = multiclass_calibration_error(det, targets, num_classes=det.shape[1], n_bins=8, norm="l1")
+    assert results["mc/val/det_ece"] == pytest.approx(float(expected), abs=1e-6)
+    fifteen = multiclass_calibration_error(det, targets, num_classes=det.shape[1], n_bins=15, norm="l1")
+    assert float(expected) != pytest.approx(float(fifteen))
 
 
 def test_chunk_size_is_the_most_rows_per_pass(tmp_path: Path) -> None:
