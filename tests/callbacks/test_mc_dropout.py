@@ -672,21 +672,24 @@ class _FailsOnce(UserClassifier):
         super().__init__(TinyMLP(batch_norm=True, dropout=0.3))
         self.fail = True
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch_idx == 1 and self.fail:
             self.fail = False
             raise RuntimeError("stopped half-way")
         super().validation_step(batch, batch_idx)
 
 
-def test_an_evaluation_after_an_interrupted_one_starts_from_empty_metrics(tmp_path: Path) -> None:
-    callback = MCDropoutEvaluation(4, plot=False)
+@pytest.mark.parametrize("ood", [False, True])
+def test_an_evaluation_after_an_interrupted_one_starts_from_empty_metrics(tmp_path: Path, ood: bool) -> None:
+    kwargs: dict[str, Any] = {"plot": False, "ood_dataloader_idx": 1 if ood else None}
+    loaders = [_loader(), make_loader(*make_classification(32, seed=1), batch_size=16)] if ood else _loader()
+    callback = MCDropoutEvaluation(4, **kwargs)
     model = _FailsOnce()
     trainer = fast_trainer(tmp_path, callbacks=[callback])
     with pytest.raises(RuntimeError, match="stopped half-way"):
-        trainer.validate(model, _loader())  # one batch sampled, its metrics never computed
-    (after,) = fast_trainer(tmp_path, callbacks=[callback]).validate(model, _loader())
-    (fresh,) = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, plot=False)]).validate(model, _loader())
+        trainer.validate(model, loaders)  # one batch sampled, its metrics never computed
+    (after, *_) = fast_trainer(tmp_path, callbacks=[callback]).validate(model, loaders)
+    (fresh, *_) = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(4, **kwargs)]).validate(model, loaders)
     assert after == fresh
 
 
