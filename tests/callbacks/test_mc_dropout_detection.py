@@ -15,20 +15,15 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from lightning_reg import MCDropoutEvaluation
 from lightning_reg.functional.uncertainty import entropy
-from tests.helpers import TinyMLP, UserClassifier, ddp_fork_trainer, fast_trainer, make_classification, make_loader
+from tests.helpers import (
+    ThreeClassEvaluator,
+    ddp_fork_trainer,
+    fast_trainer,
+    make_classification,
+    make_loader,
+)
 from tests.helpers.ddp import scrubbed_ddp_env, skip_on_windows
 from tests.helpers.mc import callback_generator, naive_mc
-
-
-class _Model(UserClassifier):
-    """Validation on several loaders; the OOD loader's targets are never used."""
-
-    def __init__(self) -> None:
-        torch.manual_seed(0)
-        super().__init__(TinyMLP(num_classes=3, dropout=0.3), num_classes=3)
-
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self(batch[0])
 
 
 def _in_loader(n: int = 64) -> Any:
@@ -41,7 +36,7 @@ def _ood_loader(n: int = 32) -> Any:
     return make_loader(x, torch.full((n,), -1), batch_size=16)  # invalid labels: they must not be read
 
 
-def _det(model: _Model, loader: Any) -> tuple[np.ndarray, np.ndarray]:
+def _det(model: ThreeClassEvaluator, loader: Any) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic entropies and errors, computed here from the plain network."""
     model.eval()
     with torch.no_grad():
@@ -56,7 +51,7 @@ def _naive_aurc(u: np.ndarray, errors: np.ndarray) -> float:
 
 
 def test_misclassification_metrics_match_scikit_learn(tmp_path: Path) -> None:
-    model, loader = _Model(), _in_loader()
+    model, loader = ThreeClassEvaluator(), _in_loader()
     trainer = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(n_samples=8, plot=False)])
     trainer.validate(model, loader, verbose=False)
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -83,7 +78,7 @@ def _score(probs: torch.Tensor, score: str, info: torch.Tensor | None = None) ->
 def test_mc_and_deterministic_misclassification_metrics_match_scikit_learn_for_each_score(
     tmp_path: Path, score: str
 ) -> None:
-    model, loader = _Model(), _in_loader()
+    model, loader = ThreeClassEvaluator(), _in_loader()
     callback = MCDropoutEvaluation(n_samples=8, plot=False, uncertainty_score=score)  # type: ignore[arg-type]
     trainer = fast_trainer(tmp_path, callbacks=[callback])
     trainer.validate(model, loader, verbose=False)
@@ -102,7 +97,7 @@ def test_mc_and_deterministic_misclassification_metrics_match_scikit_learn_for_e
 
 
 def test_ood_auroc_and_fpr95_match_scikit_learn_and_the_ood_loader_is_kept_apart(tmp_path: Path) -> None:
-    model = _Model()
+    model = ThreeClassEvaluator()
     callback = MCDropoutEvaluation(n_samples=8, plot=False, ood_dataloader_idx=1)
     trainer = fast_trainer(tmp_path, callbacks=[callback])
     trainer.validate(model, [_in_loader(), _ood_loader()], verbose=False)
@@ -122,7 +117,7 @@ def test_ood_auroc_and_fpr95_match_scikit_learn_and_the_ood_loader_is_kept_apart
 
 
 def test_mutual_information_score_has_no_deterministic_detection_metrics(tmp_path: Path) -> None:
-    model = _Model()
+    model = ThreeClassEvaluator()
     callback = MCDropoutEvaluation(n_samples=8, plot=False, uncertainty_score="mutual_information")
     trainer = fast_trainer(tmp_path, callbacks=[callback])
     trainer.validate(model, _in_loader(), verbose=False)
@@ -137,7 +132,7 @@ def test_mutual_information_score_has_no_deterministic_detection_metrics(tmp_pat
 
 
 def test_a_risk_coverage_plot_is_written_beside_the_reliability_diagram(tmp_path: Path) -> None:
-    model = _Model()
+    model = ThreeClassEvaluator()
     logger = CSVLogger(tmp_path, name="logs")
     trainer = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(n_samples=4)], logger=logger)
     trainer.validate(model, _in_loader(), verbose=False)
@@ -162,10 +157,10 @@ def test_two_ranks_give_the_detection_metrics_of_one_process_on_the_union(tmp_pa
         trainer = ddp_fork_trainer(
             tmp_path, callbacks=[MCDropoutEvaluation(n_samples=4, plot=False, ood_dataloader_idx=1), _Record(tmp_path)]
         )
-        trainer.validate(_Model(), loaders, verbose=False)
+        trainer.validate(ThreeClassEvaluator(), loaders, verbose=False)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     single = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(n_samples=4, plot=False, ood_dataloader_idx=1)])
-    single.validate(_Model(), loaders, verbose=False)
+    single.validate(ThreeClassEvaluator(), loaders, verbose=False)
     expected = {k: float(v) for k, v in single.callback_metrics.items() if "det_" in k}
     assert ranks[0] == ranks[1]
     names = ("det_misclassification_auroc", "det_misclassification_aupr", "det_aurc", "det_ood_auroc", "det_ood_fpr95")
@@ -177,12 +172,12 @@ def test_two_ranks_give_the_detection_metrics_of_one_process_on_the_union(tmp_pa
 def test_an_ood_or_empty_dataloader_before_the_others_leaves_their_metrics_logged(tmp_path: Path) -> None:
     empty = make_loader(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long), batch_size=16)
     alone = fast_trainer(tmp_path, callbacks=[MCDropoutEvaluation(n_samples=4, plot=False)])
-    alone.validate(_Model(), _in_loader(), verbose=False)
+    alone.validate(ThreeClassEvaluator(), _in_loader(), verbose=False)
     per_loader = {k: float(v) for k, v in alone.callback_metrics.items() if k.startswith("mc/")}
     callback = MCDropoutEvaluation(n_samples=4, plot=False, ood_dataloader_idx=0)
     trainer = fast_trainer(tmp_path, callbacks=[callback])
     with pytest.warns(UserWarning, match="Total length of `DataLoader` across ranks is zero"):
-        trainer.validate(_Model(), [_ood_loader(), empty, _in_loader()], verbose=False)
+        trainer.validate(ThreeClassEvaluator(), [_ood_loader(), empty, _in_loader()], verbose=False)
     m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("mc/")}
     ood = {f"mc/val/{tag}ood_{name}" for tag in ("", "det_") for name in ("auroc", "fpr95")}
     assert set(m) == {f"{k}/dataloader_idx_2" for k in per_loader} | ood
@@ -196,7 +191,7 @@ def test_mutual_information_with_an_ood_loader_has_no_deterministic_ood_metrics(
         n_samples=8, plot=False, ood_dataloader_idx=1, uncertainty_score="mutual_information"
     )
     trainer = fast_trainer(tmp_path, callbacks=[callback])
-    trainer.validate(_Model(), [_in_loader(), _ood_loader()], verbose=False)
+    trainer.validate(ThreeClassEvaluator(), [_in_loader(), _ood_loader()], verbose=False)
     ood = {k for k in trainer.callback_metrics if "ood_" in k}
     assert ood == {"mc/val/ood_auroc", "mc/val/ood_fpr95"}
     assert 0.0 <= float(trainer.callback_metrics["mc/val/ood_auroc"]) <= 1.0

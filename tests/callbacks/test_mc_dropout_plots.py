@@ -11,21 +11,7 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from lightning_reg import MCDropoutEvaluation, plotting
-from tests.helpers import TinyMLP, UserClassifier, fast_trainer, make_classification, make_loader
-
-
-class _Model(UserClassifier):
-    """Validation and test on several loaders."""
-
-    def __init__(self) -> None:
-        torch.manual_seed(0)
-        super().__init__(TinyMLP(num_classes=3, dropout=0.3), num_classes=3)
-
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self(batch[0])
-
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self(batch[0])
+from tests.helpers import ThreeClassEvaluator, fast_trainer, make_classification, make_loader
 
 
 def _loader(seed: int, n: int = 48) -> Any:
@@ -64,7 +50,7 @@ def test_each_dataloader_and_epoch_gets_its_own_named_and_titled_plots(
             logged.update({(trainer.current_epoch, k): float(v) for k, v in trainer.callback_metrics.items()})
 
     trainer = fast_trainer(tmp_path, logger=logger, max_epochs=2, limit_train_batches=2, callbacks=[_Logged(4)])
-    trainer.fit(_Model(), _loader(0), [_loader(1), _loader(2)])
+    trainer.fit(ThreeClassEvaluator(), _loader(0), [_loader(1), _loader(2)])
     logger.finalize("success")
 
     expected = {}
@@ -103,7 +89,7 @@ def test_one_dataloader_plots_carry_no_dataloader_suffix_and_mutual_information_
     figures = _SavedFigures(monkeypatch)
     callback = MCDropoutEvaluation(4, stages=("test",), uncertainty_score="mutual_information")
     trainer = fast_trainer(tmp_path, callbacks=[callback])
-    trainer.test(_Model(), _loader(1), verbose=False)
+    trainer.test(ThreeClassEvaluator(), _loader(1), verbose=False)
     title, legend = figures.saved["risk_coverage_test_epoch0.png"]
     aurc = float(trainer.callback_metrics["mc/test/aurc"])
     assert (title, legend) == ("test, epoch 0", [f"MC dropout (AURC {aurc:.4f})"])
@@ -119,7 +105,9 @@ def test_plot_without_a_log_directory_warns_once_with_the_whole_remedy(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):  # two test runs, two plots each: still one warning
-            fast_trainer(None, callbacks=[callback]).test(_Model(), [_loader(1), _loader(2)], verbose=False)
+            fast_trainer(None, callbacks=[callback]).test(
+                ThreeClassEvaluator(), [_loader(1), _loader(2)], verbose=False
+            )
     ours = [str(w.message) for w in caught if "MCDropoutEvaluation" in str(w.message)]
     assert ours == [
         "`MCDropoutEvaluation(plot=True)` writes reliability diagrams where the logger writes, but the Trainer has no "
@@ -131,7 +119,7 @@ def test_plot_without_a_log_directory_warns_once_with_the_whole_remedy(
 
 def test_fast_dev_run_writes_no_plot_even_with_a_root_directory(tmp_path: Path) -> None:
     trainer = fast_trainer(tmp_path, fast_dev_run=True, callbacks=[MCDropoutEvaluation(4, stages=("test",))])
-    trainer.test(_Model(), _loader(1), verbose=False)
+    trainer.test(ThreeClassEvaluator(), _loader(1), verbose=False)
     assert not list(tmp_path.rglob("*.png"))
 
 
@@ -153,5 +141,5 @@ def test_a_logger_without_a_directory_gets_no_plot_and_no_error(
     monkeypatch.chdir(tmp_path)
     trainer = fast_trainer(None, logger=_NoDirectoryLogger(), callbacks=[MCDropoutEvaluation(4, stages=("test",))])
     assert trainer.log_dir is None
-    trainer.test(_Model(), _loader(1), verbose=False)
+    trainer.test(ThreeClassEvaluator(), _loader(1), verbose=False)
     assert not list(tmp_path.rglob("*.png"))

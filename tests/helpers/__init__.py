@@ -2,12 +2,13 @@
 
 from tests.helpers.data import DictDataset, coded_images, make_classification, make_images, make_loader
 from tests.helpers.ddp import ddp_fork_trainer, run_in_2_processes, scrubbed_ddp_env
-from tests.helpers.models import ReseedEachEpoch, TinyCNN, TinyMLP, UserClassifier
+from tests.helpers.models import ReseedEachEpoch, ThreeClassEvaluator, TinyCNN, TinyMLP, UserClassifier
 from tests.helpers.trainer import fast_trainer
 
 __all__ = [
     "DictDataset",
     "ReseedEachEpoch",
+    "ThreeClassEvaluator",
     "TinyCNN",
     "TinyMLP",
     "UserClassifier",

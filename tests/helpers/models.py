@@ -112,6 +112,21 @@ class UserClassifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class ThreeClassEvaluator(UserClassifier):
+    """A seeded 3-class MLP with dropout whose evaluation steps take any number of loaders and only run forward
+    (what a callback evaluating on its own needs; an OOD loader's targets are never read)."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(TinyMLP(num_classes=3, dropout=0.3), num_classes=3)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self(batch[0])
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self(batch[0])
+
+
 class ReseedEachEpoch(L.Callback):
     """Seeds the global RNG from the epoch number before each training epoch's first batch.
 
