@@ -111,8 +111,10 @@ def _classify(module: nn.Module, include_drop_path: bool) -> tuple[bool, float] 
         return (True, float(module.dropout)) if module.dropout > 0 and module.num_layers > 1 else None
     if isinstance(module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
         return False, 0.0  # leaves the fused fast path, so that its nn.Dropout children run
-    attn_drop = getattr(module, "attn_drop", None)
-    if hasattr(module, "fused_attn") and isinstance(attn_drop, _DropoutNd):
+    # Looked up in the module's own dicts: `getattr` on a missing name goes through `nn.Module.__getattr__`, which
+    # formats an AttributeError (most of the time of classifying a module that is none of the above).
+    attn_drop = module._modules.get("attn_drop")
+    if isinstance(attn_drop, _DropoutNd) and ("fused_attn" in module.__dict__ or hasattr(type(module), "fused_attn")):
         # timm: the fused SDPA call reads `self.training`, never calls `attn_drop`; the rate is the gate's.
         return False, float(attn_drop.p)
     if type(module).__module__.startswith("timm."):
@@ -255,9 +257,10 @@ def _statistics(named: Named, copy: bool = True) -> dict[str, Tensor]:
 def _unchanged_and_finite(before: dict[str, Tensor], after: dict[str, Tensor]) -> bool:
     """Whether every statistic equals its copy in ``before`` and none is NaN, with a few ops per device and dtype.
 
-    The common case, checked on one concatenation per (device, dtype) instead of several ops per buffer; anything
-    else (a change, a NaN, a buffer that appeared, vanished or changed its shape, device or dtype) returns False
-    and is named by the per-buffer comparison.
+    The common case, checked with one ``torch.equal`` per CPU buffer (no host sync to save there) and one
+    concatenation per (device, dtype) of an accelerator, one sync per device; anything else (a change, a NaN, a
+    buffer that appeared, vanished or changed its shape, device or dtype) returns False and is named by the
+    per-buffer comparison.
     """
     if before.keys() != after.keys():
         return False
@@ -266,7 +269,10 @@ def _unchanged_and_finite(before: dict[str, Tensor], after: dict[str, Tensor]) -
         b = after[name]
         if a.shape != b.shape or a.device != b.device or a.dtype != b.dtype:
             return False
-        if a.device.type != "meta":  # no values to compare
+        if a.device.type == "cpu":  # NaN != NaN here too: a NaN takes the per-buffer path
+            if not torch.equal(a, b):
+                return False
+        elif a.device.type != "meta":  # no values to compare on meta
             pair = groups.setdefault((a.device, a.dtype), ([], []))
             pair[0].append(a.reshape(-1))
             pair[1].append(b.reshape(-1))
