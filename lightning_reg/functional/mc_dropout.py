@@ -40,7 +40,13 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from lightning_reg.forward import ForwardInputs
-from lightning_reg.functional.mc_masks import AUTO_MIN_ELEMENTS, Masks, resolve_masks, threshold_masks
+from lightning_reg.functional.mc_masks import (
+    AUTO_MIN_ELEMENTS,
+    Masks,
+    resolve_masks,
+    samples_per_call,
+    threshold_masks,
+)
 from lightning_reg.functional.uncertainty import entropy
 
 __all__ = [
@@ -839,7 +845,8 @@ def _sample_rows(fn: Callable[..., Any], x: ForwardInputs, n: int, n_samples: in
     outputs = []
     for start in range(0, total, step):
         rows = torch.arange(start, min(start + step, total), device=device) % n  # item of each row
-        outputs.append(_logits_of(_take_rows(x, rows, n)(fn), len(rows)))  # (rows, K)
+        with samples_per_call(len(rows) / n):  # `masks="auto"` decides as the naive loop's call of N rows does
+            outputs.append(_logits_of(_take_rows(x, rows, n)(fn), len(rows)))  # (rows, K)
     return torch.cat(outputs).view(n_samples, n, -1)  # (S, N, K)
 
 
@@ -918,7 +925,8 @@ def mc_dropout_predict(
         masks: the masks of torch's ``Dropout``/``Dropout1d/2d/3d`` while sampling: ``"threshold"`` (32-bit
             random integers against a threshold, :func:`~lightning_reg.functional.mc_masks.threshold_dropout`;
             the same distribution, measured about 2x faster than torch's on the CPU), ``"torch"`` (torch's own),
-            or ``"auto"``: ``"threshold"`` on the CPU for inputs of 4096 elements or more, ``"torch"`` elsewhere.
+            or ``"auto"``: ``"threshold"`` on the CPU for inputs of 4096 elements or more a sample, ``"torch"``
+            elsewhere.
             Other dropout keeps torch's.
 
     Returns:

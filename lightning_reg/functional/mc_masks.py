@@ -11,6 +11,7 @@ against. :func:`threshold_dropout` is the function; :func:`threshold_masks` swap
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -22,7 +23,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from lightning_reg.functional._bernoulli import _same_device
 
-__all__ = ["AUTO_MIN_ELEMENTS", "Masks", "resolve_masks", "threshold_dropout", "threshold_masks"]
+__all__ = ["AUTO_MIN_ELEMENTS", "Masks", "resolve_masks", "samples_per_call", "threshold_dropout", "threshold_masks"]
 
 Masks = Literal["auto", "torch", "threshold"]
 _MASKS: tuple[str, ...] = get_args(Masks)
@@ -166,10 +167,40 @@ _RULES: dict[Callable[..., Tensor], _Rule] = {
 AUTO_MIN_ELEMENTS = 4096
 
 
+_SAMPLES_PER_CALL: contextvars.ContextVar[float] = contextvars.ContextVar("samples_per_call", default=1.0)
+
+
+@contextlib.contextmanager
+def samples_per_call(samples: float) -> Iterator[None]:
+    """Declare that each forward pass in the block stacks ``samples`` samples of the batch along its rows.
+
+    :func:`threshold_masks` then compares ``min_elements`` with one sample's share of an input (its elements divided
+    by ``samples``), so the choice between threshold and torch masks, and with it the draws, is the naive loop's
+    whatever the chunk: ``masks="auto"`` gives the same masks on the cached, batched and naive paths. ``samples``
+    may be fractional (a chunk of fewer rows than the batch).
+
+    Args:
+        samples: rows of the pass divided by the rows of one sample (the batch size); positive.
+
+    Example:
+        >>> layer = nn.Dropout(0.5).train()
+        >>> with threshold_masks([layer], min_elements=64), samples_per_call(4.0):
+        ...     _ = layer(torch.ones(16, 8))  # 128 elements, 32 a sample: torch's masks, as one sample's call would
+        >>> "forward" in vars(layer)
+        False
+    """
+    token = _SAMPLES_PER_CALL.set(samples)
+    try:
+        yield
+    finally:
+        _SAMPLES_PER_CALL.reset(token)
+
+
 def _threshold_forward(module: _DropoutNd, rule: _Rule, min_elements: int, input: Tensor) -> Tensor:
     p = float(module.p)
     dims = rule(input.ndim) if isinstance(input, Tensor) else False
-    if not module.training or p in (0.0, 1.0) or dims is False or input.numel() < min_elements:
+    small = min_elements > 0 and input.numel() < min_elements * _SAMPLES_PER_CALL.get()  # one sample's share
+    if not module.training or p in (0.0, 1.0) or dims is False or small:
         return type(module).forward(module, input)  # eval mode (the deterministic pass), p 0 or 1, odd ranks
     return _threshold_dropout(input, p, dims, module.inplace, None)
 
@@ -183,8 +214,9 @@ def threshold_masks(modules: Iterable[nn.Module], *, min_elements: int = 0) -> I
     the block is the identity. The words come from the global RNG of the inputs' device (which
     :func:`~lightning_reg.functional.mc_dropout_predict` seeds from its generator and restores). Left alone:
     subclasses with their own ``forward`` (our ``LockedDropout``), ``AlphaDropout``/``FeatureAlphaDropout``, and
-    modules that already have an instance-level ``forward``, and inputs of fewer than ``min_elements`` elements
-    (``masks="auto"`` passes :data:`AUTO_MIN_ELEMENTS`, below which torch's measured faster).
+    modules that already have an instance-level ``forward``, and inputs of fewer than ``min_elements`` elements a
+    sample (see :func:`samples_per_call`; ``masks="auto"`` passes :data:`AUTO_MIN_ELEMENTS`, below which torch's
+    measured faster).
 
     Yields:
         The modules whose masks are replaced.

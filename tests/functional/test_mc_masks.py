@@ -230,6 +230,34 @@ def test_auto_is_threshold_on_the_cpu_from_4096_elements_and_torchs_below(monkey
     assert len(calls) == 2
 
 
+def test_min_elements_counts_one_samples_share_of_a_call_that_stacks_several(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_calls(monkeypatch)
+    module = nn.Dropout(0.5).train()
+    with threshold_masks([module], min_elements=64):
+        with mc_masks.samples_per_call(4.0):
+            module(torch.randn(16, 8))  # 128 elements, 32 a sample: torch's, as a call of one sample takes
+            assert len(calls) == 0
+            module(torch.randn(64, 8))  # 512 elements, 128 a sample
+            assert len(calls) == 1
+        with mc_masks.samples_per_call(0.5):
+            module(torch.randn(4, 8))  # half a sample's rows: 32 elements, 64 a sample
+            assert len(calls) == 2
+        module(torch.randn(4, 8))  # outside: one sample a call
+        assert len(calls) == 2
+
+
+@pytest.mark.parametrize("method", ["auto", "batched"])
+@pytest.mark.parametrize("batch", [16, 128])  # 1024 and 8192 head elements a sample: torch's and threshold masks
+def test_auto_masks_give_the_naive_loops_draws_however_many_samples_a_call_stacks(method: str, batch: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, 10)).eval()
+    inputs = torch.randn(batch, 8)
+    ours = mc_dropout_predict(model, inputs, 30, method=method, generator=torch.Generator().manual_seed(0))  # type: ignore[arg-type]
+    assert ours.method == ("cached" if method == "auto" else "batched")  # several samples a call either way
+    naive = mc_dropout_predict(model, inputs, 30, method="naive", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
+
+
 def test_torchvision_resnet18_prefix_with_threshold_masks_is_the_loop_draw_for_draw() -> None:
     from torchvision.models import resnet18
 
