@@ -26,6 +26,7 @@ Each of these modules is switched to training mode on its own (``module.training
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import operator
 import warnings
@@ -558,7 +559,12 @@ def _split(
     forward_head = getattr(model, "forward_head", None)
     if callable(forward_features) and callable(forward_head):
         # the timm convention; zoo models follow it. Every argument of `forward` goes to the trunk (lengths, masks).
-        return (lambda: inputs(forward_features)), forward_head
+        reason = _features_head_reason(model, forward_features, forward_head, inputs, named)
+        if reason is None:
+            return (lambda: inputs(forward_features)), forward_head
+        _log.debug(
+            "Monte-Carlo dropout: not using forward_features/forward_head of %s: %s", type(model).__name__, reason
+        )
     if isinstance(model, nn.Sequential) and len(inputs.args) == 1 and not inputs.kwargs:
         active = set(found.active)
         first = next((i for i, child in enumerate(model) if any(m in active for m in child.modules())), 0)
@@ -566,6 +572,65 @@ def _split(
             trunk, head = model[:first], model[first:]  # split just before the first dropout
             return (lambda: trunk(inputs.args[0])), head
     return _fx_split(model, found, inputs, named)
+
+
+# Per model: whether `forward` is `forward_head(forward_features(...))`, checked once (see `_features_head_reason`).
+_CONVENTION: weakref.WeakKeyDictionary[nn.Module, tuple[Any, str | None]] = weakref.WeakKeyDictionary()
+
+
+def _features_head_reason(
+    model: nn.Module, forward_features: Callable[..., Any], forward_head: Callable[..., Any], inputs: ForwardInputs,
+    named: Named,
+) -> str | None:  # fmt: skip
+    """Why ``forward_head(forward_features(*inputs))`` may not be ``model(*inputs)``, or ``None`` when it is.
+
+    Having the two methods is a convention, not a proof: a ``forward`` that divides by a temperature, takes arguments
+    ``forward_features`` does not, or draws in its trunk (``F.dropout(x, training=True)``) would be sampled wrongly.
+    So the first call per model (and per class, instance ``forward``, hooks and argument names) compares both in eval
+    mode on its batch, on a forked RNG (the draws stay the naive loop's); a difference makes it take the other paths.
+    """
+    key = (
+        type(model), vars(model).get("forward"), len(model._forward_hooks), len(model._forward_pre_hooks),
+        len(inputs.args), tuple(sorted(inputs.kwargs)),
+    )  # fmt: skip
+    known = _CONVENTION.get(model)
+    if known is not None and known[0] == key:
+        return known[1]
+    reason: str | None
+    if "forward" in vars(model) or model._forward_hooks or model._forward_pre_hooks:
+        reason = "an instance-level `forward` or forward hooks on the model, which `forward_features` skips"
+    else:
+        try:
+            inspect.signature(forward_features).bind(*inputs.args, **inputs.kwargs)
+            bound = True
+        except (TypeError, ValueError) as error:
+            reason, bound = f"`forward_features` does not take the arguments of `forward` ({error})", False
+        if bound:
+            device = inputs.tensors()[0].device
+            with _rng_untouched(device), _eval_mode(model, named):
+                expected = _logits_of(inputs(model), None)
+                got = _logits_of(forward_head(inputs(forward_features)), None)
+            same = got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-6, equal_nan=True)
+            reason = None if same else "`forward_head(forward_features(x))` differs from `forward(x)` in eval mode"
+    if reason is not None:
+        _log.info(
+            "Monte-Carlo dropout: %s: %s; sampling the traced graph or the whole model.", type(model).__name__, reason
+        )
+    _CONVENTION[model] = (key, reason)
+    return reason
+
+
+@contextlib.contextmanager
+def _rng_untouched(device: torch.device) -> Iterator[None]:
+    """The global RNG of the CPU and of ``device`` as before the block, whatever the block draws."""
+    if device.type in ("cpu", "meta"):
+        with torch.random.fork_rng(devices=[]):
+            yield
+        return
+    module: Any = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else module.current_device()
+    with torch.random.fork_rng(devices=[index], device_type=device.type):
+        yield
 
 
 # Functions that draw random numbers when traced as graph nodes: what depends on them is not deterministic.
@@ -590,7 +655,7 @@ _RANDOM_FUNCTIONS = frozenset(
     }
 )
 # Traced graphs per model, keyed by the modules that were active (a different set needs a different split).
-_FX_SPLITS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+_FX_SPLITS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Any, Any]] = weakref.WeakKeyDictionary()
 
 
 class _Prefix(nn.Module):
@@ -623,7 +688,9 @@ def _mutates_first_argument(model: nn.Module, node: Any) -> bool:
     if node.op == "call_method":
         return str(node.target).endswith("_") and not str(node.target).endswith("__")
     if node.op == "call_function":
-        return node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace", False))
+        name = getattr(node.target, "__name__", "")
+        trailing = name.endswith("_") and not name.endswith("__")  # torch.relu_, torch.sigmoid_, torch.add_ ...
+        return node.target in _INPLACE_FUNCTIONS or trailing or bool(node.kwargs.get("inplace", False))
     if node.op == "call_module":
         return bool(getattr(model.get_submodule(str(node.target)), "inplace", False))
     return False
@@ -712,14 +779,63 @@ def _trace_split(model: nn.Module, found: MCDropoutSites) -> _Prefix | str:
 _PLAIN = (bool, int, float, str, type(None))
 
 
+def _snapshot(value: Any, depth: int = 2) -> Any:
+    """A comparable copy of what a trace may have baked in from ``value``; ``_OPAQUE`` for what it cannot copy.
+
+    Plain values; a tensor by identity (fx stores a tensor attribute as a constant); and, ``depth`` levels down,
+    tuples, lists and dicts (up to 64 items, longer ones by identity and length) and the attributes of a
+    config-like object (``self.cfg.scale``, HF's ``self.config``).
+    """
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, Tensor):
+        return ("tensor", id(value))
+    if depth <= 0:
+        return _OPAQUE
+    if isinstance(value, tuple | list | dict):
+        if len(value) > 64:
+            return (type(value).__name__, id(value), len(value))
+        if isinstance(value, dict):
+            return ("dict", tuple((k, _snapshot(v, depth - 1)) for k, v in value.items() if isinstance(k, _PLAIN)))
+        return (type(value).__name__, tuple(_snapshot(v, depth - 1) for v in value))
+    if not isinstance(value, nn.Module | type) and not callable(value) and hasattr(value, "__dict__"):
+        return ("object", id(value), tuple((k, _snapshot(v, depth - 1)) for k, v in vars(value).items()))
+    return _OPAQUE
+
+
+_OPAQUE = ("opaque",)
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # `_parameters`, `_modules`, the hook dicts, `training`, ...
+
+
 def _trace_key(module: nn.Module) -> tuple[Any, ...]:
-    """What a traced graph of ``module`` depends on besides tensors: its identity, plain attributes, hook counts."""
-    plain = tuple(
-        (name, value)
-        for name, value in vars(module).items()
-        if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value))
-    )
-    return id(module), plain, len(module._forward_hooks), len(module._forward_pre_hooks)
+    """What a traced graph of ``module`` depends on besides its submodules: identity, attributes, hook counts."""
+    baked = tuple((k, _snapshot(v)) for k, v in vars(module).items() if k not in _MODULE_INTERNALS)
+    return id(module), module.training, baked, len(module._forward_hooks), len(module._forward_pre_hooks)
+
+
+def _graph_tensors(model: nn.Module, split: _Prefix) -> tuple[tuple[str, Any], ...]:
+    """``(target, tensor)`` of every parameter or buffer the graphs hold as attributes (``get_attr`` nodes).
+
+    ``fx.GraphModule`` copies these references when it is built: a tensor replaced later on the model
+    (``load_state_dict(assign=True)``, ``model.mean = ...``) would be stale in the graph, so the split is retraced.
+    """
+    held = []
+    for graph_module in (split.prefix, split.suffix):
+        for node in graph_module.graph.nodes:  # type: ignore[union-attr]
+            if node.op == "get_attr":
+                try:
+                    held.append((str(node.target), operator.attrgetter(str(node.target))(model)))
+                except AttributeError:  # a constant fx made of a tensor attribute: `_trace_key` holds its identity
+                    continue
+    return tuple(held)
+
+
+def _tensors_current(model: nn.Module, held: tuple[tuple[str, Any], ...]) -> bool:
+    getter = operator.attrgetter
+    try:
+        return all(getter(target)(model) is tensor for target, tensor in held)
+    except AttributeError:
+        return False
 
 
 def _fx_split(
@@ -737,8 +853,9 @@ def _fx_split(
     # or the sampled set changed.
     key = (tuple(_trace_key(m) for _, m in named), frozenset(id(m) for m in found.active))
     cached = _FX_SPLITS.get(model)
-    if cached is None or cached[0] != key:
-        cached = (key, _trace_split(model, found))
+    if cached is None or cached[0] != key or not _tensors_current(model, cached[2]):
+        traced = _trace_split(model, found)
+        cached = (key, traced, () if isinstance(traced, str) else _graph_tensors(model, traced))
         _FX_SPLITS[model] = cached
     split = cached[1]
     if isinstance(split, str):
@@ -748,7 +865,8 @@ def _fx_split(
 
     def trunk() -> Any:
         try:
-            frontier_holder[:] = [inputs(split.prefix)]
+            # `forward`, not `__call__`: fx's call wrapper prints a traceback to stderr for an error we handle
+            frontier_holder[:] = [inputs(split.prefix.forward)]
         except _RandomInTrunkError:
             raise
         except Exception as error:  # e.g. traced for an argument this call leaves out: no prefix
@@ -758,7 +876,7 @@ def _fx_split(
 
     def head(_: Any) -> Any:
         values = frontier_holder[0]
-        return split.suffix(*values)
+        return split.suffix.forward(*values)
 
     return trunk, head
 
@@ -954,6 +1072,11 @@ def mc_dropout_predict(
         )
     if method not in _METHODS:
         raise ValueError(f"Expected `method` to be one of {_METHODS}, but got {method!r}.")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"Expected `generator` to be a torch.Generator or None, but got {type(generator).__name__}: for a seed, "
+            "pass `torch.Generator().manual_seed(seed)`."
+        )
     forward_inputs: ForwardInputs | None
     if isinstance(inputs, Tensor):
         forward_inputs = ForwardInputs((inputs,), {})
