@@ -661,9 +661,10 @@ _FX_SPLITS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Any, Any]] = weakref
 class _Prefix(nn.Module):
     """The deterministic prefix of a traced model and the stochastic rest, as two graph modules."""
 
-    def __init__(self, prefix: nn.Module, suffix: nn.Module) -> None:
+    def __init__(self, prefix: nn.Module, suffix: nn.Module, copied: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.prefix, self.suffix = prefix, suffix
+        self.copied = copied  # frontier values a sampled in-place dropout changes: each sample gets its own copy
 
 
 _INPLACE_FUNCTIONS = frozenset(
@@ -758,11 +759,24 @@ def _trace_split(model: nn.Module, found: MCDropoutSites) -> _Prefix | str:
         return "the first sampled dropout reads the inputs directly: nothing to run once"
     # The graph does not record what an in-place operation changes: one on a value that the sampled part reads (or
     # on a view of it) would make that value differ between the prefix-once run and the naive loop. Refuse.
+    # One exception, torchvision's `Dropout(inplace=True)` heads (MobileNet, EfficientNet): a sampled dropout that
+    # changes a frontier value in place, read by nothing in the prefix after it and sharing memory with no other
+    # frontier value, is exact when each sample gets its own copy of that value.
     shared = set(frontier)
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    copied: set[Any] = set()
     for node in graph.nodes:
         mutating = node.args and hasattr(node.args[0], "op") and _mutates_first_argument(model, node)
-        if mutating and any(base in shared for base in _bases(node.args[0])):
-            return f"the in-place operation `{node.name}` changes `{node.args[0].name}`, which the sampled part reads"
+        hit = [base for base in _bases(node.args[0]) if base in shared] if mutating else []
+        if not hit:
+            continue
+        target = node.args[0]
+        alone = hit == [target] and not any(o is not target and target in set(_bases(o)) for o in frontier)
+        unread = all(u is node or u in random_nodes or order[u] < order[node] for u in target.users)
+        if node in random_nodes and alone and unread:
+            copied.add(target)
+            continue
+        return f"the in-place operation `{node.name}` changes `{target.name}`, which the sampled part reads"
     prefix_graph, suffix_graph = fx.Graph(), fx.Graph()
     env: dict[Any, Any] = {}
     for node in graph.nodes:
@@ -773,7 +787,8 @@ def _trace_split(model: nn.Module, found: MCDropoutSites) -> _Prefix | str:
     for node in graph.nodes:
         if node in random_nodes or node.op == "output":
             env[node] = suffix_graph.node_copy(node, lambda n: env[n])
-    return _Prefix(fx.GraphModule(model, prefix_graph), fx.GraphModule(model, suffix_graph))
+    copies = tuple(i for i, node in enumerate(frontier) if node in copied)
+    return _Prefix(fx.GraphModule(model, prefix_graph), fx.GraphModule(model, suffix_graph), copies)
 
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -876,6 +891,8 @@ def _fx_split(
 
     def head(_: Any) -> Any:
         values = frontier_holder[0]
+        if split.copied:
+            values = tuple(v.clone() if i in split.copied else v for i, v in enumerate(values))
         return split.suffix.forward(*values)
 
     return trunk, head

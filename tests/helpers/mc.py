@@ -49,7 +49,8 @@ def assert_prefix_once_with_the_loops_draws(
     model: nn.Module, shape: tuple[int, ...], *, masks: str = "auto", chunk_size: int | None = None
 ) -> None:
     """Two batches of ``shape`` (nothing may be cached across them): the cached path runs the first layer once, for
-    the samples and the deterministic pass, and gives the naive loop's probabilities for the same generator."""
+    the samples and the deterministic pass (after a one-time check of ``forward_features``), and gives the naive
+    loop's probabilities for the same generator."""
     calls: list[int] = []
     first = next(m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d))
     handle = first.register_forward_hook(lambda *_: calls.append(1))
@@ -70,7 +71,9 @@ def assert_prefix_once_with_the_loops_draws(
                 deterministic=True,
             )
             assert ours.method == "cached"
-            assert len(calls) == 1
+            # The first call on a model with `forward_features`/`forward_head` also checks, once, that `forward` is
+            # their composition (one eval pass of each): 3 calls then; every later batch runs the layer once.
+            assert len(calls) == 1 or (seed == 0 and len(calls) == 3 and hasattr(model, "forward_features"))
             torch.testing.assert_close(ours.probs, naive.probs, rtol=0, atol=1e-6)
             assert ours.probs.std(dim=0).max() > 1e-5
             assert ours.deterministic_probs is not None

@@ -209,3 +209,43 @@ def test_a_generator_of_the_wrong_type_raises_with_the_fix() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3))
     with pytest.raises(TypeError, match=r"torch\.Generator or None, but got int.*manual_seed"):
         mc_dropout_predict(model, torch.randn(4, 4), 3, generator=0)  # type: ignore[arg-type]
+
+
+class _InPlaceDropoutHead(nn.Module):
+    """torchvision's MobileNet/EfficientNet head: a ``Dropout(inplace=True)`` on the last features."""
+
+    def __init__(self, read_after: bool) -> None:
+        super().__init__()
+        self.read_after = read_after
+        self.body, self.drop, self.head = nn.Linear(8, 16), nn.Dropout(0.5, inplace=True), nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.body(x))
+        out = self.head(self.drop(h))
+        return out + h[:, :3] if self.read_after else out  # h as the dropout left it: a value the prefix holds
+
+
+def test_a_sampled_in_place_dropout_on_the_frontier_gets_a_copy_per_sample() -> None:
+    torch.manual_seed(0)
+    model, inputs = _InPlaceDropoutHead(read_after=False).eval(), torch.randn(16, 8)
+    for masks in ("threshold", "torch"):
+        _assert_the_loops_draws(model, inputs, taken="cached", masks=masks)
+
+
+def test_a_value_an_in_place_dropout_changes_and_the_prefix_reads_after_it_falls_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    torch.manual_seed(0)
+    with caplog.at_level("DEBUG", logger=_LOGGER):
+        _assert_the_loops_draws(_InPlaceDropoutHead(read_after=True).eval(), torch.randn(16, 8), taken="batched")
+    assert "the in-place operation `drop` changes `relu`" in caplog.text
+
+
+def test_torchvision_mobilenet_v3_runs_its_prefix_once_with_the_loops_draws() -> None:
+    from torchvision.models import mobilenet_v3_small
+
+    torch.manual_seed(0)
+    model = mobilenet_v3_small(num_classes=3)
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 32, 32))  # BN statistics
+    _assert_the_loops_draws(model.eval(), torch.randn(3, 3, 32, 32), taken="cached")
