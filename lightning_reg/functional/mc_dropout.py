@@ -756,7 +756,11 @@ def _trace_split(model: nn.Module, found: MCDropoutSites) -> _Prefix | str:
         and any(user in random_nodes or user is output for user in node.users)
     ]
     if all(node.op in ("placeholder", "get_attr") for node in frontier):
-        return "the first sampled dropout reads the inputs directly: nothing to run once"
+        first = next(node for node in graph.nodes if node in random_nodes)
+        what = f"`{first.target}` ({type(model.get_submodule(str(first.target))).__name__})" if (
+            first.op == "call_module"
+        ) else f"`{first.name}`"  # fmt: skip
+        return f"the first sampled node, {what}, reads the inputs directly: nothing to run once"
     # The graph does not record what an in-place operation changes: one on a value that the sampled part reads (or
     # on a view of it) would make that value differ between the prefix-once run and the naive loop. Refuse.
     # One exception, torchvision's `Dropout(inplace=True)` heads (MobileNet, EfficientNet): a sampled dropout that
@@ -1112,7 +1116,12 @@ def mc_dropout_predict(
         tensors = forward_inputs.tensors()
         if not tensors or tensors[0].ndim < 1 or tensors[0].shape[0] == 0:
             got = f"shape {tuple(tensors[0].shape)}" if tensors else "no tensor"
-            raise ValueError(f"Expected `inputs` to hold a non-empty tensor with the batch first, but got {got}.")
+            hint = (
+                " A dict batch goes in as keyword arguments, `ForwardInputs((), batch)`, or pass `fn(model) -> logits`."
+                if not tensors
+                else ""
+            )
+            raise ValueError(f"Expected `inputs` to hold a non-empty tensor with the batch first, but got {got}.{hint}")
         n, device = int(tensors[0].shape[0]), tensors[0].device
     else:
         device = next((p.device for p in model.parameters()), device)

@@ -273,8 +273,14 @@ _ROOT = "_Prefixed has an instance-level `forward` or forward hooks, which torch
     ("make", "reason"),
     [
         (_UnusedDropout, "_UnusedDropout: no sampled dropout in the traced graph"),
-        (_DropsTheInput, "_DropsTheInput: the first sampled dropout reads the inputs directly: nothing to run once"),
-        (_DropsAWeight, "_DropsAWeight: the first sampled dropout reads the inputs directly: nothing to run once"),
+        (
+            _DropsTheInput,
+            "_DropsTheInput: the first sampled node, `drop` (Dropout), reads the inputs directly: nothing to run once",
+        ),
+        (
+            _DropsAWeight,
+            "_DropsAWeight: the first sampled node, `drop` (Dropout), reads the inputs directly: nothing to run once",
+        ),
         (_with_instance_forward, f"_Prefixed: {_ROOT}"),
         (_with_a_root_hook, f"_Prefixed: {_ROOT}"),
         (_with_a_root_pre_hook, f"_Prefixed: {_ROOT}"),

@@ -249,3 +249,11 @@ def test_torchvision_mobilenet_v3_runs_its_prefix_once_with_the_loops_draws() ->
     with torch.no_grad():
         model.train()(torch.randn(4, 3, 32, 32))  # BN statistics
     _assert_the_loops_draws(model.eval(), torch.randn(3, 3, 32, 32), taken="cached")
+
+
+def test_a_dict_batch_passed_as_the_one_positional_argument_raises_with_the_keyword_fix() -> None:
+    from lightning_reg.forward import ForwardInputs
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"got no tensor\. A dict batch goes in as keyword arguments"):
+        mc_dropout_predict(model, ForwardInputs(({"pixel_values": torch.randn(4, 4)},), {}), 3)
