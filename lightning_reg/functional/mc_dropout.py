@@ -801,9 +801,11 @@ _PLAIN = (bool, int, float, str, type(None))
 def _snapshot(value: Any, depth: int = 2) -> Any:
     """A comparable copy of what a trace may have baked in from ``value``; ``_OPAQUE`` for what it cannot copy.
 
-    Plain values; a tensor by identity (fx stores a tensor attribute as a constant); and, ``depth`` levels down,
-    tuples, lists and dicts (up to 64 items, longer ones by identity and length) and the attributes of a
-    config-like object (``self.cfg.scale``, HF's ``self.config``).
+    Plain values; a tensor attribute by identity (fx stores it as a constant); and, ``depth`` levels down, tuples,
+    lists and dicts of up to 8 plain values (``self.scales[0]``; a growing list of step outputs or tensors is data,
+    not configuration, and would retrace the graph every batch) and the fields of a config-like object holding no
+    other object (``self.cfg.scale``, HF's ``self.config``; not the Trainer a LightningModule holds, whose loops'
+    counters move every batch).
     """
     if isinstance(value, _PLAIN):
         return value
@@ -812,13 +814,14 @@ def _snapshot(value: Any, depth: int = 2) -> Any:
     if depth <= 0:
         return _OPAQUE
     if isinstance(value, tuple | list | dict):
-        if len(value) > 64:
-            return (type(value).__name__, id(value), len(value))
-        if isinstance(value, dict):
-            return ("dict", tuple((k, _snapshot(v, depth - 1)) for k, v in value.items() if isinstance(k, _PLAIN)))
-        return (type(value).__name__, tuple(_snapshot(v, depth - 1) for v in value))
+        items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+        if len(items) > 8 or not all(isinstance(k, _PLAIN) and isinstance(v, _PLAIN) for k, v in items):
+            return _OPAQUE
+        return (type(value).__name__, tuple(items))
     if not isinstance(value, nn.Module | type) and not callable(value) and hasattr(value, "__dict__"):
-        return ("object", id(value), tuple((k, _snapshot(v, depth - 1)) for k, v in vars(value).items()))
+        fields = tuple((k, _snapshot(v, depth - 1)) for k, v in vars(value).items())
+        if all(not (isinstance(v, tuple) and v[:1] == ("object",)) for _, v in fields):
+            return ("object", id(value), fields)
     return _OPAQUE
 
 

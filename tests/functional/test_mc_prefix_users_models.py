@@ -257,3 +257,26 @@ def test_a_dict_batch_passed_as_the_one_positional_argument_raises_with_the_keyw
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3))
     with pytest.raises(ValueError, match=r"got no tensor\. A dict batch goes in as keyword arguments"):
         mc_dropout_predict(model, ForwardInputs(({"pixel_values": torch.randn(4, 4)},), {}), 3)
+
+
+def test_a_lightning_module_on_the_traced_path_is_traced_once_across_epochs_of_validation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A LightningModule holds its Trainer, whose loops' counters move every batch, and lists it appends step outputs
+    # to: neither may retrace the graph every batch.
+    from lightning_reg import MCDropoutEvaluation
+    from lightning_reg.functional import mc_dropout as mc
+    from tests.helpers import TinyMLP, UserClassifier, fast_trainer, make_classification, make_loader
+
+    traces: list[int] = []
+    trace = mc._trace_split
+    monkeypatch.setattr(mc, "_trace_split", lambda *args: traces.append(1) or trace(*args))
+    torch.manual_seed(0)
+    loader = make_loader(*make_classification(48), batch_size=8)
+    model = UserClassifier(TinyMLP(dropout=0.5))
+    trainer = fast_trainer(max_epochs=2, callbacks=[MCDropoutEvaluation(n_samples=4)])
+    trainer.fit(model, loader, loader)
+    # Once, and once more when `train_losses` (a list of floats the model appends to each step) passes 8 items and
+    # stops being keyed as configuration; `seen_targets` (lists of tensors) never is.
+    assert len(model.train_losses) == 12
+    assert len(traces) == 2
