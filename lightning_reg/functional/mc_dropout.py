@@ -589,29 +589,27 @@ def _features_head_reason(
     So the first call per model (and per class, instance ``forward``, hooks and argument names) compares both in eval
     mode on its batch, on a forked RNG (the draws stay the naive loop's); a difference makes it take the other paths.
     """
+    own = vars(model)
     key = (
-        type(model), vars(model).get("forward"), len(model._forward_hooks), len(model._forward_pre_hooks),
-        len(inputs.args), tuple(sorted(inputs.kwargs)),
+        type(model), own.get("forward"), own.get("forward_features"), own.get("forward_head"),
+        len(model._forward_hooks), len(model._forward_pre_hooks), len(inputs.args), tuple(sorted(inputs.kwargs)),
     )  # fmt: skip
     known = _CONVENTION.get(model)
     if known is not None and known[0] == key:
         return known[1]
     reason: str | None
-    if "forward" in vars(model) or model._forward_hooks or model._forward_pre_hooks:
-        reason = "an instance-level `forward` or forward hooks on the model, which `forward_features` skips"
-    else:
-        try:
-            inspect.signature(forward_features).bind(*inputs.args, **inputs.kwargs)
-            bound = True
-        except (TypeError, ValueError) as error:
-            reason, bound = f"`forward_features` does not take the arguments of `forward` ({error})", False
-        if bound:
-            device = inputs.tensors()[0].device
-            with _rng_untouched(device), _eval_mode(model, named):
-                expected = _logits_of(inputs(model), None)
-                got = _logits_of(forward_head(inputs(forward_features)), None)
-            same = got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-6, equal_nan=True)
-            reason = None if same else "`forward_head(forward_features(x))` differs from `forward(x)` in eval mode"
+    try:
+        inspect.signature(forward_features).bind(*inputs.args, **inputs.kwargs)
+        bound = True
+    except (TypeError, ValueError) as error:
+        reason, bound = f"`forward_features` does not take the arguments of `forward` ({error})", False
+    if bound:  # `model(...)`, with its hooks and an instance `forward` (TemperatureScaling patches both methods)
+        device = inputs.tensors()[0].device
+        with _rng_untouched(device), _eval_mode(model, named):
+            expected = _logits_of(inputs(model), None)
+            got = _logits_of(forward_head(inputs(forward_features)), None)
+        same = got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-6, equal_nan=True)
+        reason = None if same else "`forward_head(forward_features(x))` differs from `forward(x)` in eval mode"
     if reason is not None:
         _log.info(
             "Monte-Carlo dropout: %s: %s; sampling the traced graph or the whole model.", type(model).__name__, reason

@@ -349,7 +349,14 @@ def test_inputs_of_another_type_error_is_whole() -> None:
 def test_inputs_without_a_batch_error_is_whole(inputs: object, got: str) -> None:
     with pytest.raises(ValueError, match=r"^Expected") as raised:
         mc_dropout_predict(_Returns(lambda x: x), inputs, 2)  # type: ignore[arg-type]
-    assert str(raised.value) == f"Expected `inputs` to hold a non-empty tensor with the batch first, but got {got}."
+    hint = (
+        " A dict batch goes in as keyword arguments, `ForwardInputs((), batch)`, or pass `fn(model) -> logits`."
+        if got == "no tensor"
+        else ""
+    )
+    assert (
+        str(raised.value) == f"Expected `inputs` to hold a non-empty tensor with the batch first, but got {got}.{hint}"
+    )
 
 
 class _OwnDropPath(nn.Module):

@@ -6,6 +6,7 @@ the prefix must be the model's own computation, with the model's current tensors
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -111,6 +112,12 @@ class _Masked(_FeaturesHead):
         return self.forward_head(self.forward_features(x if mask is None else x * mask))
 
 
+def _hooked() -> nn.Module:
+    model = _FeaturesHead()
+    model.register_forward_hook(lambda module, args, out: out * 2.0)  # `model(x)` runs it, `forward_head` does not
+    return model
+
+
 class _AlwaysOnDropout(_FeaturesHead):
     def forward_features(self, x: Tensor) -> Tensor:
         return F.dropout(self.body(x), 0.3, training=True)  # MC dropout written by hand: draws in eval mode too
@@ -132,11 +139,12 @@ def test_forward_features_and_forward_head_are_used_when_forward_is_their_compos
     [
         (_Tempered, "`forward_head(forward_features(x))` differs from `forward(x)` in eval mode"),
         (_AlwaysOnDropout, "`forward_head(forward_features(x))` differs from `forward(x)` in eval mode"),
+        (_hooked, "`forward_head(forward_features(x))` differs from `forward(x)` in eval mode"),
     ],
-    ids=["temperature in forward", "F.dropout(training=True) in forward_features"],
+    ids=["temperature in forward", "F.dropout(training=True) in forward_features", "forward hook on the model"],
 )
 def test_a_forward_that_is_not_head_of_features_is_sampled_as_forward_with_the_reason_logged(
-    make: type[nn.Module], reason: str, caplog: pytest.LogCaptureFixture
+    make: Callable[[], nn.Module], reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     torch.manual_seed(0)
     with caplog.at_level("INFO", logger=_LOGGER):
