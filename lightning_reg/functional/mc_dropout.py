@@ -1003,6 +1003,17 @@ def _softmax(logits: Tensor) -> Tensor:
     return logits.softmax(dim=-1)
 
 
+def _log_draw_order(found: MCDropoutSites, rows: int, n: int, n_samples: int) -> None:
+    """Say (DEBUG) when stacked samples draw the naive loop's distribution but not its draws."""
+    if n_samples > 1 and rows > n and len(found.active) > 1:
+        _log.debug(
+            "Monte-Carlo dropout: %d sampled layers and %d rows a pass for batches of %d: several samples share each "
+            "pass, so each layer draws for all of them at once, the naive loop's distribution but not its draws "
+            "(pass chunk_size=%d or method='naive' for those).",
+            len(found.active), rows, n, n,
+        )  # fmt: skip
+
+
 def _per_call_masks(found: MCDropoutSites) -> bool:
     """Whether a site draws one mask per call shared by all batch rows (then rows are not independent)."""
     return any(
@@ -1162,6 +1173,7 @@ def mc_dropout_predict(
                 cached = ForwardInputs((features,), {})
                 auto = max(features.shape[0], _AUTO_BATCHED_ROWS, _AUTO_CACHED_ELEMENTS // max(features[0].numel(), 1))
                 rows = features.shape[0] if per_sample else auto if chunk_size is None else chunk_size
+                _log_draw_order(found, rows, features.shape[0], n_samples)
                 logits = _sample_rows(head, cached, features.shape[0], n_samples, rows)
                 if deterministic:
                     with _eval_mode(model, named):
@@ -1170,6 +1182,7 @@ def mc_dropout_predict(
             assert forward_inputs is not None
             assert n is not None
             rows = chunk_size if chunk_size is not None else max(n, _AUTO_BATCHED_ROWS)
+            _log_draw_order(found, rows, n, n_samples)
             logits = _sample_rows(model, forward_inputs, n, n_samples, rows)
         elif logits is None:
             taken = "naive"  # also for row-mixing layers: one pass per sample of the N rows is the naive loop

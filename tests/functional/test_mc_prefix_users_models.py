@@ -288,3 +288,21 @@ def test_a_lightning_module_on_the_traced_path_is_traced_once_across_epochs_of_v
     # stops being keyed as configuration; `seen_targets` (lists of tensors) never is.
     assert len(model.train_losses) == 12
     assert len(traces) == 2
+
+
+def test_stacked_samples_through_two_dropouts_say_they_are_not_the_loops_draws_and_chunk_size_n_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 3)
+    ).eval()
+    inputs = torch.randn(16, 8)
+    with caplog.at_level("DEBUG", logger=_LOGGER):
+        mc_dropout_predict(model, inputs, 8, generator=_seed())
+    assert "several samples share each pass" in caplog.text
+    assert "chunk_size=16" in caplog.text
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger=_LOGGER):
+        _assert_the_loops_draws(model, inputs, chunk_size=16)  # one sample a pass: the loop's draws
+    assert "several samples share each pass" not in caplog.text
