@@ -965,6 +965,21 @@ def _take_rows(inputs: ForwardInputs, rows: Tensor, n: int) -> ForwardInputs:
     return inputs.map(take)
 
 
+def _repeat_rows(inputs: ForwardInputs, k: int, n: int) -> ForwardInputs:
+    """``inputs`` with every batched tensor argument (first dimension ``n``) stacked ``k`` times; others as they are.
+
+    The rows of ``_take_rows(inputs, arange(k * n) % n, n)``, without building and gathering an index (measured
+    on (256, 64) features, one thread: 15 against 24 us a call).
+    """
+
+    def take(t: Tensor) -> Tensor:
+        if t.ndim == 0 or t.shape[0] != n:
+            return t
+        return t.unsqueeze(0).expand(k, *t.shape).reshape(k * n, *t.shape[1:])
+
+    return inputs.map(take)
+
+
 def _sample_rows(fn: Callable[..., Any], x: ForwardInputs, n: int, n_samples: int, chunk_size: int | None) -> Tensor:
     """``fn`` on ``n_samples`` copies of ``x`` stacked along the batch, ``chunk_size`` rows at a time.
 
@@ -984,9 +999,13 @@ def _sample_rows(fn: Callable[..., Any], x: ForwardInputs, n: int, n_samples: in
     device = x.tensors()[0].device
     outputs = []
     for start in range(0, total, step):
-        rows = torch.arange(start, min(start + step, total), device=device) % n  # item of each row
-        with samples_per_call(len(rows) / n):  # `masks="auto"` decides as the naive loop's call of N rows does
-            outputs.append(_logits_of(_take_rows(x, rows, n)(fn), len(rows)))  # (rows, K)
+        stop = min(start + step, total)
+        if start % n == 0 and (stop - start) % n == 0:  # whole copies of the batch
+            chunk = _repeat_rows(x, (stop - start) // n, n)
+        else:
+            chunk = _take_rows(x, torch.arange(start, stop, device=device) % n, n)  # the item of each row
+        with samples_per_call((stop - start) / n):  # `masks="auto"` decides as the naive loop's call of N rows does
+            outputs.append(_logits_of(chunk(fn), stop - start))  # (rows, K)
     return torch.cat(outputs).view(n_samples, n, -1)  # (S, N, K)
 
 

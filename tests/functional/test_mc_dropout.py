@@ -754,3 +754,18 @@ def test_probabilities_are_torch_softmax_of_the_logits_for_any_number_of_classes
     torch.testing.assert_close(out.deterministic_probs, model.eval()(inputs).softmax(-1))
     torch.testing.assert_close(out.probs.sum(-1), torch.ones(3, 6))
     torch.testing.assert_close(out.probs, naive.probs)
+
+
+def test_whole_copies_of_the_batch_are_the_rows_an_index_would_gather() -> None:
+    from lightning_reg.forward import ForwardInputs
+    from lightning_reg.functional.mc_dropout import _repeat_rows, _take_rows
+
+    x, lengths, causal = torch.randn(4, 3, 2), torch.tensor([3, 1, 2, 2]), torch.ones(3, 3)
+    inputs = ForwardInputs((x.transpose(1, 2), lengths), {"causal": causal, "scale": 2.0})
+    stacked = _repeat_rows(inputs, 3, 4)
+    gathered = _take_rows(inputs, torch.arange(12) % 4, 4)
+    assert torch.equal(stacked.args[0], gathered.args[0])
+    assert stacked.args[0].shape == (12, 2, 3)
+    assert torch.equal(stacked.args[1], gathered.args[1])
+    assert stacked.kwargs["causal"] is causal
+    assert stacked.kwargs["scale"] == 2.0
