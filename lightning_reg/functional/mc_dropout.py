@@ -975,6 +975,8 @@ def _repeat_rows(inputs: ForwardInputs, k: int, n: int) -> ForwardInputs:
     def take(t: Tensor) -> Tensor:
         if t.ndim == 0 or t.shape[0] != n:
             return t
+        if t.layout != torch.strided:  # sparse tensors cannot be expanded
+            return t.index_select(0, torch.arange(k * n, device=t.device) % n)
         return t.unsqueeze(0).expand(k, *t.shape).reshape(k * n, *t.shape[1:])
 
     return inputs.map(take)

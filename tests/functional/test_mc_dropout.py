@@ -769,3 +769,13 @@ def test_whole_copies_of_the_batch_are_the_rows_an_index_would_gather() -> None:
     assert torch.equal(stacked.args[1], gathered.args[1])
     assert stacked.kwargs["causal"] is causal
     assert stacked.kwargs["scale"] == 2.0
+
+
+def test_a_sparse_batch_argument_is_stacked_by_an_index() -> None:
+    from lightning_reg.forward import ForwardInputs
+    from lightning_reg.functional.mc_dropout import _repeat_rows
+
+    dense = torch.randn(4, 3).relu()
+    stacked = _repeat_rows(ForwardInputs((dense.to_sparse(),), {}), 2, 4).args[0]
+    assert stacked.layout == torch.sparse_coo
+    assert torch.equal(stacked.to_dense(), dense.repeat(2, 1))
