@@ -982,8 +982,18 @@ def _repeat_rows(inputs: ForwardInputs, k: int, n: int) -> ForwardInputs:
     return inputs.map(take)
 
 
-def _sample_rows(fn: Callable[..., Any], x: ForwardInputs, n: int, n_samples: int, chunk_size: int | None) -> Tensor:
+def _copy_rows(inputs: ForwardInputs, n: int) -> ForwardInputs:
+    """``inputs`` with every batched tensor argument (first dimension ``n``) copied; others as they are."""
+    return inputs.map(lambda t: t.clone() if t.ndim > 0 and t.shape[0] == n else t)
+
+
+def _sample_rows(
+    fn: Callable[..., Any], x: ForwardInputs, n: int, n_samples: int, chunk_size: int | None, *, fresh: bool = False
+) -> Tensor:
     """``fn`` on ``n_samples`` copies of ``x`` stacked along the batch, ``chunk_size`` rows at a time.
+
+    With ``fresh``, a pass of one sample gets its own copy of ``x`` too, not ``x`` itself: cached features must
+    reach every sample as computed, also when the head writes into its input (``nn.Dropout(inplace=True)``).
 
     Row ``r`` of the stacked input is sample ``r // N`` of item ``r % N``. Every mask torch's dropout layers
     draw is independent per batch row (elementwise for ``Dropout``/``AlphaDropout``, per row and channel for
@@ -996,8 +1006,8 @@ def _sample_rows(fn: Callable[..., Any], x: ForwardInputs, n: int, n_samples: in
     """
     total = n_samples * n
     step = total if chunk_size is None else chunk_size
-    if step == n:  # one sample per pass: the rows are `x` itself, no gather needed
-        return torch.stack([_logits_of(x(fn), n) for _ in range(n_samples)])
+    if step == n:  # one sample per pass: the rows are `x` itself (or a copy of it), no gather needed
+        return torch.stack([_logits_of((_copy_rows(x, n) if fresh else x)(fn), n) for _ in range(n_samples)])
     device = x.tensors()[0].device
     outputs = []
     for start in range(0, total, step):
@@ -1195,7 +1205,7 @@ def mc_dropout_predict(
                 auto = max(features.shape[0], _AUTO_BATCHED_ROWS, _AUTO_CACHED_ELEMENTS // max(features[0].numel(), 1))
                 rows = features.shape[0] if per_sample else auto if chunk_size is None else chunk_size
                 _log_draw_order(found, rows, features.shape[0], n_samples)
-                logits = _sample_rows(head, cached, features.shape[0], n_samples, rows)
+                logits = _sample_rows(head, cached, features.shape[0], n_samples, rows, fresh=True)
                 if deterministic:
                     with _eval_mode(model, named):
                         det_logits = _logits_of(head(features), n)

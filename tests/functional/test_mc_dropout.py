@@ -779,3 +779,15 @@ def test_a_sparse_batch_argument_is_stacked_by_an_index() -> None:
     stacked = _repeat_rows(ForwardInputs((dense.to_sparse(),), {}), 2, 4).args[0]
     assert stacked.layout == torch.sparse_coo
     assert torch.equal(stacked.to_dense(), dense.repeat(2, 1))
+
+
+@pytest.mark.parametrize("n", [300, 8])
+def test_an_in_place_head_dropout_sees_the_cached_features_as_computed_in_every_sample(n: int) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 512), nn.ReLU(), nn.Dropout(0.5, inplace=True), nn.Linear(512, 3))
+    x = torch.randn(n, 16)
+    naive = mc_dropout_predict(net, x, 5, generator=torch.Generator().manual_seed(0), method="naive")
+    cached = mc_dropout_predict(net, x, 5, generator=torch.Generator().manual_seed(0), chunk_size=n, deterministic=True)
+    assert cached.method == "cached"
+    torch.testing.assert_close(cached.probs, naive.probs)  # one sample per call: the loop's very draws
+    torch.testing.assert_close(cached.deterministic_probs, net.eval()(x).softmax(-1))

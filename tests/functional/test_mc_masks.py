@@ -493,3 +493,11 @@ def test_bool_and_float_arguments_where_numbers_or_ints_are_expected_are_refused
 def test_auto_masks_are_torchs_off_the_cpu() -> None:
     assert mc_masks.resolve_masks("auto", torch.device("meta")) == "torch"
     assert mc_masks.resolve_masks("auto", torch.device("cpu")) == "threshold"
+
+
+def test_a_rate_whose_float16_scale_overflows_drops_to_zero_as_torch_does() -> None:
+    x = torch.ones(100_000, dtype=torch.float16)
+    out = threshold_dropout(x, 0.99999, generator=torch.Generator().manual_seed(0))  # 1 / (1 - p) is inf in float16
+    assert not out.isnan().any()
+    assert int((out == 0).sum()) > 99_990
+    assert torch.isinf(out[out != 0]).all()
