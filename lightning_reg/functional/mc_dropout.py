@@ -977,6 +977,8 @@ def _repeat_rows(inputs: ForwardInputs, k: int, n: int) -> ForwardInputs:
             return t
         if t.layout != torch.strided:  # sparse tensors cannot be expanded
             return t.index_select(0, torch.arange(k * n, device=t.device) % n)
+        if k == 1:  # reshape would return `t` itself: a copy, as a gather gives, so no layer writes into the batch
+            return t.clone()
         return t.unsqueeze(0).expand(k, *t.shape).reshape(k * n, *t.shape[1:])
 
     return inputs.map(take)
@@ -1082,8 +1084,9 @@ def mc_dropout_predict(
       ``chunk_size`` rows per forward pass (``"batched"``).
 
     Every path gives the distribution of the naive loop (``method="naive"``); the cached path gives its very draws
-    (the same probabilities for the same generator) when it samples one sample per call (``N >= 256``,
-    ``chunk_size=N``, the ``torch.fx`` prefix), or with threshold masks and one dropout in the head. See the MC
+    (the same probabilities for the same generator) when it samples one sample per call (``chunk_size=N``, the
+    ``torch.fx`` prefix, or ``N >= 256`` with features of 512 elements or more a row), or with threshold masks
+    and one dropout in the head. See the MC
     dropout page of the docs for layers that mix rows and masks shared by the batch.
 
     Args:

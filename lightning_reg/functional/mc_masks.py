@@ -127,7 +127,9 @@ def _threshold_dropout(
     words = _random_words(shape, input.device, generator)
     # The comparison writes the mask in the input's dtype (measured 2-4x faster than a bool mask that `input * keep`
     # then converts), and it is scaled first, as torch scales its noise: `input * (keep / (1 - p))`.
-    noise = torch.lt(words, kept - 2**31, out=torch.empty(shape, dtype=input.dtype, device=input.device))
+    # `empty_like` keeps the input's memory format (channels_last), as torch's dropout does
+    out = torch.empty_like(input) if mask_dims is None else torch.empty(shape, dtype=input.dtype, device=input.device)
+    noise = torch.lt(words, kept - 2**31, out=out)
     scale = _scale(p, input.dtype)  # 1 / (1 - p) as torch's `div_` rounds it in this dtype; mul_ is faster
     if math.isinf(scale):  # float16 with p > 1 - 2**-16: 0 * inf would be NaN where torch's 0 / (1 - p) is 0
         noise.div_(1.0 - p)

@@ -791,3 +791,35 @@ def test_an_in_place_head_dropout_sees_the_cached_features_as_computed_in_every_
     assert cached.method == "cached"
     torch.testing.assert_close(cached.probs, naive.probs)  # one sample per call: the loop's very draws
     torch.testing.assert_close(cached.deterministic_probs, net.eval()(x).softmax(-1))
+
+
+@pytest.mark.parametrize("n_samples", [1, 3, 5])
+def test_a_call_of_one_copy_of_the_batch_gets_its_own_copy(n_samples: int) -> None:
+    # batch 128 of 1024 features: two samples per head call by default, so an odd count ends on one copy
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 1024), nn.ReLU(), nn.Dropout(0.5, inplace=True), nn.Linear(1024, 3))
+    x = torch.randn(128, 16)
+    out = mc_dropout_predict(net, x, n_samples, generator=torch.Generator().manual_seed(0), deterministic=True)
+    assert out.method == "cached"
+    torch.testing.assert_close(out.deterministic_probs, net.eval()(x).softmax(-1))
+
+
+class _DoublesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop, self.fc = nn.Dropout(0.5), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.drop(x.mul_(2)))
+
+
+@pytest.mark.parametrize(("n_samples", "chunk_size"), [(1, None), (3, 14)])
+def test_the_batched_path_never_writes_into_the_callers_batch(n_samples: int, chunk_size: int | None) -> None:
+    x = torch.randn(7, 4)
+    before = x.clone()
+    out = mc_dropout_predict(
+        _DoublesItsInput(), x, n_samples, generator=torch.Generator().manual_seed(0), chunk_size=chunk_size,
+        method="batched",
+    )  # fmt: skip
+    assert out.method == "batched"
+    assert torch.equal(x, before)

@@ -501,3 +501,11 @@ def test_a_rate_whose_float16_scale_overflows_drops_to_zero_as_torch_does() -> N
     assert not out.isnan().any()
     assert int((out == 0).sum()) > 99_990
     assert torch.isinf(out[out != 0]).all()
+
+
+def test_the_output_keeps_a_channels_last_input_in_channels_last_with_the_same_mask() -> None:
+    x = torch.randn(4, 3, 5, 5)
+    last = x.to(memory_format=torch.channels_last)
+    out = threshold_dropout(last, 0.3, generator=torch.Generator().manual_seed(0))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, threshold_dropout(x, 0.3, generator=torch.Generator().manual_seed(0)))
