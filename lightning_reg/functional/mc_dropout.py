@@ -960,9 +960,17 @@ def _take_rows(inputs: ForwardInputs, rows: Tensor, n: int) -> ForwardInputs:
             return t
         if t.device not in on_device:
             on_device[t.device] = rows.to(t.device)
-        return t.index_select(0, on_device[t.device])
+        return _index_rows(t, on_device[t.device])
 
     return inputs.map(take)
+
+
+def _index_rows(t: Tensor, index: Tensor) -> Tensor:
+    """``t.index_select(0, index)``, also for the compressed sparse layouts (CSR, CSC, BSR, BSC), which lack it."""
+    if t.layout in (torch.strided, torch.sparse_coo):
+        return t.index_select(0, index)
+    blocksize = tuple(t.values().shape[1:3]) if t.layout in (torch.sparse_bsr, torch.sparse_bsc) else None
+    return t.to_sparse_coo().index_select(0, index).to_sparse(layout=t.layout, blocksize=blocksize)
 
 
 def _repeat_rows(inputs: ForwardInputs, k: int, n: int) -> ForwardInputs:
@@ -976,7 +984,7 @@ def _repeat_rows(inputs: ForwardInputs, k: int, n: int) -> ForwardInputs:
         if t.ndim == 0 or t.shape[0] != n:
             return t
         if t.layout != torch.strided:  # sparse tensors cannot be expanded
-            return t.index_select(0, torch.arange(k * n, device=t.device) % n)
+            return _index_rows(t, torch.arange(k * n, device=t.device) % n)
         if k == 1:  # reshape would return `t` itself: a copy, as a gather gives, so no layer writes into the batch
             return t.clone()
         return t.unsqueeze(0).expand(k, *t.shape).reshape(k * n, *t.shape[1:])

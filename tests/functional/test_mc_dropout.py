@@ -823,3 +823,28 @@ def test_the_batched_path_never_writes_into_the_callers_batch(n_samples: int, ch
     )  # fmt: skip
     assert out.method == "batched"
     assert torch.equal(x, before)
+
+
+class _SparseInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.drop, self.fc = nn.Parameter(torch.randn(6, 8)), nn.Dropout(0.5), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.drop(x @ self.w if x.layout == torch.strided else torch.sparse.mm(x, self.w)))
+
+
+@pytest.mark.parametrize("layout", ["to_sparse", "to_sparse_csr", "to_sparse_csc"])
+@pytest.mark.parametrize("chunk_size", [10, 13])  # whole copies of the batch, and a chunk that is not
+def test_a_sparse_input_of_any_layout_is_sampled_as_its_dense_twin(layout: str, chunk_size: int) -> None:
+    torch.manual_seed(0)
+    model, dense = _SparseInput(), torch.randn(5, 6).relu()
+    sparse = getattr(dense, layout)()
+
+    def probs(x: Tensor) -> Tensor:
+        out = mc_dropout_predict(
+            model, x, 4, generator=torch.Generator().manual_seed(0), method="batched", chunk_size=chunk_size
+        )
+        return out.probs
+
+    torch.testing.assert_close(probs(sparse), probs(dense))
