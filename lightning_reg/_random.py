@@ -8,11 +8,14 @@ callback's ``state_dict`` so that a resumed run draws what an uninterrupted run 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-__all__ = ["base_seed", "rank_generator"]
+__all__ = ["accelerator_index", "base_seed", "global_rng_forked", "rank_generator"]
 
 _MASK_63 = (1 << 63) - 1
 
@@ -51,3 +54,39 @@ def rank_generator(seed: int, rank: int, stream: int = 0, device: torch.device |
     generator = torch.Generator(device=device)
     generator.manual_seed(x & _MASK_63)
     return generator
+
+
+def accelerator_index(device: torch.device) -> tuple[Any, int]:
+    """``(torch.<type> module, index)`` of an indexed accelerator (``cuda``, ``xpu``); no index: the current one."""
+    module: Any = torch.get_device_module(device.type)
+    return module, device.index if device.index is not None else module.current_device()
+
+
+@contextlib.contextmanager
+def global_rng_forked(device: torch.device) -> Iterator[None]:
+    """The global RNG of the CPU and of ``device`` saved before the block and restored after it, whatever it draws.
+
+    ``cpu`` and ``meta`` need the CPU RNG only; ``mps`` has one device and a module-level RNG
+    (``torch.mps.get_rng_state``/``set_rng_state``, no ``torch.mps.device`` or ``current_device``); indexed
+    accelerators fork the RNG of ``device``'s index.
+
+    Example:
+        >>> state = torch.get_rng_state()
+        >>> with global_rng_forked(torch.device("cpu")):
+        ...     _ = torch.rand(3)
+        >>> torch.equal(torch.get_rng_state(), state)
+        True
+    """
+    with torch.random.fork_rng(devices=[]):  # the CPU RNG
+        if device.type in ("cpu", "meta"):
+            yield
+        elif device.type == "mps":
+            state = torch.mps.get_rng_state()
+            try:
+                yield
+            finally:
+                torch.mps.set_rng_state(state)
+        else:
+            _, index = accelerator_index(device)
+            with torch.random.fork_rng(devices=[index], device_type=device.type):
+                yield

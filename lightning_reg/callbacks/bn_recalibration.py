@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from typing_extensions import override
 
 from lightning_reg._batch import BatchKey, validate_key
+from lightning_reg._random import global_rng_forked
 from lightning_reg.callbacks._strategy import refuse_sharding_strategy
 from lightning_reg.forward import ForwardFn, validate_forward_fn
 from lightning_reg.functional.bn_recalibration import (
@@ -475,11 +476,7 @@ def _isolated_rng(loader: Iterable[Any], device: torch.device) -> Iterator[None]
         numpy_state: Any = np.random.get_state()
     except ImportError:  # pragma: no cover - numpy is optional for torch
         np, numpy_state = None, None  # type: ignore[assignment]
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.random.fork_rng(devices=[]))  # the CPU generator
-        if device.type != "cpu" and device.type != "meta":
-            index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
-            stack.enter_context(torch.random.fork_rng(devices=[index], device_type=device.type))
+    with global_rng_forked(device):  # the CPU generator and the device's
         try:
             yield
         finally:

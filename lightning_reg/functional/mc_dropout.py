@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
+from lightning_reg._random import accelerator_index, global_rng_forked
 from lightning_reg.forward import ForwardInputs
 from lightning_reg.functional.mc_masks import (
     AUTO_MIN_ELEMENTS,
@@ -465,33 +466,26 @@ def _rng_from(generator: torch.Generator | None, device: torch.device) -> Iterat
     """Run the block on a global RNG seeded from ``generator``, leaving the global stream untouched.
 
     torch's dropout kernels draw from the global (CPU or device) RNG and take no ``torch.Generator``. To honour
-    ``generator`` we save the global RNG of the CPU and of ``device``, seed both from one draw of ``generator``
-    (drawn on the generator's own device, whatever the inputs' device), and restore them afterwards: results are
-    a function of the generator's state. Per device type: ``cpu`` and ``meta`` need the CPU RNG only; ``mps`` has
-    one device and a module-level RNG (``torch.mps.get_rng_state``/``manual_seed``, no ``torch.mps.device``);
-    indexed accelerators (``cuda``, ``xpu``, ...) fork the RNG of the inputs' device index.
+    ``generator`` we save the global RNG of the CPU and of ``device`` (``global_rng_forked``), seed both from one
+    draw of ``generator`` (drawn on the generator's own device, whatever the inputs' device), and restore them
+    afterwards: results are a function of the generator's state. ``mps`` has a module-level RNG
+    (``torch.mps.manual_seed``); indexed accelerators seed the inputs' device index.
     """
     if generator is None:
         yield
         return
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    with torch.random.fork_rng(devices=[]):  # the CPU RNG: saved, restored
+    with global_rng_forked(device):
         torch.default_generator.manual_seed(seed)
         if device.type in ("cpu", "meta"):
             yield
         elif device.type == "mps":
-            state = torch.mps.get_rng_state()
             torch.mps.manual_seed(seed)
-            try:
-                yield
-            finally:
-                torch.mps.set_rng_state(state)
+            yield
         else:
-            module: Any = torch.get_device_module(device.type)
-            index = device.index if device.index is not None else module.current_device()
-            with torch.random.fork_rng(devices=[index], device_type=device.type):
-                with module.device(index):
-                    module.manual_seed(seed)  # seeds the current device: the one the inputs' kernels draw from
+            module, index = accelerator_index(device)
+            with module.device(index):
+                module.manual_seed(seed)  # seeds the current device: the one the inputs' kernels draw from
                 yield
 
 
@@ -605,7 +599,7 @@ def _features_head_reason(
         reason, bound = f"`forward_features` does not take the arguments of `forward` ({error})", False
     if bound:  # `model(...)`, with its hooks and an instance `forward` (TemperatureScaling patches both methods)
         device = inputs.tensors()[0].device
-        with _rng_untouched(device), _eval_mode(model, named):
+        with global_rng_forked(device), _eval_mode(model, named):
             expected = _logits_of(inputs(model), None)
             got = _logits_of(forward_head(inputs(forward_features)), None)
         same = got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-6, equal_nan=True)
@@ -616,19 +610,6 @@ def _features_head_reason(
         )
     _CONVENTION[model] = (key, reason)
     return reason
-
-
-@contextlib.contextmanager
-def _rng_untouched(device: torch.device) -> Iterator[None]:
-    """The global RNG of the CPU and of ``device`` as before the block, whatever the block draws."""
-    if device.type in ("cpu", "meta"):
-        with torch.random.fork_rng(devices=[]):
-            yield
-        return
-    module: Any = torch.get_device_module(device.type)
-    index = device.index if device.index is not None else module.current_device()
-    with torch.random.fork_rng(devices=[index], device_type=device.type):
-        yield
 
 
 # Functions that draw random numbers when traced as graph nodes: what depends on them is not deterministic.
@@ -992,11 +973,6 @@ def _repeat_rows(inputs: ForwardInputs, k: int, n: int) -> ForwardInputs:
     return inputs.map(take)
 
 
-def _copy_rows(inputs: ForwardInputs, n: int) -> ForwardInputs:
-    """``inputs`` with every batched tensor argument (first dimension ``n``) copied; others as they are."""
-    return inputs.map(lambda t: t.clone() if t.ndim > 0 and t.shape[0] == n else t)
-
-
 def _sample_rows(
     fn: Callable[..., Any], x: ForwardInputs, n: int, n_samples: int, chunk_size: int | None, *, fresh: bool = False
 ) -> Tensor:
@@ -1017,7 +993,7 @@ def _sample_rows(
     total = n_samples * n
     step = total if chunk_size is None else chunk_size
     if step == n:  # one sample per pass: the rows are `x` itself (or a copy of it), no gather needed
-        return torch.stack([_logits_of((_copy_rows(x, n) if fresh else x)(fn), n) for _ in range(n_samples)])
+        return torch.stack([_logits_of((_repeat_rows(x, 1, n) if fresh else x)(fn), n) for _ in range(n_samples)])
     device = x.tensors()[0].device
     outputs = []
     for start in range(0, total, step):
